@@ -1,0 +1,1 @@
+"""A 4x single-image super-resolution pipeline for PSNR contests: one module per stage."""

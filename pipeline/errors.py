@@ -1,0 +1,5 @@
+"""The error a user can act on: the CLI prints its message on one line and exits non-zero."""
+
+
+class UserError(ValueError):
+    """Bad input (a file, a setting, a dataset): the message names the thing and the problem."""

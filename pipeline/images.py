@@ -1,0 +1,138 @@
+"""Image IO for the whole project: one reader, one atomic writer, errors that name the file.
+
+Reading rules (documented in the README):
+- PNG, JPEG, BMP and TIFF, 8- or 16-bit, gray, gray+alpha, RGB or RGBA.
+- Gray is replicated to three channels.
+- Alpha is dropped: the colour channels are used as stored, as OpenCV's and PIL's RGB
+  conversions do, so a contest PNG saved with an opaque alpha channel scores the same.
+- 16-bit values map to 8 bit by rounding v / 257 (65535 -> 255), the exact inverse of the
+  usual 8 -> 16 bit expansion v * 257; ``read_float`` keeps the full 16-bit precision.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from pipeline.errors import UserError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+class ImageError(UserError):
+    """An image that is missing, unreadable or of the wrong shape; the message names the file."""
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    Readers never see a half-written file, and a crash leaves at most a hidden temp file
+    (removed here on any exception) instead of a truncated PNG, zip or checkpoint.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def _decode(path: Path) -> np.ndarray:
+    """Raw decoded array (H,W) or (H,W,C) in OpenCV's channel order, any bit depth."""
+    if not path.is_file():
+        raise ImageError(f"{path}: file not found")
+    # np.fromfile + imdecode also handles non-ASCII paths, which cv2.imread does not.
+    data = np.fromfile(str(path), dtype=np.uint8)
+    if data.size == 0:
+        raise ImageError(f"{path}: file is empty")
+    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise ImageError(f"{path}: cannot decode image (corrupt or unsupported format)")
+    return img
+
+
+def _to_rgb(img: np.ndarray, path: Path) -> np.ndarray:
+    """(H,W) / (H,W,2) / (H,W,3) / (H,W,4) in BGR(A) order -> (H,W,3) RGB, same dtype."""
+    if img.ndim == 2:
+        return np.repeat(img[:, :, None], 3, axis=2)
+    if img.ndim != 3:
+        raise ImageError(f"{path}: unsupported array shape {img.shape}")
+    channels = img.shape[2]
+    if channels == 1:
+        return np.repeat(img, 3, axis=2)
+    if channels == 2:  # gray + alpha: drop alpha
+        return np.repeat(img[:, :, :1], 3, axis=2)
+    if channels in (3, 4):
+        return np.ascontiguousarray(img[:, :, 2::-1])  # BGR(A) -> RGB, alpha dropped
+    raise ImageError(f"{path}: unsupported channel count {channels}")
+
+
+def read_uint8(path: str | Path) -> np.ndarray:
+    """Read an image as (H,W,3) uint8 RGB, the contest's pixel format."""
+    path = Path(path)
+    img = _to_rgb(_decode(path), path)
+    if img.dtype == np.uint8:
+        return img
+    if img.dtype == np.uint16:
+        return np.round(img.astype(np.float64) / 257.0).astype(np.uint8)
+    raise ImageError(f"{path}: unsupported pixel type {img.dtype} (expected 8 or 16 bit)")
+
+
+def read_float(path: str | Path) -> np.ndarray:
+    """Read an image as (H,W,3) float32 RGB in [0, 1], keeping 16-bit precision."""
+    path = Path(path)
+    img = _to_rgb(_decode(path), path)
+    if img.dtype == np.uint8:
+        return img.astype(np.float32) / 255.0
+    if img.dtype == np.uint16:
+        return img.astype(np.float32) / 65535.0
+    raise ImageError(f"{path}: unsupported pixel type {img.dtype} (expected 8 or 16 bit)")
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of an image, decoding it (so a corrupt file is caught here)."""
+    img = _decode(Path(path))
+    return int(img.shape[0]), int(img.shape[1])
+
+
+def encode_png(img: np.ndarray, path: str | Path = "<memory>") -> bytes:
+    """(H,W,3) uint8 RGB -> PNG bytes."""
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+        raise ImageError(f"{path}: expected (H,W,3) uint8, got {img.shape} {img.dtype}")
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(img[:, :, ::-1]))
+    if not ok:
+        raise ImageError(f"{path}: PNG encoding failed")
+    return buf.tobytes()
+
+
+def write_png(path: str | Path, img: np.ndarray) -> Path:
+    """Write (H,W,3) uint8 RGB as PNG atomically (temporary file, then rename)."""
+    data = encode_png(img, path)
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def to_uint8(img: np.ndarray) -> np.ndarray:
+    """Float RGB in [0, 1] -> uint8, rounding once (the only place predictions are quantised)."""
+    return np.clip(np.round(img.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files directly inside ``folder``, sorted by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ImageError(f"{folder}: folder not found")
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
