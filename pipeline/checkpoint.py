@@ -25,6 +25,9 @@ class CheckpointError(UserError):
     """A checkpoint or weights file that is missing, unreadable or does not fit the model."""
 
 
+_TRAINING_STATE = ("params", "params_ema", "optimizer", "scheduler", "scaler", "rng")
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     """``torch.save`` to a temporary file, then rename: a crash never leaves a truncated file."""
     with atomic_write(path) as tmp:
@@ -83,5 +86,5 @@ def model_from_checkpoint(path: str | Path, weights: str = "ema") -> tuple[nn.Mo
         model.load_state_dict(state_dict_from(state, path, prefer), strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not fit {state['arch']}: {str(exc)[:300]}") from None
-    meta = {k: v for k, v in state.items() if k not in ("params", "params_ema", "optimizer", "scheduler", "scaler", "rng")}
+    meta = {k: v for k, v in state.items() if k not in _TRAINING_STATE}
     return model.eval(), meta

@@ -94,6 +94,7 @@ class TrainConfig:
     patience: int = opt(0, "stop after this many validations without improvement; 0 = never")
     save_every: int = opt(500, "write the last checkpoint every this many steps")
     save_minutes: float = opt(10.0, "and at least every this many minutes")
+    keep_last: int = opt(3, "step checkpoints kept in models/<run>/history (for infer.last_k)")
     resume: Literal["auto", "never", "force"] = opt(
         "auto", "auto = resume when models/<run>/last.pth exists; force = fail if it does not")
     deterministic: bool = opt(False, "deterministic algorithms and data order (slower)")
