@@ -48,12 +48,13 @@ class DataConfig:
     folds: int = opt(5, "number of folds; images are assigned by source image")
     val_fold: int = opt(0, "fold held out for validation, ablation and the leaderboard")
     scale: int = opt(4, "upscaling factor: HR side = scale x LR side")
+    workers: int = opt(2, "processes that decode images while checking the dataset")
 
 
 @dataclass(frozen=True)
 class PatchConfig:
-    lr_size: int = opt(128, "LR patch side in pixels; the HR patch is scale x this")
-    stride: int = opt(0, "LR stride between patches; 0 = lr_size (no overlap)")
+    size: int = opt(512, "HR patch side in pixels (must divide by data.scale); the LR patch is size/scale")
+    stride: int = opt(0, "HR stride between patches (must divide by data.scale); 0 = size (no overlap)")
     edge: Literal["shift", "drop"] = opt(
         "shift", "edges that do not divide: 'shift' adds a last patch flush with the edge, "
         "'drop' leaves the remainder out")
