@@ -1,0 +1,216 @@
+"""``prepare``: check a dataset in the contest layout and assign folds by source image.
+
+Accepted layouts (paths relative to ``--data``):
+- ``train.csv`` (img_id, lr_img_path, hr_img_path[, source]) and ``test.csv`` (img_id,
+  lr_img_path) when present;
+- otherwise the folders ``train/lr``, ``train/hr`` (paired by file stem) and ``test/lr``.
+``sample_submission.zip``, when present, must name exactly the test ids.
+
+Every pair must exist, decode, and have HR exactly ``scale`` x LR in both dimensions; ids must be
+unique. Every problem found is listed; then the stage fails with the first one and writes
+nothing. On success it writes ``splits.csv`` (img_id, source, fold, lr_path, hr_path): K folds
+assigned to whole SOURCE images (the ``source`` column when given, else each image is its own
+source) before any patch exists, so no photo is split between training and validation.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from pipeline.config import Config, save_config
+from pipeline.errors import UserError
+from pipeline.images import IMAGE_SUFFIXES, ImageError, atomic_write, image_size
+
+
+class DataError(UserError):
+    """A dataset that does not match the contest layout."""
+
+
+def _read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except Exception as exc:
+        raise DataError(f"{path}: cannot read CSV ({exc})") from None
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)} (has {', '.join(df.columns)})")
+    return df
+
+
+def _stems(folder: Path) -> dict[str, str]:
+    return {p.stem: str(p.relative_to(folder.parent.parent)) for p in sorted(folder.iterdir())
+            if p.suffix.lower() in IMAGE_SUFFIXES}
+
+
+def read_train_table(root: Path) -> pd.DataFrame:
+    """img_id, lr_path, hr_path, source of every training pair (paths relative to ``root``)."""
+    csv = root / "train.csv"
+    if csv.is_file():
+        df = _read_csv(csv, ("img_id", "lr_img_path", "hr_img_path"))
+        df = df.rename(columns={"lr_img_path": "lr_path", "hr_img_path": "hr_path"})
+        where = csv.name
+    else:
+        lr_dir, hr_dir = root / "train" / "lr", root / "train" / "hr"
+        for d in (lr_dir, hr_dir):
+            if not d.is_dir():
+                raise DataError(f"{d}: folder not found (and no train.csv in {root})")
+        lr, hr = _stems(lr_dir), _stems(hr_dir)
+        if set(lr) != set(hr):
+            only_lr, only_hr = sorted(set(lr) - set(hr)), sorted(set(hr) - set(lr))
+            raise DataError(f"{root}/train: LR and HR counts differ ({len(lr)} vs {len(hr)}); "
+                            f"LR only: {only_lr[:5]}, HR only: {only_hr[:5]}")
+        df = pd.DataFrame({"img_id": list(lr), "lr_path": list(lr.values()), "hr_path": [hr[k] for k in lr]})
+        where = "train/lr"
+    if df.empty:
+        raise DataError(f"{root / where}: the train set is empty")
+    dup = df["img_id"][df["img_id"].duplicated()]
+    if len(dup):
+        raise DataError(f"{root / where}: duplicate img_id {dup.iloc[0]!r}")
+    if "source" not in df.columns or (df["source"] == "").any():
+        df["source"] = df["img_id"]
+    return df[["img_id", "source", "lr_path", "hr_path"]].reset_index(drop=True)
+
+
+def read_test_table(root: Path) -> pd.DataFrame:
+    """img_id, lr_path of every test image (empty when the dataset has no test set)."""
+    csv = root / "test.csv"
+    if csv.is_file():
+        df = _read_csv(csv, ("img_id", "lr_img_path")).rename(columns={"lr_img_path": "lr_path"})
+        dup = df["img_id"][df["img_id"].duplicated()]
+        if len(dup):
+            raise DataError(f"{csv}: duplicate img_id {dup.iloc[0]!r}")
+        return df[["img_id", "lr_path"]]
+    lr_dir = root / "test" / "lr"
+    if lr_dir.is_dir():
+        stems = _stems(lr_dir)
+        return pd.DataFrame({"img_id": list(stems), "lr_path": list(stems.values())})
+    return pd.DataFrame(columns=["img_id", "lr_path"])
+
+
+def _size_or_error(path: Path) -> tuple[int, int] | str:
+    try:
+        return image_size(path)
+    except ImageError as exc:
+        return str(exc)
+
+
+def _sizes(paths: list[Path], workers: int, desc: str) -> list[tuple[int, int] | str]:
+    """Decode every image (in worker processes); a failure becomes its error message."""
+    if workers <= 1 or len(paths) < 8:
+        return [_size_or_error(p) for p in tqdm(paths, desc=desc, leave=False, disable=len(paths) < 50)]
+    with ProcessPoolExecutor(workers) as pool:
+        return list(tqdm(pool.map(_size_or_error, paths, chunksize=8), total=len(paths), desc=desc, leave=False,
+                         disable=len(paths) < 50))
+
+
+def check_pairs(root: Path, train: pd.DataFrame, test: pd.DataFrame, scale: int, workers: int) -> tuple[
+        list[str], dict[str, tuple[int, int]]]:
+    """All problems found (one line each) and the LR/HR/test sizes seen (for the summary)."""
+    problems: list[str] = []
+    lr_sizes = _sizes([root / p for p in train["lr_path"]], workers, "check train LR")
+    hr_sizes = _sizes([root / p for p in train["hr_path"]], workers, "check train HR")
+    for lr_path, hr_path, lr, hr in zip(train["lr_path"], train["hr_path"], lr_sizes, hr_sizes):
+        for size in (lr, hr):
+            if isinstance(size, str):
+                problems.append(size)
+        if isinstance(lr, tuple) and isinstance(hr, tuple) and hr != (lr[0] * scale, lr[1] * scale):
+            problems.append(f"{root / hr_path}: HR is {hr[1]}x{hr[0]} but LR {lr_path} is {lr[1]}x{lr[0]}; "
+                            f"expected exactly {scale}x ({lr[1] * scale}x{lr[0] * scale})")
+    test_sizes = _sizes([root / p for p in test["lr_path"]], workers, "check test LR")
+    problems += [s for s in test_sizes if isinstance(s, str)]
+    seen = {"train LR": lr_sizes, "train HR": hr_sizes, "test LR": test_sizes}
+    summary = {k: _most_common(v) for k, v in seen.items()}
+    return problems, summary
+
+
+def _most_common(sizes: list) -> tuple[int, int]:
+    ok = [s for s in sizes if isinstance(s, tuple)]
+    return max(set(ok), key=ok.count) if ok else (0, 0)
+
+
+def check_sample_submission(root: Path, test: pd.DataFrame) -> list[str]:
+    """Problems between test ids and ``sample_submission.zip`` (when present)."""
+    path = root / "sample_submission.zip"
+    if not path.is_file():
+        return []
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = {Path(n).stem for n in zf.namelist() if not n.endswith("/")}
+    except zipfile.BadZipFile:
+        return [f"{path}: not a valid zip file"]
+    missing = sorted(set(test["img_id"]) - names)
+    extra = sorted(names - set(test["img_id"]))
+    out = []
+    if missing:
+        out.append(f"{path}: test id(s) absent from the sample submission: {', '.join(missing[:5])}")
+    if extra:
+        out.append(f"{path}: names absent from the test set: {', '.join(extra[:5])}")
+    return out
+
+
+def assign_folds(train: pd.DataFrame, folds: int, seed: int) -> pd.Series:
+    """Fold of each image: whole sources, in a seeded order, each to the fold with fewest images.
+
+    (Balanced enough for contest data, where sources are similar in size, and it leaves the
+    validation fold a random source rather than always the largest.)
+    """
+    counts = train.groupby("source").size()
+    sources = counts.index.to_numpy()
+    if len(sources) < folds:
+        raise DataError(f"{len(sources)} source image(s) cannot fill {folds} folds; set data.folds lower")
+    order = np.random.default_rng(seed).permutation(len(sources))
+    load = [0] * folds
+    fold_of: dict[str, int] = {}
+    for i in order:
+        f = min(range(folds), key=lambda k: (load[k], k))
+        fold_of[sources[i]] = f
+        load[f] += int(counts.iloc[i])
+    return train["source"].map(fold_of).astype(int)
+
+
+def main(cfg: Config) -> None:
+    root = Path(cfg.data.dir)
+    if not root.is_dir():
+        raise DataError(f"{root}: data folder not found")
+    if not 0 <= cfg.data.val_fold < cfg.data.folds:
+        raise DataError(f"data.val_fold={cfg.data.val_fold} is outside 0..{cfg.data.folds - 1}")
+    train = read_train_table(root)
+    test = read_test_table(root)
+    for table, col in ((train, "lr_path"), (train, "hr_path"), (test, "lr_path")):
+        for rel in table[col]:
+            if not (root / rel).is_file():
+                raise DataError(f"{root / rel}: listed in {root.name}'s CSV but the file does not exist")
+    problems, sizes = check_pairs(root, train, test, cfg.data.scale, cfg.data.workers)
+    problems += check_sample_submission(root, test)
+    train["fold"] = assign_folds(train, cfg.data.folds, cfg.seed)
+
+    rows = [("train pairs", len(train), sizes["train LR"], sizes["train HR"]),
+            ("test images", len(test), sizes["test LR"], None),
+            ("source images", train["source"].nunique(), None, None)]
+    table = pd.DataFrame([(n, c, _fmt(lr), _fmt(hr)) for n, c, lr, hr in rows],
+                         columns=["", "count", "LR size", "HR size"])
+    print(table.to_string(index=False))
+    per_fold = train.groupby("fold").agg(images=("img_id", "size"), sources=("source", "nunique"))
+    print(per_fold.T.to_string())
+    print(f"problems: {len(problems)}")
+    if problems:
+        for p in problems[:10]:
+            print(f"  {p}")
+        more = f" (and {len(problems) - 1} more problem(s) listed above)" if len(problems) > 1 else ""
+        raise DataError(problems[0] + more)
+
+    splits = train[["img_id", "source", "fold", "lr_path", "hr_path"]]
+    with atomic_write(root / "splits.csv") as tmp:
+        splits.to_csv(tmp, index=False)
+    save_config(cfg, root / "prepare.yaml", sections=("data",))
+    print(f"wrote {root / 'splits.csv'} ({cfg.data.folds} folds by source, validation fold {cfg.data.val_fold})")
+
+
+def _fmt(size: tuple[int, int] | None) -> str:
+    return "" if not size else f"{size[1]}x{size[0]}"
