@@ -1,0 +1,28 @@
+"""Shared fixtures: the demo dataset, built once per session and prepared + patchified."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main as cli
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """data/demo as `demo-data` builds it (read-only for tests: copy before changing)."""
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    assert cli(["demo-data", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def patched_demo(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the demo dataset after `prepare` and `patchify patch.size=128` (LR 32 / HR 128)."""
+    root = tmp_path_factory.mktemp("patched") / "demo"
+    shutil.copytree(demo_root, root)
+    assert cli(["prepare", "--data", str(root)]) == 0
+    assert cli(["patchify", "--data", str(root), "patch.size=128", "patch.workers=1"]) == 0
+    return root
