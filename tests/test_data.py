@@ -110,9 +110,10 @@ def _tiny_dataset(root: Path, n: int = 5, csv: bool = True) -> Path:
         write_png(root / "train" / "hr" / f"{i:04d}.png", rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
     write_png(root / "test" / "lr" / "20000.png", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
     if csv:
-        pd.DataFrame({"img_id": [f"{i:04d}" for i in range(n)],
-                      "lr_img_path": [f"train/lr/{i:04d}.png" for i in range(n)],
-                      "hr_img_path": [f"train/hr/{i:04d}.png" for i in range(n)]}).to_csv(root / "train.csv", index=False)
+        ids = [f"{i:04d}" for i in range(n)]
+        train = pd.DataFrame({"img_id": ids, "lr_img_path": [f"train/lr/{i}.png" for i in ids],
+                              "hr_img_path": [f"train/hr/{i}.png" for i in ids]})
+        train.to_csv(root / "train.csv", index=False)
         pd.DataFrame({"img_id": ["20000"], "lr_img_path": ["test/lr/20000.png"]}).to_csv(root / "test.csv", index=False)
     return root
 
