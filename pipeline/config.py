@@ -109,6 +109,8 @@ class InferConfig:
     tile: int = opt(128, "LR tile side; 0 = whole image")
     stride: int = opt(64, "LR stride between tiles")
     blend: Literal["mean", "hann"] = opt("mean", "tile weights: equal, or a Hann window with a floor")
+    pad: int = opt(0, "LR pixels of reflection added on all four sides (then cropped) so edges get context")
+    margin: int = opt(0, "LR pixels at tile sides facing another tile given weight 0 (<= (tile-stride)/2)")
     batch: int = opt(0, "tiles per forward pass; 0 = sized to the device")
     precision: Precision = opt("auto", "autocast dtype; auto = bf16 where it is fast")
     channels_last: bool = opt(True, "NHWC memory format")
