@@ -1,0 +1,78 @@
+"""Self-ensemble over the dihedral group and averaging over several models.
+
+Transform ``k`` (0..7) of an image batch: flip the width axis if bit 0 is set, flip the height
+axis if bit 1 is set, then transpose height and width if bit 2 is set. Its inverse undoes the
+steps in reverse order. The ways in use are the first 1, 2, 4 or 8 transforms: 1 = identity,
+2 = + horizontal flip, 4 = all flips (shapes kept), 8 = the whole group (with transposes).
+
+The transformed copies go through the model as ONE batch per output shape: square inputs
+(tiles) make a single call of ways x N images; a non-square whole image makes two calls, one
+for the transforms that keep its shape and one for the transposed ones. Outputs are mapped back
+and averaged in fp32 before any clamping (rounding happens once, when the image is written).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+Forward = Callable[[torch.Tensor], torch.Tensor]  # (N,C,h,w) -> (N,C,sh,sw)
+
+WAYS = (1, 2, 4, 8)
+
+
+def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Transform ``k`` of a (..., H, W) tensor (see the module docstring for the numbering)."""
+    if k & 1:
+        x = x.flip(-1)
+    if k & 2:
+        x = x.flip(-2)
+    if k & 4:
+        x = x.transpose(-2, -1)  # (..., H, W) -> (..., W, H)
+    return x
+
+
+def dihedral_inverse(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Undo ``dihedral(., k)``: each step is its own inverse, applied in reverse order."""
+    if k & 4:
+        x = x.transpose(-2, -1)  # (..., W, H) -> (..., H, W)
+    if k & 2:
+        x = x.flip(-2)
+    if k & 1:
+        x = x.flip(-1)
+    return x
+
+
+def self_ensemble(fn: Forward, x: torch.Tensor, ways: int) -> torch.Tensor:
+    """Average of ``fn`` over ``ways`` dihedral transforms of ``x`` (N,C,h,w), each mapped back; fp32."""
+    if ways not in WAYS:
+        raise ValueError(f"ways must be one of {WAYS}, got {ways}")
+    if ways == 1:
+        return fn(x).float()
+    n = x.shape[0]
+    square = x.shape[-2] == x.shape[-1]
+    # Transforms with bit 2 transpose the input; they share a shape with the others only if square.
+    groups = [list(range(ways))] if square else [[k for k in range(ways) if not k & 4],
+                                                 [k for k in range(ways) if k & 4]]
+    total: torch.Tensor | None = None
+    for group in groups:
+        if not group:
+            continue
+        batch = torch.cat([dihedral(x, k) for k in group])  # (G*N,C,h,w), G = transforms in the group
+        out = fn(batch).float()  # (G*N,C,sh,sw)
+        for j, k in enumerate(group):
+            back = dihedral_inverse(out[j * n:(j + 1) * n], k)
+            total = back if total is None else total + back
+    assert total is not None
+    return total / ways
+
+
+def average_models(fns: Sequence[Forward], x: torch.Tensor, ways: int = 1) -> torch.Tensor:
+    """Mean over models of each model's ``ways``-fold self-ensemble of ``x``; fp32."""
+    if not fns:
+        raise ValueError("average_models needs at least one model")
+    total = self_ensemble(fns[0], x, ways)
+    for fn in fns[1:]:
+        total = total + self_ensemble(fn, x, ways)
+    return total / len(fns)
