@@ -1,0 +1,151 @@
+"""``ablate``: every inference setting on the validation fold -> ``ablation.csv`` + ``ablation.png``.
+
+A grid over ensemble ways (``ablate.tta``), tile/stride pairs (``ablate.tiles``, ``"0"`` = whole
+image), blends, precisions and model sets (the run alone, then the run averaged with each entry
+of ``ablate.runs``; ``"b+c"`` averages three). Settings that compute the same thing are run once:
+the blend of a whole-image pass, and a precision that resolves to one already in the grid (``auto``
+is fp32 on a CPU without native bf16). Each row: PSNR/SSIM (contest protocol) on the validation
+fold's whole images, seconds per image, and the gain over the configured default (``infer.*``),
+which the plot marks with a star.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from pipeline.config import Config, save_config, with_overrides
+from pipeline.errors import UserError
+from pipeline.evaluate import score_pair
+from pipeline.images import atomic_write, read_float, read_uint8, to_uint8
+from pipeline.infer import val_items
+from pipeline.predict import Settings, is_parameter_free, load_models, predict_images
+from pipeline.runtime import autocast_dtype, pick_device, precision_name
+
+COLUMNS = ["models", "tta", "tile", "stride", "blend", "precision", "psnr", "ssim", "sec_per_image", "gain_db",
+           "default"]
+
+
+def parse_tile(spec: str) -> tuple[int, int]:
+    """``"128/64"`` -> (128, 64); ``"0"`` -> whole image (0, 0)."""
+    try:
+        parts = [int(p) for p in str(spec).split("/")]
+    except ValueError:
+        parts = []
+    if parts == [0]:
+        return 0, 0
+    if len(parts) != 2 or not 0 < parts[1] <= parts[0]:
+        raise UserError(f"ablate.tiles: {spec!r} must be 'TILE/STRIDE' with 0 < STRIDE <= TILE, or '0'")
+    return parts[0], parts[1]
+
+
+def settings_grid(cfg: Config, device_type: str, parameter_free: bool) -> list[Settings]:
+    """The distinct settings to run, the configured default first."""
+    base = Settings.from_config(cfg.infer)
+    grid = [base]
+    for tta, tile, blend, precision in itertools.product(
+            cfg.ablate.tta, cfg.ablate.tiles, cfg.ablate.blends, cfg.ablate.precisions):
+        t, s = parse_tile(tile)
+        grid.append(dataclasses.replace(base, tta=tta, tile=t, stride=s or base.stride, blend=blend,
+                                        precision=precision))
+    def key(s: Settings) -> tuple:
+        dtype = None if parameter_free else autocast_dtype(torch.device(device_type), s.precision)
+        blend = "-" if s.tile == 0 else s.blend
+        stride = 0 if s.tile == 0 else s.stride
+        return (s.tta, s.tile, stride, blend, precision_name(dtype))
+
+    seen, out = set(), []
+    for s in grid:
+        if key(s) not in seen:
+            seen.add(key(s))
+            out.append(s)
+    return out
+
+
+def model_sets(cfg: Config) -> list[tuple[str, Config]]:
+    """(label, config) per model set: the run alone, then the run + each ``ablate.runs`` entry."""
+    sets = [(cfg.run if cfg.model.name != "bicubic" else "bicubic", cfg)]
+    for entry in cfg.ablate.runs:
+        extra = tuple(r for r in entry.split("+") if r)
+        sets.append((f"{cfg.run}+{entry}", with_overrides(cfg, **{"infer.runs": extra})))
+    return sets
+
+
+def run_grid(cfg: Config) -> pd.DataFrame:
+    """Score every (model set, setting) on the validation fold; one row each."""
+    root = Path(cfg.data.dir)
+    items = val_items(root, cfg.data.val_fold)
+    lr_images = [read_float(lr) for _, lr, _ in items]
+    hr_images = [read_uint8(hr) for _, _, hr in items]
+    names = [name for name, _, _ in items]
+    device = pick_device()
+    rows, jobs = [], []
+    sets = model_sets(cfg)
+    for label, set_cfg in sets:
+        models, _desc = load_models(set_cfg)
+        # Untimed warm-up (lazy allocations, oneDNN kernel selection) so row 1 is not penalised.
+        predict_images(models, lr_images[:1], Settings.from_config(cfg.infer), device)
+        for settings in settings_grid(cfg, device.type, is_parameter_free(models)):
+            jobs.append((label, models, settings))
+    default = Settings.from_config(cfg.infer)
+    for label, models, settings in tqdm(jobs, desc="ablate", unit="setting"):
+        srs, timing = predict_images(models, lr_images, settings, device, names)
+        scores = [score_pair(to_uint8(sr), hr) for sr, hr in zip(srs, hr_images)]
+        rows.append({
+            "models": label, "tta": settings.tta, "tile": settings.tile,
+            "stride": settings.stride if settings.tile else 0,
+            "blend": settings.blend if settings.tile else "-", "precision": timing.precision,
+            "psnr": float(np.mean([s["psnr"] for s in scores])), "ssim": float(np.mean([s["ssim"] for s in scores])),
+            "sec_per_image": timing.seconds / max(timing.images, 1),
+            "default": label == sets[0][0] and settings == default,
+        })
+    table = pd.DataFrame(rows)
+    ref = table.loc[table["default"], "psnr"]
+    table["gain_db"] = table["psnr"] - (ref.iloc[0] if len(ref) else np.nan)
+    return table[COLUMNS]
+
+
+def plot(table: pd.DataFrame, path: Path, title: str) -> None:
+    """PSNR against seconds per image, one point per setting, the default starred."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
+    for tta, group in table.groupby("tta"):
+        ax.scatter(group["sec_per_image"], group["psnr"], s=36, label=f"{tta}-way ensemble", alpha=0.85)
+    for row in table.itertuples():
+        tiles = "whole" if row.tile == 0 else f"{row.tile}/{row.stride} {row.blend}"
+        ax.annotate(f"{tiles} {row.precision}", (row.sec_per_image, row.psnr), fontsize=6.5,
+                    xytext=(3, 2), textcoords="offset points")
+    chosen = table[table["default"]]
+    ax.scatter(chosen["sec_per_image"], chosen["psnr"], marker="*", s=260, facecolors="none",
+               edgecolors="black", linewidths=1.3, label="default (infer.*)")
+    ax.set_xlabel("seconds per image")
+    ax.set_ylabel("PSNR (dB, validation fold, RGB)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def main(cfg: Config) -> None:
+    out = Path(cfg.paths.submit) / cfg.run
+    table = run_grid(cfg)
+    with atomic_write(out / "ablation.csv") as tmp:
+        table.to_csv(tmp, index=False, float_format="%.4f")
+    plot(table, out / "ablation.png", f"run {cfg.run}: inference settings on fold {cfg.data.val_fold}")
+    save_config(cfg, out / "ablate.yaml", sections=("data", "model", "infer", "ablate", "paths"))
+    shown = table.sort_values("psnr", ascending=False)
+    print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(f"ablation: {out / 'ablation.csv'}  plot: {out / 'ablation.png'}")
