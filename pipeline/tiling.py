@@ -156,6 +156,14 @@ def run_tiles(fn: Forward, lr: torch.Tensor, tile: int, stride: int, blend: str 
             raise ValueError(f"margin {margin} leaves pixels uncovered: 2 x margin must be <= tile - stride "
                              f"({th} - {step} on a {hp}x{wp} padded image)")
     corners = tile_grid(hp, wp, tile, stride)
+    cache: dict[tuple[int, int, int], torch.Tensor] = {}
+
+    def windows(length: int, cut_start: int, cut_end: int) -> torch.Tensor:
+        key = (length, cut_start, cut_end)
+        if key not in cache:
+            cache[key] = window_1d(length, blend, cut_start, cut_end, x.device)
+        return cache[key]
+
     n = len(corners)
     size = batch or CPU_BATCH
     out: torch.Tensor | None = None
@@ -188,8 +196,9 @@ def run_tiles(fn: Forward, lr: torch.Tensor, tile: int, stride: int, blend: str 
             raise TileError(f"{where}: the model returned {tuple(pred.shape)}, expected {expected}")
         cut = margin * scale
         for k, (y, c) in enumerate(chunk):
-            wy = window_1d(th * scale, blend, cut * (y > 0), cut * (y + th < hp), pred.device)
-            wx = window_1d(tw * scale, blend, cut * (c > 0), cut * (c + tw < wp), pred.device)
+            # A side is cut only where another tile lies beyond it, never at the image's edge.
+            wy = windows(th * scale, cut * (y > 0), cut * (y + th < hp))
+            wx = windows(tw * scale, cut * (c > 0), cut * (c + tw < wp))
             w = wy[:, None] * wx[None, :]  # (th*s,) x (tw*s,) -> (th*s, tw*s)
             ys, xs = slice(y * scale, (y + th) * scale), slice(c * scale, (c + tw) * scale)
             out[0, :, ys, xs] += pred[k] * w

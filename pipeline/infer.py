@@ -1,0 +1,147 @@
+"""``infer``: super-resolve the test set, the validation fold, or any folder, and write PNGs.
+
+What runs: ``model.name=bicubic`` (no checkpoint; always the whole image, one way, fp32, so it
+is exactly MATLAB's bicubic); else ``model.pretrained`` bare weights when the run has no
+checkpoint; else the run's ``infer.checkpoint`` (EMA weights first), or its last
+``infer.last_k`` history checkpoints, plus the ``infer.runs`` extra runs, averaged at the output.
+
+Which images (outputs named ``<img_id>.png``):
+- default: the dataset's test set (``test.csv``, else ``test/lr``) -> ``submit/<run>/pred``
+- ``infer.split=val``: the validation fold of ``splits.csv`` -> ``submit/<run>/val_pred``, then
+  scored against HR (competition protocol) and appended to ``submit/leaderboard.csv``
+- ``--input DIR --output DIR``: every image in DIR, named by file stem.
+Beside the PNGs: ``timing.json`` (seconds per image, tiles per second, peak memory, device,
+precision, images rerun in fp32) and ``config.yaml`` (the resolved config).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+from pathlib import Path
+
+import pandas as pd
+from tqdm import tqdm
+
+from pipeline.config import Config, save_config
+from pipeline.errors import UserError
+from pipeline.evaluate import score_pair
+from pipeline.images import atomic_write, list_images, read_float, read_uint8, to_uint8, write_png
+from pipeline.predict import Settings, Timing, iter_predict, load_models, validate
+from pipeline.runtime import peak_memory, pick_device
+
+LEADERBOARD_COLUMNS = ["timestamp", "run", "model", "settings", "images", "psnr", "ssim", "sec_per_image", "device"]
+
+
+def test_items(root: Path) -> list[tuple[str, Path]]:
+    """(img_id, LR path) of the dataset's test set."""
+    from pipeline.prepare import read_test_table
+
+    if not root.is_dir():
+        raise UserError(f"{root}: data folder not found (--data)")
+    table = read_test_table(root)
+    if table.empty:
+        raise UserError(f"{root}: no test set (neither test.csv nor test/lr)")
+    return [(str(i), root / p) for i, p in zip(table["img_id"], table["lr_path"])]
+
+
+def val_items(root: Path, fold: int) -> list[tuple[str, Path, Path]]:
+    """(img_id, LR path, HR path) of the validation fold in ``splits.csv``."""
+    csv = root / "splits.csv"
+    if not csv.is_file():
+        raise UserError(f"{csv}: not found; run `python -m pipeline prepare --data {root}` first")
+    df = pd.read_csv(csv, dtype={"img_id": str})
+    missing = {"img_id", "fold", "lr_path", "hr_path"} - set(df.columns)
+    if missing:
+        raise UserError(f"{csv}: missing column(s) {', '.join(sorted(missing))}")
+    df = df[df["fold"] == fold]
+    if df.empty:
+        raise UserError(f"{csv}: fold {fold} is empty (data.val_fold)")
+    return [(str(i), root / lr, root / hr) for i, lr, hr in zip(df["img_id"], df["lr_path"], df["hr_path"])]
+
+
+def folder_items(folder: Path) -> list[tuple[str, Path]]:
+    """(file stem, path) of every image in ``folder``; two files with one stem are an error."""
+    paths = list_images(folder)
+    if not paths:
+        raise UserError(f"{folder}: no images found (png, jpg, bmp, tif)")
+    stems: dict[str, Path] = {}
+    for p in paths:
+        if p.stem in stems:
+            raise UserError(f"{folder}: {stems[p.stem].name} and {p.name} would both be written as {p.stem}.png")
+        stems[p.stem] = p
+    return list(stems.items())
+
+
+def settings_for(cfg: Config) -> Settings:
+    settings = Settings.from_config(cfg.infer)
+    if cfg.model.name == "bicubic":  # exact MATLAB bicubic: no tile seams, no ensemble rounding
+        settings = dataclasses.replace(settings, tile=0, tta=1, precision="fp32")
+    return settings
+
+
+def append_leaderboard(path: Path, row: dict) -> None:
+    """Add one row to the leaderboard CSV (rewritten atomically)."""
+    table = pd.DataFrame([row], columns=LEADERBOARD_COLUMNS)
+    if path.is_file():
+        table = pd.concat([pd.read_csv(path), table], ignore_index=True)
+    with atomic_write(path) as tmp:
+        table.to_csv(tmp, index=False)
+
+
+def main(cfg: Config) -> None:
+    root = Path(cfg.data.dir)
+    run_dir = Path(cfg.paths.submit) / cfg.run
+    hr_paths: dict[str, Path] = {}
+    if cfg.infer.input:
+        if not cfg.infer.output:
+            raise UserError("--input needs --output (the folder the SR PNGs go to)")
+        items = folder_items(Path(cfg.infer.input))
+    elif cfg.infer.split == "val":
+        triples = val_items(root, cfg.data.val_fold)
+        items = [(i, lr) for i, lr, _hr in triples]
+        hr_paths = {i: hr for i, _lr, hr in triples}
+    else:
+        items = test_items(root)
+    default_out = run_dir / ("val_pred" if cfg.infer.split == "val" and not cfg.infer.input else "pred")
+    out_dir = Path(cfg.infer.output) if cfg.infer.output else default_out
+
+    settings = settings_for(cfg)
+    validate(settings)  # before any folder or model is touched
+    models, model_desc = load_models(cfg)
+    device = pick_device()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir / "config.yaml")
+    timing = Timing(device=str(device), precision="")
+    scores = []
+    lr_stream = ((name, read_float(path)) for name, path in items)
+    with peak_memory(device) as mem:
+        for name, sr in tqdm(iter_predict(models, lr_stream, settings, device, timing), total=len(items),
+                             desc=f"infer {model_desc}", unit="img"):
+            sr8 = to_uint8(sr)  # the one rounding of the prediction
+            write_png(out_dir / f"{name}.png", sr8)
+            if name in hr_paths:
+                hr = read_uint8(hr_paths[name])
+                if hr.shape != sr8.shape:
+                    raise UserError(f"{hr_paths[name]}: HR is {hr.shape[1]}x{hr.shape[0]}, the prediction "
+                                    f"{sr8.shape[1]}x{sr8.shape[0]}")
+                scores.append({"img_id": name, **score_pair(sr8, hr, "competition", cfg.data.scale)})
+    timing.peak_mib = mem["peak_mib"]
+    summary = {**timing.summary(), "model": model_desc, "settings": dataclasses.asdict(settings)}
+    with atomic_write(out_dir / "timing.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
+    print(f"{len(items)} image(s) -> {out_dir}  ({summary['seconds_per_image']:.3f} s/image, "
+          f"{summary['tiles_per_second']:.1f} tiles/s, {summary['precision']} on {summary['device']}, "
+          f"peak {summary['peak_memory_mib']:.0f} MiB)")
+    if timing.fp32_fallbacks:
+        print(f"rerun in fp32 after NaN/Inf: {', '.join(timing.fp32_fallbacks)}")
+    if scores:
+        df = pd.DataFrame(scores)
+        row = {"timestamp": dt.datetime.now().isoformat(timespec="seconds"), "run": cfg.run, "model": model_desc,
+               "settings": settings.label(), "images": len(df), "psnr": round(float(df["psnr"].mean()), 4),
+               "ssim": round(float(df["ssim"].mean()), 4), "sec_per_image": summary["seconds_per_image"],
+               "device": summary["device"]}
+        board = Path(cfg.paths.submit) / "leaderboard.csv"
+        append_leaderboard(board, row)
+        print(f"validation fold {cfg.data.val_fold}: PSNR {row['psnr']:.4f} SSIM {row['ssim']:.4f} -> {board}")

@@ -1,0 +1,196 @@
+"""infer end to end: bicubic on a folder, a saved nano checkpoint on a test set and the validation
+fold (leaderboard), multi-checkpoint averages, the fp32 rerun after NaN, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.checkpoint import model_from_checkpoint, save_checkpoint
+from pipeline.cli import main as cli
+from pipeline.compat import imresize
+from pipeline.errors import UserError
+from pipeline.evaluate import evaluate_pairs
+from pipeline.images import read_float, read_uint8, to_uint8, write_png
+from pipeline.models import build_model, model_kwargs
+from pipeline.predict import Settings, predict_images
+
+TILES = ["infer.tile=8", "infer.stride=4", "infer.margin=1", "infer.precision=fp32"]
+
+
+def _rgb(h: int, w: int, seed: int) -> np.ndarray:
+    """A smooth random image (upscaled noise), closer to a photo than white noise."""
+    small = np.random.default_rng(seed).random((h // 4 + 2, w // 4 + 2, 3))
+    return to_uint8(imresize(small, 4)[:h, :w].clip(0, 1))
+
+
+def _save_nano(path: Path, seed: int) -> None:
+    """An edsr-nano checkpoint whose EMA weights differ from its raw weights."""
+    torch.manual_seed(seed)
+    raw = build_model("edsr-nano").state_dict()
+    torch.manual_seed(seed + 100)
+    ema = build_model("edsr-nano").state_dict()
+    save_checkpoint(path, {"params": raw, "params_ema": ema, "arch": "edsr-nano",
+                           "kwargs": model_kwargs("edsr-nano"), "step": seed})
+
+
+def _dataset(root: Path) -> dict[str, tuple[int, int]]:
+    """test.csv + test/lr (3 LR images) and splits.csv with 2 validation pairs; returns test LR sizes."""
+    sizes = {"20000": (12, 16), "20001": (16, 16), "20002": (13, 10)}
+    rows = []
+    for k, (i, (h, w)) in enumerate(sizes.items()):
+        write_png(root / "test" / "lr" / f"{i}.png", _rgb(h, w, k))
+        rows.append((i, f"test/lr/{i}.png"))
+    pd.DataFrame(rows, columns=["img_id", "lr_img_path"]).to_csv(root / "test.csv", index=False)
+    splits = []
+    for k, i in enumerate(["0000", "0001", "0002"]):
+        hr = _rgb(48, 40, 10 + k)
+        write_png(root / "train" / "hr" / f"{i}.png", hr)
+        write_png(root / "train" / "lr" / f"{i}.png", to_uint8(imresize(hr / 255.0, 1 / 4)))
+        splits.append((i, i, 0 if k < 2 else 1, f"train/lr/{i}.png", f"train/hr/{i}.png"))
+    pd.DataFrame(splits, columns=["img_id", "source", "fold", "lr_path", "hr_path"]).to_csv(
+        root / "splits.csv", index=False)
+    return sizes
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> tuple[Path, Path, Path, dict[str, tuple[int, int]]]:
+    data, models, submit = tmp_path / "data", tmp_path / "models", tmp_path / "submit"
+    sizes = _dataset(data)
+    _save_nano(models / "r" / "best.pth", 1)
+    return data, models, submit, sizes
+
+
+def _infer(data: Path, models: Path, submit: Path, *extra: str) -> int:
+    return cli(["infer", "--data", str(data), "run=r", f"paths.models={models}", f"paths.submit={submit}", *extra])
+
+
+def test_bicubic_on_a_folder(tmp_path: Path) -> None:
+    lr_dir, out = tmp_path / "lr", tmp_path / "sr"
+    lrs = {"a": _rgb(13, 21, 0), "b": _rgb(16, 16, 1)}
+    for name, img in lrs.items():
+        write_png(lr_dir / f"{name}.png", img)
+    assert cli(["infer", "model.name=bicubic", "--input", str(lr_dir), "--output", str(out)]) == 0
+    for name, lr in lrs.items():
+        sr = read_uint8(out / f"{name}.png")
+        ref = to_uint8(imresize(lr / 255.0, 4))  # basicsr's MATLAB bicubic in float64
+        assert sr.shape == (lr.shape[0] * 4, lr.shape[1] * 4, 3)
+        assert np.abs(sr.astype(int) - ref).max() <= 1 and (sr != ref).mean() < 1e-3
+    timing = json.loads((out / "timing.json").read_text())
+    assert timing["images"] == 2 and timing["precision"] == "fp32" and timing["device"] == "cpu"
+    assert timing["settings"]["tile"] == 0 and timing["settings"]["tta"] == 1  # bicubic: exact, whole image
+    assert {"seconds_per_image", "tiles_per_second", "peak_memory_mib", "fp32_fallbacks"} <= set(timing)
+    assert "model:" in (out / "config.yaml").read_text()
+
+
+def test_checkpoint_on_test_set_then_submit(env: tuple) -> None:
+    data, models, submit, sizes = env
+    assert _infer(data, models, submit, *TILES, "infer.tta=2") == 0
+    pred = submit / "r" / "pred"
+    ema, _ = model_from_checkpoint(models / "r" / "best.pth", "ema")
+    settings = Settings(tta=2, tile=8, stride=4, margin=1, precision="fp32")
+    ids = list(sizes)
+    expected, _ = predict_images([ema], [read_float(data / "test" / "lr" / f"{i}.png") for i in ids], settings,
+                                 torch.device("cpu"))
+    for i, sr in zip(ids, expected):
+        got = read_uint8(pred / f"{i}.png")
+        assert got.shape == (sizes[i][0] * 4, sizes[i][1] * 4, 3)
+        assert np.array_equal(got, to_uint8(sr))
+    timing = json.loads((pred / "timing.json").read_text())
+    assert timing["images"] == 3 and timing["tile_forwards"] > 3 * 2  # several tiles x 2 ways each
+    assert _infer(data, models, submit, *TILES, "infer.tta=2", "infer.weights=params",
+                  "--output", str(submit / "raw")) == 0
+    assert not np.array_equal(read_uint8(submit / "raw" / "20000.png"), read_uint8(pred / "20000.png"))
+    assert cli(["submit", "--data", str(data), "run=r", f"paths.submit={submit}"]) == 0
+    assert (submit / "r" / "submission.zip").is_file()
+
+
+def test_validation_fold_scores_and_leaderboard(env: tuple, capsys: pytest.CaptureFixture[str]) -> None:
+    data, models, submit, _sizes = env
+    for tta in ("1", "8"):
+        assert _infer(data, models, submit, *TILES, "infer.split=val", f"infer.tta={tta}") == 0
+    assert sorted(p.name for p in (submit / "r" / "val_pred").glob("*.png")) == ["0000.png", "0001.png"]
+    board = pd.read_csv(submit / "leaderboard.csv")
+    assert len(board) == 2 and list(board["run"]) == ["r", "r"]
+    assert list(board["settings"].str.split().str[0]) == ["tta1", "tta8"]
+    assert {"model", "psnr", "ssim", "sec_per_image", "timestamp"} <= set(board.columns)
+    pairs = [(i, submit / "r" / "val_pred" / f"{i}.png", data / "train" / "hr" / f"{i}.png") for i in ("0000", "0001")]
+    assert board["psnr"].iloc[-1] == pytest.approx(evaluate_pairs(pairs)["psnr"].mean(), abs=1e-4)
+    assert "validation fold 0: PSNR" in capsys.readouterr().out
+
+
+def test_last_k_checkpoints_and_extra_runs_are_averaged(env: tuple) -> None:
+    data, models, submit, _sizes = env
+    for step in (10, 20, 30):
+        _save_nano(models / "r" / "history" / f"step_{step:08d}.pth", step)
+    _save_nano(models / "other" / "best.pth", 7)
+    lr = read_float(data / "test" / "lr" / "20001.png")
+    settings = Settings(tta=1, tile=8, stride=4, margin=1, precision="fp32")
+
+    def load(path: Path) -> nn.Module:
+        return model_from_checkpoint(path, "ema")[0]
+
+    cases = {
+        "last": (["infer.last_k=2"], [models / "r" / "history" / f"step_{s:08d}.pth" for s in (20, 30)]),
+        "runs": (["infer.runs=[other]"], [models / "r" / "best.pth", models / "other" / "best.pth"]),
+    }
+    for name, (flags, paths) in cases.items():
+        out = submit / name
+        assert _infer(data, models, submit, *TILES, "infer.tta=1", *flags, "--output", str(out)) == 0
+        (ref,), _ = predict_images([load(p) for p in paths], [lr], settings, torch.device("cpu"))
+        assert np.array_equal(read_uint8(out / "20001.png"), to_uint8(ref)), name
+        (single,), _ = predict_images([load(paths[-1])], [lr], settings, torch.device("cpu"))
+        assert not np.array_equal(to_uint8(single), to_uint8(ref))
+
+
+class NanUnderAutocast(nn.Module):
+    """Nearest x4 in fp32, NaN whenever autocast is on: a model that overflows in low precision."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.interpolate(x, scale_factor=4, mode="nearest") * self.gain
+        return y * float("nan") if torch.is_autocast_enabled(x.device.type) else y
+
+
+def test_nan_reruns_the_image_in_fp32() -> None:
+    lrs = [np.random.default_rng(0).random((10, 12, 3), dtype=np.float32) for _ in range(2)]
+    settings = Settings(tta=2, tile=8, stride=4, precision="bf16")
+    out, timing = predict_images([NanUnderAutocast()], lrs, settings, torch.device("cpu"), names=["x", "y"])
+    assert timing.precision == "bf16" and timing.fp32_fallbacks == ["x", "y"]
+    for lr, sr in zip(lrs, out):
+        assert np.isfinite(sr).all()
+        np.testing.assert_allclose(sr, np.repeat(np.repeat(lr, 4, 0), 4, 1), atol=1e-6)
+
+
+def test_nan_in_fp32_is_an_error() -> None:
+    class AlwaysNan(NanUnderAutocast):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) * float("nan")
+
+    lr = np.zeros((8, 8, 3), np.float32)
+    with pytest.raises(UserError, match="img7: the model produced NaN/Inf even in fp32"):
+        predict_images([AlwaysNan()], [lr], Settings(precision="bf16"), torch.device("cpu"), names=["img7"])
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["infer.stride=200"], "infer.stride=200 must be in 1..infer.tile"),
+    (["infer.margin=40"], "infer.margin=40 leaves pixels uncovered"),
+    (["infer.last_k=5"], "infer.last_k=5 but"),
+    (["run=nothing"], "nothing/best.pth: checkpoint not found"),
+    (["--input", "somewhere"], "--input needs --output"),
+])
+def test_errors_are_one_line(env: tuple, capsys: pytest.CaptureFixture[str], flags: list[str], message: str) -> None:
+    data, models, submit, _sizes = env
+    assert _infer(data, models, submit, *flags) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
