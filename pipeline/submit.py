@@ -16,8 +16,8 @@ Every image must be exactly ``data.scale`` x its LR image in both sides and an 8
 (colour type 2: no alpha, no palette, no gray, no 16 bit). Any problem refuses the whole
 submission with a ``SubmissionError`` naming the file and the problem; the archive is written to
 a temporary file, re-checked, and only then renamed into place, so a refused submission leaves
-no file behind. ``submit --check FILE`` validates an existing zip or CSV: its structure alone,
-or also ids and sizes when ``--data`` names a dataset.
+no file behind. ``submit --check FILE`` validates an existing zip or CSV: ids and sizes against
+``--data`` (or the default data.dir when it holds a test set), else its structure alone.
 """
 
 from __future__ import annotations
@@ -208,19 +208,29 @@ def write_submission(files: dict[str, Path], out: Path, expected: dict[str, tupl
     return out
 
 
-def _data_given(cfg: Config) -> bool:
-    """True unless data.dir is still the default (``--check`` alone checks structure only)."""
+def _check_against(cfg: Config) -> Path | None:
+    """The dataset ``--check`` compares with: ``--data`` when set, the default data.dir when it
+    holds a test set, else none (structure only)."""
+    root = Path(cfg.data.dir)
     default = next(f.default for f in fields(DataConfig) if f.name == "dir")
-    return cfg.data.dir != default
+    if cfg.data.dir != default:
+        return root
+    return root if (root / "test.csv").is_file() or (root / "test" / "lr").is_dir() else None
 
 
 def main(cfg: Config) -> None:
     if cfg.submit.check:
-        expected = expected_outputs(Path(cfg.data.dir), cfg.data.scale) if _data_given(cfg) else None
-        ids = check_submission(cfg.submit.check, expected)
-        scope = (f"ids and sizes match {cfg.data.dir}" if expected is not None
-                 else "structure only (add --data DIR to check ids and sizes)")
-        print(f"{cfg.submit.check}: OK, {len(ids)} image(s); checked {scope}")
+        root = _check_against(cfg)
+        if root is None:
+            ids = check_submission(cfg.submit.check)
+            print(f"{cfg.submit.check}: OK, {len(ids)} image(s); checked structure only "
+                  "(add --data DIR to check ids and sizes)")
+            return
+        try:
+            ids = check_submission(cfg.submit.check, expected_outputs(root, cfg.data.scale))
+        except SubmissionError as exc:
+            raise SubmissionError(f"{exc} (checked against the test set of {root}; --data DIR picks another)") from None
+        print(f"{cfg.submit.check}: OK, {len(ids)} image(s); ids and sizes match the test set of {root}")
         return
     expected = expected_outputs(Path(cfg.data.dir), cfg.data.scale)
     run_dir = Path(cfg.paths.submit) / cfg.run

@@ -62,7 +62,8 @@ def _leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith(".submission") or "submission" in p.name)
 
 
-def test_writes_flat_zip_that_checks(setup: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_writes_flat_zip_that_checks(setup: tuple[Path, Path], capsys: pytest.CaptureFixture[str],
+                                     monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     data, submit = setup
     assert _submit(data, submit) == 0
     path = submit / "r" / "submission.zip"
@@ -70,10 +71,21 @@ def test_writes_flat_zip_that_checks(setup: tuple[Path, Path], capsys: pytest.Ca
         assert sorted(zf.namelist()) == [f"{i}.png" for i in IDS]
         assert zf.read("20002.png") == (submit / "r" / "pred" / "20002.png").read_bytes()  # not re-encoded
     assert sorted(check_submission(path, expected_outputs(data, 4))) == IDS
+    assert cli(["submit", "--check", str(path), "--data", str(data)]) == 0
+    assert "ids and sizes match the test set of" in capsys.readouterr().out
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # no data/demo here: structure only
     assert cli(["submit", "--check", str(path)]) == 0
     assert "structure only" in capsys.readouterr().out
-    assert cli(["submit", "--check", str(path), "--data", str(data)]) == 0
-    assert "ids and sizes match" in capsys.readouterr().out
+    (tmp_path / "cwd" / "data").mkdir()
+    (tmp_path / "cwd" / "data" / "demo").symlink_to(data)  # the default data.dir: used when it has a test set
+    assert cli(["submit", "--check", str(path)]) == 0
+    assert "ids and sizes match the test set of data/demo" in capsys.readouterr().out
+    (data / "test" / "lr" / "20001.png").unlink()
+    (data / "test.csv").write_text("img_id,lr_img_path\n20000,test/lr/20000.png\n20002,test/lr/20002.png\n")
+    (data / "sample_submission.zip").unlink()
+    assert cli(["submit", "--check", str(path)]) == 2
+    assert "not test ids: 20001.png (checked against the test set of data/demo" in capsys.readouterr().err
 
 
 def test_csv_format_round_trips(setup: tuple[Path, Path]) -> None:
