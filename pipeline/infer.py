@@ -138,8 +138,9 @@ def main(cfg: Config) -> None:
         print(f"rerun in fp32 after NaN/Inf: {', '.join(timing.fp32_fallbacks)}")
     if scores:
         df = pd.DataFrame(scores)
+        resolved = dataclasses.replace(settings, precision=timing.precision)  # 'auto' -> what ran
         row = {"timestamp": dt.datetime.now().isoformat(timespec="seconds"), "run": cfg.run, "model": model_desc,
-               "settings": settings.label(), "images": len(df), "psnr": round(float(df["psnr"].mean()), 4),
+               "settings": resolved.label(), "images": len(df), "psnr": round(float(df["psnr"].mean()), 4),
                "ssim": round(float(df["ssim"].mean()), 4), "sec_per_image": summary["seconds_per_image"],
                "device": summary["device"]}
         board = Path(cfg.paths.submit) / "leaderboard.csv"

@@ -203,6 +203,7 @@ def run_tiles(fn: Forward, lr: torch.Tensor, tile: int, stride: int, blend: str 
             ys, xs = slice(y * scale, (y + th) * scale), slice(c * scale, (c + tw) * scale)
             out[0, :, ys, xs] += pred[k] * w
             wsum[0, 0, ys, xs] += w
+        del pred, tiles  # free this batch before the next forward allocates its own
         i += len(chunk)
     if bool((wsum <= 0).any()):  # cannot happen with the checks above; never return a hole
         raise TileError(f"zero-weight pixels after merging {n} tiles of {th}x{tw} on {hp}x{wp}")
@@ -234,7 +235,13 @@ def auto_batch(fn: Forward, channels: int, tile_shape: tuple[int, int], device: 
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    fn(torch.zeros(1, channels, *tile_shape, device=device))
+    try:
+        fn(torch.zeros(1, channels, *tile_shape, device=device))
+    except Exception as exc:
+        if is_oom(exc):
+            raise TileMemoryError(f"out of memory on a single {tile_shape[0]}x{tile_shape[1]} tile on {device}; "
+                                  "lower infer.tile or use a smaller model") from exc
+        raise
     torch.cuda.synchronize(device)
     per_tile = max(1, torch.cuda.max_memory_allocated(device) - base)
     free, _total = torch.cuda.mem_get_info(device)
