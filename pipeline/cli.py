@@ -13,10 +13,12 @@ import importlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pipeline.config import describe, load_config
 from pipeline.errors import UserError
 
+REPO = Path(__file__).resolve().parent.parent
 DATA_FLAG = {"--data": ("data.dir", "dataset root in the contest layout")}
 
 
@@ -33,12 +35,13 @@ class Stage:
     sections: tuple[str, ...]
     flags: dict[str, tuple[str, str]] = field(default_factory=dict)
     extra_help: Callable[[], str] | None = None
+    default_config: str | None = None  # YAML used when --config is not given (relative to the repo)
 
 
 STAGES: dict[str, Stage] = {
     "demo": Stage(
         "pipeline.demo", "every stage on a dataset built from bundled photos, then a score table",
-        ("demo", "train", "infer"), {}),
+        ("demo", "train", "infer"), {}, default_config="configs/demo.yaml"),
     "demo-data": Stage(
         "pipeline.demo_data", "build data/demo (contest layout) from scikit-image's photos",
         ("demo",), {"--out": ("demo.out", "where to write the dataset")}),
@@ -112,8 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser(name, stage).parse_args(rest)
     flags = [f"{key}={getattr(args, flag.lstrip('-'))}" for flag, (key, _) in stage.flags.items()
              if getattr(args, flag.lstrip("-")) is not None]
+    config_file = args.config
+    if config_file is None and stage.default_config:
+        config_file = str(REPO / stage.default_config)
     try:
-        cfg = load_config(args.config, [*args.overrides, *flags])
+        cfg = load_config(config_file, [*args.overrides, *flags])
         module = importlib.import_module(stage.module)
         module.main(cfg)
     except UserError as exc:
