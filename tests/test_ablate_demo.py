@@ -1,0 +1,70 @@
+"""ablate's grid and outputs, and the one-command demo end to end (nano model, seconds of training)."""
+
+from __future__ import annotations
+
+import shutil
+import zipfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline.ablate import COLUMNS, parse_tile, settings_grid
+from pipeline.cli import main as cli
+from pipeline.config import load_config
+from pipeline.errors import UserError
+
+
+def test_parse_tile():
+    assert parse_tile("128/64") == (128, 64)
+    assert parse_tile("0") == (0, 0)
+    for bad in ("128", "64/128", "a/b", "0/0"):
+        with pytest.raises(UserError, match="ablate.tiles"):
+            parse_tile(bad)
+
+
+def test_grid_runs_each_distinct_setting_once():
+    cfg = load_config(None, ["ablate.tta=[1, 8]", "ablate.tiles=[0, 32/16]", "ablate.blends=[mean, hann]",
+                             "ablate.precisions=[fp32]", "infer.tile=32", "infer.stride=16", "infer.precision=fp32"])
+    grid = settings_grid(cfg, "cpu", parameter_free=False)
+    # whole image: blend is irrelevant -> 1 per tta; tiled: 2 blends per tta; the default is among them
+    assert len(grid) == 2 * 1 + 2 * 2
+    assert grid[0].tta == 8 and grid[0].tile == 32 and grid[0].blend == "mean"
+    assert len({(s.tta, s.tile, s.blend) for s in grid}) == len(grid)
+
+
+def test_ablate_writes_csv_and_plot(patched_demo: Path, tmp_path: Path):
+    root = tmp_path / "d"
+    shutil.copytree(patched_demo, root)
+    args = ["--config", "configs/demo.yaml", "--data", str(root), f"paths.models={tmp_path / 'm'}",
+            f"paths.submit={tmp_path / 's'}", "run=nano"]
+    assert cli(["train", *args, "model.name=edsr-nano", "train.max_steps=3", "train.val_every=3",
+                "train.batch_size=4", "train.workers=0"]) == 0
+    assert cli(["ablate", *args, "ablate.tta=[1, 2]", "ablate.tiles=[0, 32/16]", "ablate.blends=[mean]",
+                "ablate.precisions=[fp32]", "infer.precision=fp32"]) == 0
+    table = pd.read_csv(tmp_path / "s" / "nano" / "ablation.csv")
+    assert list(table.columns) == COLUMNS
+    assert table["default"].sum() == 1 and table.loc[table["default"], "gain_db"].iloc[0] == 0
+    assert len(table) == 1 + 2 * 2  # the default (tta8 32/16) + {1,2} x {whole, 32/16}
+    assert table["psnr"].between(5, 60).all()
+    assert (tmp_path / "s" / "nano" / "ablation.png").stat().st_size > 10_000
+
+
+def test_demo_end_to_end(tmp_path: Path, capsys):
+    rc = cli(["demo", f"demo.out={tmp_path / 'demo'}", f"paths.models={tmp_path / 'm'}",
+              f"paths.submit={tmp_path / 's'}", "model.name=edsr-nano", "demo.train_minutes=0.02",
+              "train.val_every=5", "train.workers=0", "infer.tta=2",
+              "ablate.tta=[1]", "ablate.tiles=[0]", "ablate.blends=[mean]"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    sub = tmp_path / "s" / "demo"
+    with zipfile.ZipFile(sub / "submission.zip") as zf:
+        assert sorted(zf.namelist()) == ["20000.png", "20001.png", "20002.png"]
+    assert "== scores on the 3 held-out test images" in out
+    scores = out.split("== scores")[1].split("== ablation")[0]
+    assert "bicubic" in scores and "edsr-nano + 2-way ensemble" in scores
+    for name in ("report.png", "ablation.png", "ablation.csv"):
+        assert (sub / name).is_file(), name
+    assert (tmp_path / "m" / "demo" / "curves.png").is_file()
+    board = pd.read_csv(tmp_path / "s" / "leaderboard.csv")
+    assert len(board) == 1 and board["run"].iloc[0] == "demo"
