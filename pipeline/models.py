@@ -61,8 +61,11 @@ class Bicubic(nn.Module):
         x = x.to(dtype)
         a_h = self._matrix(x.shape[-2], x)
         a_w = self._matrix(x.shape[-1], x)
-        # (B,3,h,w) -> (B,3,4h,w) -> (B,3,4h,4w)
-        return torch.matmul(torch.matmul(a_h, x), a_w.t())
+        # Autocast would run these matmuls in bf16 (8-bit mantissa: errors near one grey level),
+        # which would lower the baseline's PSNR and SRCNN's input; the baseline stays exact.
+        with torch.autocast(x.device.type, enabled=False):
+            # (B,3,h,w) -> (B,3,4h,w) -> (B,3,4h,4w)
+            return torch.matmul(torch.matmul(a_h, x), a_w.t())
 
 
 class SRCNN(nn.Module):
