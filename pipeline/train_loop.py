@@ -1,0 +1,335 @@
+"""The training loop of the train stage: steps, validation, checkpoints, stopping. Setup is in train.py.
+
+Every rank runs the same loop. Decisions that depend on the clock or on a signal (time budget,
+SIGTERM, the pace of a time-budgeted cosine schedule) are taken at log points, where the ranks
+agree through one all-reduce, so they always stop at the same step. Only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from timm.scheduler.scheduler import Scheduler
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from pipeline import train_io
+from pipeline.checkpoint import CheckpointError, save_checkpoint
+from pipeline.config import Config, to_dict
+from pipeline.dataset import EpochBatches, Pair, read_pair
+from pipeline.errors import UserError
+from pipeline.runtime import autocast
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite: the settings (learning rate, precision) need changing."""
+
+
+def contest_loss(sr: torch.Tensor, hr: torch.Tensor, w_l1: float, w_mse: float) -> dict[str, torch.Tensor]:
+    """w_l1 * L1 + w_mse * MSE on [0,1] pixels (2:1 by default: L1 for sharpness, MSE is the metric)."""
+    l1, mse = F.l1_loss(sr, hr), F.mse_loss(sr, hr)
+    return {"loss/total": w_l1 * l1 + w_mse * mse, "loss/l1": l1, "loss/mse": mse}
+
+
+def contest_psnr(sr: torch.Tensor, hr: torch.Tensor) -> float:
+    """The contest metric of one image: ``sr`` (3,H,W) float in [0,1], ``hr`` (3,H,W) uint8.
+
+    The prediction is rounded to uint8 once, as a PNG submission would be, then
+    PSNR = 10 log10(255^2 / MSE) over all pixels and channels.
+    """
+    pred = sr.float().clamp(0, 1).mul(255).round().double()
+    mse = (pred - hr.double()).pow(2).mean().item()
+    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
+
+
+@torch.inference_mode()
+def validate_model(model: nn.Module, pairs: list[Pair], scale: int, device: torch.device, dtype: torch.dtype | None,
+                   channels_last: bool, rank: int = 0, world: int = 1) -> float:
+    """Mean contest PSNR over whole images; ranks take every world-th image and pool their sums."""
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of PSNR, images)
+    for pair in pairs[rank::world]:
+        lr, hr = read_pair(pair, scale)
+        x = torch.from_numpy(lr).to(device).permute(2, 0, 1)[None].float().div(255)  # (h,w,3) -> (1,3,h,w)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, dtype):
+            sr = model(x)  # (1,3,h,w) -> (1,3,4h,4w)
+        hr_t = torch.from_numpy(hr).to(device).permute(2, 0, 1)  # (H,W,3) -> (3,H,W)
+        totals += torch.tensor([contest_psnr(sr[0], hr_t), 1.0], dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(totals)
+    return (totals[0] / totals[1]).item()
+
+
+@dataclass
+class Trainer:
+    """The state of one training session and the loop over it (see train.main for the setup)."""
+
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    dtype: torch.dtype | None
+    run_dir: Path
+    raw: nn.Module  # the model itself: EMA, validation and checkpoints use it
+    model: nn.Module  # what the step calls: `raw`, or `raw` wrapped in DistributedDataParallel
+    ema: ModelEmaV3 | None
+    optimizer: torch.optim.Optimizer
+    scheduler: Scheduler | None
+    scaler: torch.amp.GradScaler
+    loader: DataLoader
+    batches: EpochBatches
+    val_pairs: list[Pair]
+    total_steps: int  # 0 = no step limit
+    arch: str
+    kwargs: dict[str, Any]
+    # Progress, saved in every checkpoint.
+    step: int = 0
+    best_psnr: float = -math.inf
+    bad_validations: int = 0
+    val_step: int = -1
+    train_seconds: float = 0.0  # of earlier sessions of this run
+    # This session only.
+    last_psnr: float = math.nan
+    bicubic: float = math.nan
+    stop_signal: str = ""
+    _started: float = field(default_factory=time.perf_counter)
+    _saved: float = field(default_factory=time.monotonic)
+    _window: list[Any] = field(default_factory=list)
+    _speed: tuple[float, int] = (0.0, 0)
+    log: Any = None  # train_io.RunLog, opened by fit
+    bar: Any = None  # tqdm progress bar, opened by fit
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def say(self, text: str) -> None:
+        if self.main:
+            tqdm.write(text)
+
+    def elapsed(self) -> float:
+        return self.train_seconds + time.perf_counter() - self._started
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def weights(self) -> dict[str, Any]:
+        """What best.pth and history files hold: weights and how to rebuild the model."""
+        state = {"params": self.raw.state_dict(), "arch": self.arch, "kwargs": self.kwargs, "step": self.step,
+                 "epoch": self.step // self.batches.steps_per_epoch, "best_psnr": self.best_psnr,
+                 "config": to_dict(self.cfg)}
+        if self.ema is not None:
+            state["params_ema"] = self.ema.module.state_dict()
+        return state
+
+    def state_dict(self) -> dict[str, Any]:
+        """last.pth: the weights plus everything an exact resume needs."""
+        return {**self.weights(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler else {},
+                "scaler": self.scaler.state_dict(), "rng": train_io.rng_state(),
+                "progress": {"bad_validations": self.bad_validations, "val_step": self.val_step,
+                             "train_seconds": self.elapsed()}}
+
+    def load_state(self, state: dict[str, Any], path: Path) -> None:
+        try:
+            self.raw.load_state_dict(state["params"])
+            if self.ema is not None:
+                self.ema.module.load_state_dict(state.get("params_ema", state["params"]))
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: does not fit this run's model/optimizer: {str(exc)[:300]}") from None
+        if self.scheduler is not None and state["scheduler"]:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.best_psnr = int(state["step"]), float(state["best_psnr"])
+        progress = state["progress"]
+        self.bad_validations, self.val_step = progress["bad_validations"], progress["val_step"]
+        self.train_seconds = progress["train_seconds"]
+        if self.world == 1:
+            train_io.set_rng_state(state["rng"])
+        else:  # one saved stream cannot continue every rank's: give each a fresh one
+            torch.manual_seed(self.cfg.seed + 1_000_003 * self.step + self.rank)
+
+    def save(self, history: bool) -> None:
+        if not self.main:
+            return
+        save_checkpoint(self.run_dir / "last.pth", self.state_dict())
+        keep = self.cfg.train.keep_last
+        if history and keep > 0:
+            save_checkpoint(train_io.history_path(self.run_dir, self.step), self.weights())
+            train_io.prune_history(self.run_dir, keep)
+        self._saved = time.monotonic()
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def fit(self) -> None:
+        """Train until a limit, the time budget, early stopping or a signal; then validate and save."""
+        self.bicubic = validate_model(_bicubic(self.device), self.val_pairs, self.cfg.data.scale, self.device,
+                                      None, False, self.rank, self.world)
+        self.say(f"bicubic validation PSNR {self.bicubic:.3f} dB on {len(self.val_pairs)} images")
+        self.log = train_io.RunLog(self.run_dir, self.step, self.main)
+        self.bar = tqdm(total=self.total_steps or None, initial=self.step, disable=not self.main, unit="step",
+                        dynamic_ncols=True)
+        # Python lets only the main thread set handlers; elsewhere (a notebook's worker) Ctrl-C is plain.
+        signals = (signal.SIGTERM, signal.SIGINT) if threading.current_thread() is threading.main_thread() else ()
+        handlers = {s: signal.signal(s, self._on_signal) for s in signals}
+        try:
+            self.raw.train()
+            self._speed = (time.perf_counter(), self.step)
+            reason = self._stop_reason()
+            while reason is None:
+                spe = self.batches.steps_per_epoch
+                self.batches.set_position(self.step // spe, self.step % spe)
+                epoch = iter(self.loader)
+                for lr_u8, hr_u8 in epoch:
+                    self._train_step(lr_u8, hr_u8)
+                    reason = self._after_step()
+                    if reason:
+                        break
+                del epoch  # shuts its loader workers down now, not at interpreter exit
+            if reason != "signal" and self.val_step != self.step:
+                self._validate()  # a signal leaves little time (a scheduler's grace period): save only
+            self.save(history=reason != "signal")
+            self.log.plot()
+        finally:
+            self.bar.close()
+            self.log.close()
+            for s, handler in handlers.items():
+                signal.signal(s, handler)
+        self.say(f"stopped at step {self.step} ({self.stop_signal or reason}); best validation PSNR "
+                 f"{self.best_psnr:.3f} dB (bicubic {self.bicubic:.3f}, {self.best_psnr - self.bicubic:+.3f} dB); "
+                 f"checkpoints in {self.run_dir}")
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.stop_signal = signal.Signals(signum).name
+        # A second Ctrl-C interrupts at once instead of waiting for the step to end.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True).float().div_(255)  # (b,3,h,w) uint8 -> float in [0,1]
+        return x.contiguous(memory_format=torch.channels_last) if self.cfg.train.channels_last else x
+
+    def _train_step(self, lr_u8: torch.Tensor, hr_u8: torch.Tensor) -> None:
+        t = self.cfg.train
+        lr, hr = self._to_device(lr_u8), self._to_device(hr_u8)
+        if self.scheduler is not None:
+            self.scheduler.step_update(self.step)  # the learning rate of update number `step`
+        with autocast(self.device, self.dtype):
+            sr = self.model(lr)  # (b,3,h,w) -> (b,3,4h,4w)
+        losses = contest_loss(sr.float(), hr, t.loss_l1, t.loss_mse)  # fp32 loss whatever the autocast
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(losses["loss/total"]).backward()
+        if t.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradient, not the fp16-scaled one
+            nn.utils.clip_grad_norm_(self.raw.parameters(), t.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step += 1
+        if self.ema is not None:
+            self.ema.update(self.raw, step=self.step)
+        self._window.append(torch.stack([v.detach() for v in losses.values()]))
+        self.bar.update(1)
+
+    def _after_step(self) -> str | None:
+        t = self.cfg.train
+        if self.step % t.log_every == 0:
+            self._log_train()
+        if self.step % t.val_every == 0:
+            self._validate()
+        if self.step % t.save_every == 0:
+            self.save(history=True)
+        elif time.monotonic() - self._saved >= t.save_minutes * 60:
+            self.save(history=False)
+        return self._stop_reason()
+
+    def _log_train(self) -> None:
+        # One sync per log point: the losses stay on the device between them.
+        sums = torch.stack(self._window).sum(0)
+        sums = torch.cat([sums, sums.new_tensor([len(self._window)])])  # (loss/total, loss/l1, loss/mse, steps)
+        if self.world > 1:
+            dist.all_reduce(sums)
+        values = dict(zip(("loss/total", "loss/l1", "loss/mse"), (sums[:3] / sums[3]).tolist()))
+        if not all(map(math.isfinite, values.values())):
+            raise TrainingDiverged(f"loss is {values['loss/total']} at step {self.step} "
+                                   f"(train.learning_rate={self.cfg.train.learning_rate}, precision "
+                                   f"{self.cfg.train.precision}); lower the learning rate or set train.grad_clip; "
+                                   f"{self.run_dir / 'last.pth'} holds the last good state")
+        self._window.clear()
+        start, start_step = self._speed
+        now = time.perf_counter()
+        values["samples_per_s"] = (self.step - start_step) * self.cfg.train.batch_size / max(now - start, 1e-9)
+        values["learning_rate"] = self.optimizer.param_groups[0]["lr"]
+        self._speed = (now, self.step)
+        self.log.write(self.step, "train", values)
+        self.bar.set_postfix(loss=f"{values['loss/total']:.4f}", psnr=f"{self.last_psnr:.2f}",
+                             samples_s=f"{values['samples_per_s']:.1f}", refresh=False)
+
+    def _validate(self) -> None:
+        self.raw.eval()
+        model = self.ema.module if self.ema is not None else self.raw  # the weights inference will use
+        psnr = validate_model(model, self.val_pairs, self.cfg.data.scale, self.device, self.dtype,
+                              self.cfg.train.channels_last, self.rank, self.world)
+        self.raw.train()
+        self.last_psnr, self.val_step = psnr, self.step
+        if psnr > self.best_psnr:
+            self.best_psnr, self.bad_validations = psnr, 0
+            if self.main:
+                save_checkpoint(self.run_dir / "best.pth", {**self.weights(), "psnr": psnr})
+        else:
+            self.bad_validations += 1
+        self.log.write(self.step, "val", {"val/psnr": psnr, "val/best_psnr": self.best_psnr,
+                                          "val/bicubic_psnr": self.bicubic})
+        self.log.plot()
+        self.say(f"step {self.step}: validation PSNR {psnr:.3f} dB (best {self.best_psnr:.3f}, "
+                 f"bicubic {self.bicubic:.3f})")
+        self._speed = (time.perf_counter(), self.step)  # samples/s counts training time only
+
+    def _stop_reason(self) -> str | None:
+        t = self.cfg.train
+        if self.total_steps and self.step >= self.total_steps:
+            return "step limit"
+        if t.patience and self.bad_validations >= t.patience:
+            return f"no improvement in {t.patience} validations"
+        if self.world > 1 and self.step % t.log_every:
+            return None  # clock and signal decisions wait for the next point where ranks agree
+        flags = [float(bool(self.stop_signal)), float(t.max_minutes > 0 and self.elapsed() >= t.max_minutes * 60),
+                 self._pace()]
+        if self.world > 1:
+            shared = torch.tensor(flags, dtype=torch.float64, device=self.device)
+            dist.all_reduce(shared, op=dist.ReduceOp.MAX)  # any rank's signal stops all; rank 0's pace rules
+            flags = shared.tolist()
+        if flags[2] > 0:
+            self.scheduler.t_initial = int(flags[2])  # type: ignore[union-attr]
+        if flags[0]:
+            return "signal"
+        if flags[1]:
+            return "time budget"
+        return None
+
+    def _pace(self) -> float:
+        """Cosine length for a time budget without a step limit: the steps the budget allows at the
+        pace so far (validations included). 0 = keep the current length."""
+        t = self.cfg.train
+        if not (self.main and t.scheduler == "cosine" and not self.total_steps and t.max_minutes > 0):
+            return 0.0
+        if self.step == 0 or self.step % t.log_every:
+            return 0.0
+        return float(max(self.step + 1, t.warmup_steps + 1, round(self.step * t.max_minutes * 60 / self.elapsed())))
+
+
+def _bicubic(device: torch.device) -> nn.Module:
+    from pipeline.models import Bicubic
+
+    return Bicubic().to(device)
