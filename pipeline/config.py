@@ -90,7 +90,8 @@ class TrainConfig:
     channels_last: bool = opt(True, "NHWC memory format for convolutions")
     max_steps: int = opt(0, "stop after this many optimizer steps; 0 = no limit")
     max_epochs: int = opt(0, "stop after this many epochs; 0 = no limit")
-    max_minutes: float = opt(0.0, "wall-clock budget; then validate, save and exit; 0 = none")
+    max_minutes: float = opt(
+        0.0, "wall-clock budget of the run, summed over resumes; then validate, save and exit; 0 = none")
     val_every: int = opt(200, "validate every this many steps")
     patience: int = opt(0, "stop after this many validations without improvement; 0 = never")
     save_every: int = opt(500, "write the last checkpoint every this many steps")
@@ -98,7 +99,8 @@ class TrainConfig:
     keep_last: int = opt(3, "step checkpoints kept in models/<run>/history (for infer.last_k)")
     resume: Literal["auto", "never", "force"] = opt(
         "auto", "auto = resume when models/<run>/last.pth exists; force = fail if it does not")
-    deterministic: bool = opt(False, "deterministic algorithms and data order (slower)")
+    deterministic: bool = opt(
+        False, "deterministic algorithms, for bit-exact resumes (the data order always depends on seed and epoch only)")
     workers: int = opt(2, "data loader workers per process")
     log_every: int = opt(20, "log scalars every this many steps")
 

@@ -16,6 +16,7 @@ import json
 import math
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import torch
 from pipeline.images import atomic_write
 
 RUN_FILES = ("last.pth", "best.pth", "log.jsonl", "curves.png")
+PLOT_SECONDS = 60.0
 
 
 def clear_run(run_dir: Path) -> None:
@@ -80,6 +82,7 @@ class RunLog:
 
     def __init__(self, run_dir: Path, start_step: int, enabled: bool) -> None:
         self.enabled = enabled
+        self._plotted = -math.inf
         self.path = run_dir / "log.jsonl"
         self.curves_path = run_dir / "curves.png"
         if not enabled:
@@ -110,10 +113,15 @@ class RunLog:
             if "/" in name or name == "learning_rate":
                 self.writer.add_scalar(name, value, step)
 
-    def plot(self) -> None:
-        """curves.png: training loss and validation PSNR (with the bicubic baseline) against steps."""
-        if not self.enabled:
+    def plot(self, force: bool = False) -> None:
+        """curves.png: training loss and validation PSNR (with the bicubic baseline) against steps.
+
+        Drawing takes most of a second on a CPU, so between forced plots (the end of a run) it is
+        redrawn at most once a minute.
+        """
+        if not self.enabled or not (force or time.monotonic() - self._plotted >= PLOT_SECONDS):
             return
+        self._plotted = time.monotonic()
         import matplotlib
 
         matplotlib.use("Agg")  # no display on servers and in notebooks' worker processes

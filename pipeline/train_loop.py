@@ -202,7 +202,7 @@ class Trainer:
             if reason != "signal" and self.val_step != self.step:
                 self._validate()  # a signal leaves little time (a scheduler's grace period): save only
             self.save(history=reason != "signal")
-            self.log.plot()
+            self.log.plot(force=True)
         finally:
             self.bar.close()
             self.log.close()
@@ -250,7 +250,7 @@ class Trainer:
             self._validate()
         if self.step % t.save_every == 0:
             self.save(history=True)
-        elif time.monotonic() - self._saved >= t.save_minutes * 60:
+        elif t.save_minutes > 0 and time.monotonic() - self._saved >= t.save_minutes * 60:
             self.save(history=False)
         return self._stop_reason()
 
