@@ -36,6 +36,7 @@ from bench.common import RESULTS, interleaved, machine, measure, median, pick, p
 from pipeline.models import build_model
 from pipeline.predict import Settings, predict_images
 from pipeline.runtime import autocast_dtype, cpu_has_fast_bf16
+from pipeline.tiling import auto_batch
 
 CPU_CASES = ("edsr-tiny:128:32/16:8", "rrdb-tiny:64:32/16:8", "swinir-tiny:64:32/16:8",
              "edsr:64:32/16:2", "rrdb:64:32/16:2", "swinir:64:32/16:2")
@@ -118,7 +119,7 @@ def variants(case: Case, device: torch.device, compile_mode: str, batches: list[
     out = {"ours": base, "ours nchw": Settings(**{**base.__dict__, "channels_last": False})}
     for b in batches:
         size = n if b == "all" else int(b)
-        if size != (0 if device.type == "cuda" else 4) and size <= n:
+        if size <= n:
             out[f"ours b{size}"] = Settings(**{**base.__dict__, "batch": size})
     mixed = []
     if device.type == "cuda":
@@ -182,7 +183,7 @@ def run_case(case: Case, device: torch.device, images: list[np.ndarray], repeats
     for name in names:
         s = settings.get(name)
         tiles = 1 if s is not None and s.tile == 0 else n_tiles
-        batch = 1 if s is None or s.tile == 0 else (s.batch or ("auto" if device.type == "cuda" else 4))
+        batch = 1 if s is None or s.tile == 0 else (s.batch or auto_batch_of(case, device))
         rows.append({
             "case": case.label(), "variant": name, "tiles": tiles, "ways": case.ways,
             "batch": batch, "precision": "fp32" if s is None else autocast_name(device, s.precision),
@@ -194,6 +195,14 @@ def run_case(case: Case, device: torch.device, images: list[np.ndarray], repeats
             "runs": len(secs[name]),
         })
     return rows
+
+
+def auto_batch_of(case: Case, device: torch.device) -> int | str:
+    """The tile batch predict_images picks by itself (on a GPU it is measured: 'auto')."""
+    if device.type == "cuda":
+        return "auto"
+    n = len(starts(case.lr, case.tile, case.stride)) ** 2
+    return auto_batch(lambda x: x, 3, (case.tile, case.tile), device, n, ways=case.ways)
 
 
 def autocast_name(device: torch.device, precision: str) -> str:
@@ -208,7 +217,7 @@ def main() -> None:
                    help=f"model:lr:tile/stride:ways (default CPU: {' '.join(CPU_CASES)}; GPU: {' '.join(GPU_CASES)})")
     p.add_argument("--images", type=int, default=1, help="test photos per case")
     p.add_argument("--repeats", type=int, default=1, help="interleaved rounds over all variants")
-    p.add_argument("--batches", default="1,16,all", help="extra tile batch sizes to time ('all' = every tile)")
+    p.add_argument("--batches", default="1,4,all", help="extra tile batch sizes to time ('all' = every tile)")
     p.add_argument("--compile", choices=("none", "tiny", "all"), default=None,
                    help="torch.compile for: no model, tiny/nano presets, all (default: none on CPU, all on CUDA)")
     p.add_argument("--csv", type=Path, default=None, help="default bench/results/infer_speed_<device>.csv")

@@ -161,7 +161,7 @@ def _auto_batch(models: Sequence[nn.Module], settings: Settings, device: torch.d
     h, w = lr.shape[-2] + 2 * settings.pad, lr.shape[-1] + 2 * settings.pad
     n = len(tile_grid(h, w, settings.tile, settings.stride))
     side = effective_tile(h, w, settings.tile, settings.stride)[0]
-    return auto_batch(_forward(models, settings, device, dtype), 3, (side, side), device, n)
+    return auto_batch(_forward(models, settings, device, dtype), 3, (side, side), device, n, ways=settings.tta)
 
 
 def _predict_one(models: Sequence[nn.Module], lr: torch.Tensor, settings: Settings, device: torch.device,

@@ -15,9 +15,9 @@ their whole batch succeeded). The pieces:
   ``margin`` LR pixels along tile sides that face another tile get weight 0: with a margin at
   least the model's receptive radius (and 2 * margin <= tile - stride, which keeps every pixel
   covered) the tiled output equals the whole-image output to float precision.
-- Batches: ``batch`` tiles per call (0 = 4 on the CPU; see ``auto_batch`` for GPUs). Out of
-  memory halves the batch and retries the same tiles; a single tile that does not fit stops
-  with ``TileMemoryError``. All accumulation is fp32 on the output's device.
+- Batches: ``batch`` tiles per call (0 = ``CPU_BATCH``; ``auto_batch`` sizes it to the device).
+  Out of memory halves the batch and retries the same tiles; a single tile that does not fit
+  stops with ``TileMemoryError``. All accumulation is fp32 on the output's device.
 """
 
 from __future__ import annotations
@@ -35,7 +35,12 @@ Forward = Callable[[torch.Tensor], torch.Tensor]  # (N,C,h,w) -> (N,C,scale*h,sc
 
 BLENDS = ("mean", "hann")
 HANN_FLOOR = 0.02  # weight at a tile's outermost pixel, relative to its centre
-CPU_BATCH = 4  # tiles per call on the CPU: larger batches do not run faster there
+CPU_BATCH = 4  # tiles per call when the caller gives no batch and no auto_batch
+# LR pixels per forward on the CPU (tiles x ensemble ways x tile area). bench/infer_speed.py on a
+# 2-core AVX2 EPYC (BENCHMARKS.md): 49 tiles of 32^2 without ensemble ran 2.7x faster in batches
+# of 32 than of 4; with 8 ways, more than ~32k pixels per call was no faster overall (+-30% by
+# model) and took 3x the memory. A 128^2 tile x 8 ways is 131k pixels: one tile per call.
+CPU_PIXELS = 32 * 32 * 32
 
 
 class TileError(RuntimeError):
@@ -223,14 +228,15 @@ def tile_forward(fn: Forward, lr: torch.Tensor, tile: int, stride: int, blend: s
 
 
 def auto_batch(fn: Forward, channels: int, tile_shape: tuple[int, int], device: torch.device, limit: int,
-               budget: float = 0.6) -> int:
-    """Tiles per call that fit in ``budget`` of the free GPU memory (CPU: ``CPU_BATCH``).
+               budget: float = 0.6, ways: int = 1) -> int:
+    """Tiles per call: on a GPU, what fits in ``budget`` of the free memory; on the CPU, enough
+    tiles for ``CPU_PIXELS`` LR pixels per forward, counting the ``ways`` copies an ensemble adds.
 
-    Measures the peak memory of one tile through ``fn`` (ensemble included) and divides. The
-    out-of-memory retry in ``run_tiles`` stays as the safety net.
+    On a GPU it measures the peak memory of one tile through ``fn`` (ensemble included) and
+    divides. The out-of-memory retry in ``run_tiles`` stays as the safety net.
     """
     if device.type != "cuda":
-        return max(1, min(limit, CPU_BATCH))
+        return max(1, min(limit, CPU_PIXELS // (max(1, ways) * tile_shape[0] * tile_shape[1])))
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated(device)
