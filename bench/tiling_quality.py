@@ -112,7 +112,8 @@ def main() -> None:
           f"({', '.join(sorted({it[0] for it in items}))}), LR {lrs[0].shape[1]}x{lrs[0].shape[0]}", flush=True)
 
     configs = grid(args.tile, args.stride)
-    ref = configs[1][1]
+    ref_label = f"{args.tile}/{args.stride} mean (reference)"
+    ref = dict(configs)[ref_label]
     for ways in (2, 4, 8):
         configs.append((f"whole image, {ways}-way ensemble", Settings(tta=ways, tile=0, precision="fp32")))
         configs.append((f"{args.tile}/{args.stride} mean, {ways}-way ensemble", Settings(**{**ref.__dict__,
@@ -132,7 +133,7 @@ def main() -> None:
         scores[label] = np.array([psnr(sr, hr) for sr, hr in zip(srs, hrs)])
         print(f"  {label}: {scores[label].mean():.4f} dB ({m['seconds']:.1f} s)", flush=True)
         rows.append({"setting": label, "label": s.label(), "seconds": m["seconds"]})
-    whole, tiled = scores["whole image"], scores[configs[1][0]]
+    whole, tiled = scores["whole image"], scores[ref_label]
     for r in rows:
         sc = scores[r["setting"]]
         r.update({"psnr_db": round(float(sc.mean()), 4),
