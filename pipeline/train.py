@@ -120,6 +120,11 @@ def _loader(cfg: Config, d: Dist) -> tuple[DataLoader, EpochBatches]:
     return loader, batches
 
 
+def _ddp(model: nn.Module, d: Dist) -> nn.Module:
+    """Gradients averaged across the ranks in buckets during backward (NCCL on GPUs, gloo on CPUs)."""
+    return DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+
+
 def _resume_from(cfg: Config, d: Dist, run_dir: Path) -> dict | None:
     """The state in models/<run>/last.pth when resuming; otherwise rank 0 clears the folder."""
     last = run_dir / "last.pth"
@@ -178,7 +183,7 @@ def main(cfg: Config) -> None:
 
         trainer = Trainer(
             cfg=cfg, rank=d.rank, world=d.world, device=d.device, dtype=dtype, run_dir=run_dir, raw=model,
-            model=DistributedDataParallel(model) if d.world > 1 else model, ema=ema, optimizer=optimizer,
+            model=_ddp(model, d) if d.world > 1 else model, ema=ema, optimizer=optimizer,
             scheduler=scheduler, scaler=scaler, loader=loader, batches=batches, val_pairs=val_pairs,
             total_steps=total_steps, arch=cfg.model.name, kwargs=model_kwargs(cfg.model.name))
         if state is not None:

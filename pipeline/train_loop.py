@@ -208,9 +208,9 @@ class Trainer:
             self.log.close()
             for s, handler in handlers.items():
                 signal.signal(s, handler)
-        self.say(f"stopped at step {self.step} ({self.stop_signal or reason}); best validation PSNR "
-                 f"{self.best_psnr:.3f} dB (bicubic {self.bicubic:.3f}, {self.best_psnr - self.bicubic:+.3f} dB); "
-                 f"checkpoints in {self.run_dir}")
+        best = (f"best validation PSNR {self.best_psnr:.3f} dB (bicubic {self.bicubic:.3f}, "
+                f"{self.best_psnr - self.bicubic:+.3f} dB)" if self.val_step >= 0 else "not validated yet")
+        self.say(f"stopped at step {self.step} ({self.stop_signal or reason}); {best}; checkpoints in {self.run_dir}")
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self.stop_signal = signal.Signals(signum).name
