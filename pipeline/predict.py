@@ -36,7 +36,7 @@ class Settings:
     tta: int = 8
     tile: int = 128
     stride: int = 64
-    blend: str = "mean"
+    blend: str = "hann"
     pad: int = 0
     margin: int = 0
     batch: int = 0

@@ -29,7 +29,7 @@ def test_grid_runs_each_distinct_setting_once():
     grid = settings_grid(cfg, "cpu", parameter_free=False)
     # whole image: blend is irrelevant -> 1 per tta; tiled: 2 blends per tta; the default is among them
     assert len(grid) == 2 * 1 + 2 * 2
-    assert grid[0].tta == 8 and grid[0].tile == 32 and grid[0].blend == "mean"
+    assert grid[0].tta == 8 and grid[0].tile == 32 and grid[0].blend == "hann"
     assert len({(s.tta, s.tile, s.blend) for s in grid}) == len(grid)
 
 
