@@ -4,6 +4,7 @@ checkpoints and pretrained weights, SIGKILL + resume == uninterrupted, torchrun 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -232,6 +233,15 @@ def test_time_budget_validates_and_saves(data: Path, tmp_path: Path) -> None:
     last = load(tmp_path / "clock" / "last.pth")
     val = [e for e in log_entries(tmp_path / "clock") if e["kind"] == "val"]
     assert last["step"] > 0 and val[-1]["step"] == last["step"]  # validated at the end
+
+
+def test_early_stopping_and_bf16(data: Path, tmp_path: Path) -> None:
+    # A learning rate of 0 cannot improve on the first validation: patience 2 stops at the third.
+    assert cli(train_args(data, tmp_path, "flat", "train.max_steps=1000", "train.learning_rate=0",
+                          "train.scheduler=constant", "train.patience=2")) == 0
+    assert load(tmp_path / "flat" / "last.pth")["step"] == 15
+    assert cli(train_args(data, tmp_path, "bf16", "train.max_steps=5", "train.precision=bf16")) == 0
+    assert math.isfinite(load(tmp_path / "bf16" / "last.pth")["best_psnr"])
 
 
 def test_sigterm_saves_and_exits(data: Path, tmp_path: Path) -> None:
