@@ -156,7 +156,7 @@ class AblateConfig:
 class DemoConfig:
     out: str = opt("data/demo", "where demo-data writes the dataset (--out)")
     seed: int = opt(0, "seed of the crops chosen per photo")
-    train_minutes: float = opt(4.0, "training budget of the demo model")
+    train_minutes: float = opt(5.0, "training budget of the demo model (a fresh run each time)")
 
 
 @dataclass(frozen=True)

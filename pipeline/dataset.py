@@ -19,15 +19,11 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from pipeline.errors import UserError
+from pipeline.errors import DataError
 from pipeline.images import ImageError, read_uint8
 
 SPLIT_COLUMNS = ("img_id", "source", "fold", "lr_path", "hr_path")
 MANIFEST_COLUMNS = ("patch_id", "img_id", "fold", "y", "x", "lr_path", "hr_path")
-
-
-class DataError(UserError):
-    """A missing or malformed splits.csv / manifest.csv, or a setting that does not fit the data."""
 
 
 def read_table(path: Path, columns: tuple[str, ...], stage: str) -> pd.DataFrame:

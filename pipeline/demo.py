@@ -79,7 +79,9 @@ def report(pred_dirs: dict[str, Path], hr_dir: Path, out: Path, crop: int = 128)
 def main(cfg: Config) -> None:
     steps = Steps()
     root = Path(cfg.demo.out)
-    cfg = with_overrides(cfg, **{"data.dir": str(root), "train.max_minutes": cfg.demo.train_minutes})
+    # A fresh run each time: the score table describes this invocation's training.
+    cfg = with_overrides(cfg, **{"data.dir": str(root), "train.max_minutes": cfg.demo.train_minutes,
+                                 "train.resume": "never"})
     sub = Path(cfg.paths.submit) / cfg.run
     test_lr, test_hr = root / "test" / "lr", root / "test_hr"
 

@@ -3,3 +3,7 @@
 
 class UserError(ValueError):
     """Bad input (a file, a setting, a dataset): the message names the thing and the problem."""
+
+
+class DataError(UserError):
+    """A dataset, manifest or split that does not match what the stage expects."""

@@ -24,12 +24,8 @@ import pandas as pd
 from tqdm import tqdm
 
 from pipeline.config import Config, save_config
-from pipeline.errors import UserError
+from pipeline.errors import DataError
 from pipeline.images import IMAGE_SUFFIXES, ImageError, atomic_write, image_size
-
-
-class DataError(UserError):
-    """A dataset that does not match the contest layout."""
 
 
 def _read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:

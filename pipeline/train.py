@@ -17,13 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-# OpenMP threads that spin while waiting for a peer are ruinous on a shared CPU: with one other busy
-# process on 2 cores, an edsr-tiny step took 1.78 s with the default policy, 0.09 s with PASSIVE
-# (0.08 s on one thread). It must be set before torch loads OpenMP, so it only takes effect when this
-# stage is what imports torch first (the CLI); an explicit setting of the user's wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import torch  # noqa: E402
+import torch
 import torch.distributed as dist
 from timm.scheduler import CosineLRScheduler, StepLRScheduler
 from timm.scheduler.scheduler import Scheduler
