@@ -25,6 +25,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from pipeline.config import Config, save_config
+from pipeline.dataset import validation_images
 from pipeline.errors import UserError
 from pipeline.evaluate import score_pair
 from pipeline.images import atomic_write, list_images, read_float, read_uint8, to_uint8, write_png
@@ -47,18 +48,8 @@ def test_items(root: Path) -> list[tuple[str, Path]]:
 
 
 def val_items(root: Path, fold: int) -> list[tuple[str, Path, Path]]:
-    """(img_id, LR path, HR path) of the validation fold in ``splits.csv``."""
-    csv = root / "splits.csv"
-    if not csv.is_file():
-        raise UserError(f"{csv}: not found; run `python -m pipeline prepare --data {root}` first")
-    df = pd.read_csv(csv, dtype={"img_id": str})
-    missing = {"img_id", "fold", "lr_path", "hr_path"} - set(df.columns)
-    if missing:
-        raise UserError(f"{csv}: missing column(s) {', '.join(sorted(missing))}")
-    df = df[df["fold"] == fold]
-    if df.empty:
-        raise UserError(f"{csv}: fold {fold} is empty (data.val_fold)")
-    return [(str(i), root / lr, root / hr) for i, lr, hr in zip(df["img_id"], df["lr_path"], df["hr_path"])]
+    """(img_id, LR path, HR path) of the validation fold in ``splits.csv`` (the trainer's own list)."""
+    return [(p.name, p.lr_path, p.hr_path) for p in validation_images(root, fold)]
 
 
 def folder_items(folder: Path) -> list[tuple[str, Path]]:
