@@ -26,7 +26,7 @@ import pandas as pd
 
 from pipeline.config import Config
 from pipeline.errors import UserError
-from pipeline.images import atomic_write, list_images, read_uint8
+from pipeline.images import atomic_write, images_by_stem, read_uint8
 
 PROTOCOLS = ("competition", "paper")
 
@@ -51,21 +51,9 @@ def score_pair(sr: np.ndarray, hr: np.ndarray, protocol: str = "competition", sc
     return {"psnr": psnr, "ssim": ssim, "nrmse": nrmse}
 
 
-def _by_stem(folder: Path, role: str) -> dict[str, Path]:
-    paths = list_images(folder)
-    stems: dict[str, Path] = {}
-    for p in paths:
-        if p.stem in stems:
-            raise UserError(f"{folder}: two {role} files with the stem {p.stem!r}: {stems[p.stem].name}, {p.name}")
-        stems[p.stem] = p
-    if not stems:
-        raise UserError(f"{folder}: no {role} images found")
-    return stems
-
-
 def match_folders(sr_dir: str | Path, hr_dir: str | Path) -> list[tuple[str, Path, Path]]:
     """(stem, SR path, HR path) for every stem; the two folders must hold exactly the same stems."""
-    sr, hr = _by_stem(Path(sr_dir), "prediction"), _by_stem(Path(hr_dir), "ground-truth")
+    sr, hr = images_by_stem(sr_dir, "prediction"), images_by_stem(hr_dir, "ground-truth")
     missing = sorted(set(hr) - set(sr))
     extra = sorted(set(sr) - set(hr))
     if missing:

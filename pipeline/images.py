@@ -136,3 +136,19 @@ def list_images(folder: str | Path) -> list[Path]:
     if not folder.is_dir():
         raise ImageError(f"{folder}: folder not found")
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def images_by_stem(folder: str | Path, role: str = "image") -> dict[str, Path]:
+    """{file stem: path} of the images in ``folder``; none, or two files sharing a stem, is an error.
+
+    Stems are what predictions and ground truth are matched by (and what SR PNGs are named by).
+    """
+    folder = Path(folder)
+    stems: dict[str, Path] = {}
+    for p in list_images(folder):
+        if p.stem in stems:
+            raise ImageError(f"{folder}: two {role} files with the stem {p.stem!r}: {stems[p.stem].name}, {p.name}")
+        stems[p.stem] = p
+    if not stems:
+        raise ImageError(f"{folder}: no {role} images found (png, jpg, bmp, tif)")
+    return stems

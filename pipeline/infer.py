@@ -28,7 +28,7 @@ from pipeline.config import Config, save_config
 from pipeline.dataset import validation_images
 from pipeline.errors import UserError
 from pipeline.evaluate import score_pair
-from pipeline.images import atomic_write, list_images, read_float, read_uint8, to_uint8, write_png
+from pipeline.images import atomic_write, images_by_stem, read_float, read_uint8, to_uint8, write_png
 from pipeline.predict import Settings, Timing, iter_predict, load_models, validate
 from pipeline.runtime import peak_memory, pick_device
 
@@ -50,19 +50,6 @@ def test_items(root: Path) -> list[tuple[str, Path]]:
 def val_items(root: Path, fold: int) -> list[tuple[str, Path, Path]]:
     """(img_id, LR path, HR path) of the validation fold in ``splits.csv`` (the trainer's own list)."""
     return [(p.name, p.lr_path, p.hr_path) for p in validation_images(root, fold)]
-
-
-def folder_items(folder: Path) -> list[tuple[str, Path]]:
-    """(file stem, path) of every image in ``folder``; two files with one stem are an error."""
-    paths = list_images(folder)
-    if not paths:
-        raise UserError(f"{folder}: no images found (png, jpg, bmp, tif)")
-    stems: dict[str, Path] = {}
-    for p in paths:
-        if p.stem in stems:
-            raise UserError(f"{folder}: {stems[p.stem].name} and {p.name} would both be written as {p.stem}.png")
-        stems[p.stem] = p
-    return list(stems.items())
 
 
 def settings_for(cfg: Config) -> Settings:
@@ -88,7 +75,7 @@ def main(cfg: Config) -> None:
     if cfg.infer.input:
         if not cfg.infer.output:
             raise UserError("--input needs --output (the folder the SR PNGs go to)")
-        items = folder_items(Path(cfg.infer.input))
+        items = list(images_by_stem(cfg.infer.input, "input").items())
     elif cfg.infer.split == "val":
         triples = val_items(root, cfg.data.val_fold)
         items = [(i, lr) for i, lr, _hr in triples]
