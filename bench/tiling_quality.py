@@ -26,7 +26,7 @@ from torch import nn
 from bench.common import RESULTS, machine, measure, pick, psnr, table, write_csv
 from pipeline.checkpoint import model_from_checkpoint
 from pipeline.images import read_float
-from pipeline.infer import test_items, val_items
+from pipeline.layout import DataLayout
 from pipeline.predict import Settings, predict_images
 
 # (label, settings) at the demo geometry; {t}/{s} are the reference tile and stride (LR pixels).
@@ -65,12 +65,13 @@ def held_out(data: Path, fold: int, splits: list[str]) -> list[tuple[str, str, n
     """(split, id, lr, hr) float images of the test set with test_hr/ ground truth and of the validation fold."""
     out = []
     if "test" in splits:
-        for img_id, lr_path in test_items(data):
+        for img_id, lr_path in DataLayout(data).test_items():
             hr_path = data / "test_hr" / Path(lr_path).name
             if hr_path.is_file():
                 out.append(("test", img_id, read_float(lr_path), read_float(hr_path)))
     if "val" in splits:
-        out += [("val", i, read_float(lr), read_float(hr)) for i, lr, hr in val_items(data, fold)]
+        out += [("val", p.name, read_float(p.lr_path), read_float(p.hr_path))
+                for p in DataLayout(data).validation_pairs(fold)]
     if not out:
         raise SystemExit(f"{data}: no held-out images with ground truth (test_hr/ or splits.csv fold {fold})")
     return out

@@ -22,9 +22,10 @@ from tqdm import tqdm
 
 from pipeline.config import Config, save_config, with_overrides
 from pipeline.errors import UserError
-from pipeline.evaluate import score_pair
-from pipeline.images import atomic_write, read_float, read_uint8, to_uint8
-from pipeline.infer import val_items
+from pipeline.files import atomic_write
+from pipeline.images import read_float, read_uint8, to_uint8
+from pipeline.layout import DataLayout, OutputLayout
+from pipeline.metrics import score_pair
 from pipeline.predict import Settings, is_parameter_free, load_models, predict_images
 from pipeline.runtime import autocast_dtype, pick_device, precision_name
 
@@ -79,11 +80,10 @@ def model_sets(cfg: Config) -> list[tuple[str, Config]]:
 
 def run_grid(cfg: Config) -> pd.DataFrame:
     """Score every (model set, setting) on the validation fold; one row each."""
-    root = Path(cfg.data.dir)
-    items = val_items(root, cfg.data.val_fold)
-    lr_images = [read_float(lr) for _, lr, _ in items]
-    hr_images = [read_uint8(hr) for _, _, hr in items]
-    names = [name for name, _, _ in items]
+    pairs = DataLayout(Path(cfg.data.dir)).validation_pairs(cfg.data.val_fold)
+    lr_images = [read_float(p.lr_path) for p in pairs]
+    hr_images = [read_uint8(p.hr_path) for p in pairs]
+    names = [p.name for p in pairs]
     device = pick_device()
     rows, jobs = [], []
     sets = model_sets(cfg)
@@ -140,12 +140,12 @@ def plot(table: pd.DataFrame, path: Path, title: str) -> None:
 
 
 def main(cfg: Config) -> None:
-    out = Path(cfg.paths.submit) / cfg.run
+    out = OutputLayout(Path(cfg.paths.submit), cfg.run)
     table = run_grid(cfg)
-    with atomic_write(out / "ablation.csv") as tmp:
+    with atomic_write(out.ablation_csv) as tmp:
         table.to_csv(tmp, index=False, float_format="%.4f")
-    plot(table, out / "ablation.png", f"run {cfg.run}: inference settings on fold {cfg.data.val_fold}")
-    save_config(cfg, out / "ablate.yaml", sections=("data", "model", "infer", "ablate", "paths"))
+    plot(table, out.ablation_png, f"run {cfg.run}: inference settings on fold {cfg.data.val_fold}")
+    save_config(cfg, out.ablate_config, sections=("data", "model", "infer", "ablate", "paths"))
     shown = table.sort_values("psnr", ascending=False)
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    print(f"ablation: {out / 'ablation.csv'}  plot: {out / 'ablation.png'}")
+    print(f"ablation: {out.ablation_csv}  plot: {out.ablation_png}")

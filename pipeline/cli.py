@@ -9,14 +9,17 @@ so the resolved config saved by each stage records the paths too.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import describe, load_config
-from pipeline.errors import UserError
+from pipeline.errors import Interrupted, UserError
+from pipeline.images import set_max_pixels
 
 REPO = Path(__file__).resolve().parent.parent
 DATA_FLAG = {"--data": ("data.dir", "dataset root in the contest layout")}
@@ -112,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown stage {name!r}; stages: {', '.join(STAGES)}", file=sys.stderr)
         return 2
     stage = STAGES[name]
-    args = _parser(name, stage).parse_args(rest)
+    # Intermixed: settings may come before, between and after the flags.
+    args = _parser(name, stage).parse_intermixed_args(rest)
     flags = [f"{key}={getattr(args, flag.lstrip('-'))}" for flag, (key, _) in stage.flags.items()
              if getattr(args, flag.lstrip("-")) is not None]
     config_file = args.config
@@ -120,12 +124,37 @@ def main(argv: list[str] | None = None) -> int:
         config_file = str(REPO / stage.default_config)
     try:
         cfg = load_config(config_file, [*args.overrides, *flags])
+        set_max_pixels(cfg.data.max_pixels)
         module = importlib.import_module(stage.module)
         module.main(cfg)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc))
+    except OSError as exc:  # permission denied, disk full, a folder where a file should be ...
+        return _fail(os_error_text(exc))
+    except (zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
+        return _fail(f"bad zip file: {exc}")
+    except Interrupted as exc:
+        print(exc, file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def os_error_text(exc: OSError) -> str:
+    """One line for an OS error: the file, what went wrong, and what to do for the common ones."""
+    where = exc.filename if exc.filename is not None else ""
+    if exc.filename2 is not None:
+        where = f"{where} -> {exc.filename2}"
+    what = exc.strerror or str(exc)
+    hint = {errno.ENOSPC: " (free some space, or point paths.* / --data elsewhere)",
+            errno.EACCES: " (check the folder's permissions)",
+            errno.EROFS: " (the folder is read-only; write elsewhere)"}.get(exc.errno or -1, "")
+    return f"{where}: {what}{hint}" if where else f"{what}{hint}"
+
+
+def _fail(message: str) -> int:
+    text = " ".join(message.split())  # one line, whatever the message held
+    print(f"error: {text}", file=sys.stderr)
+    return 2

@@ -26,14 +26,18 @@ class ConfigError(UserError):
     """A config file or override that does not match the schema."""
 
 
-def opt(default: Any, help: str) -> Any:
-    """A dataclass field with its help text (shown by ``--help``)."""
+def opt(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,
+        le: float | None = None) -> Any:
+    """A dataclass field with its help text (shown by ``--help``) and optional numeric bounds
+    (``ge``: >=, ``gt``: >, ``le``: <=), checked whenever a value is set."""
     if isinstance(default, (list, dict)):
         raise TypeError("use tuples for sequence defaults so configs stay immutable")
-    return field(default=default, metadata={"help": help})
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le)) if v is not None}
+    return field(default=default, metadata={"help": help, "bounds": bounds})
 
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+MAX_PAD = 512  # infer.pad: LR pixels of reflection per side; more only costs memory
 
 
 @dataclass(frozen=True)
@@ -45,20 +49,23 @@ class PathsConfig:
 @dataclass(frozen=True)
 class DataConfig:
     dir: str = opt("data/demo", "dataset root in the contest layout (--data)")
-    folds: int = opt(5, "number of folds; images are assigned by source image")
-    val_fold: int = opt(0, "fold held out for validation, ablation and the leaderboard")
-    scale: int = opt(4, "upscaling factor: HR side = scale x LR side")
-    workers: int = opt(2, "processes that decode images while checking the dataset")
+    folds: int = opt(5, "number of folds; images are assigned by source image", ge=2)
+    val_fold: int = opt(0, "fold held out for validation, ablation and the leaderboard", ge=0)
+    scale: int = opt(4, "upscaling factor: HR side = scale x LR side", ge=1)
+    workers: int = opt(2, "processes that decode images while checking the dataset", ge=0)
+    max_pixels: int = opt(
+        8192 * 8192, "largest image (width x height) any stage decodes; larger files are refused before "
+        "decoding (a guard against huge or forged images)", ge=1)
 
 
 @dataclass(frozen=True)
 class PatchConfig:
-    size: int = opt(512, "HR patch side in pixels (must divide by data.scale); the LR patch is size/scale")
-    stride: int = opt(0, "HR stride between patches (must divide by data.scale); 0 = size (no overlap)")
+    size: int = opt(512, "HR patch side in pixels (must divide by data.scale); the LR patch is size/scale", ge=1)
+    stride: int = opt(0, "HR stride between patches (must divide by data.scale); 0 = size (no overlap)", ge=0)
     edge: Literal["shift", "drop"] = opt(
         "shift", "edges that do not divide: 'shift' adds a last patch flush with the edge, "
         "'drop' leaves the remainder out")
-    workers: int = opt(2, "worker processes")
+    workers: int = opt(2, "worker processes", ge=0)
 
 
 @dataclass(frozen=True)
@@ -69,59 +76,60 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    batch_size: int = opt(16, "global batch size (split across processes under torchrun)")
-    crop: int = opt(0, "random LR crop inside each patch; 0 = whole patch")
+    batch_size: int = opt(16, "global batch size (split across processes under torchrun)", ge=1)
+    crop: int = opt(0, "random LR crop inside each patch; 0 = whole patch", ge=0)
     augment: bool = opt(True, "8 dihedral transforms applied identically to LR and HR")
     optimizer: Literal["adam", "adamw"] = opt("adam", "optimizer")
-    learning_rate: float = opt(2e-4, "peak learning rate")
-    weight_decay: float = opt(0.0, "weight decay")
+    learning_rate: float = opt(2e-4, "peak learning rate", ge=0)
+    weight_decay: float = opt(0.0, "weight decay", ge=0)
     scheduler: Literal["step", "cosine", "constant"] = opt(
         "cosine", "'step' halves every step_epochs epochs, 'cosine' decays after warmup")
-    step_epochs: int = opt(3, "StepLR period in epochs")
-    step_gamma: float = opt(0.5, "StepLR factor")
-    warmup_steps: int = opt(0, "linear warmup steps (cosine)")
-    min_learning_rate: float = opt(1e-6, "floor of the cosine schedule")
-    loss_l1: float = opt(2.0, "weight of the L1 loss")
-    loss_mse: float = opt(1.0, "weight of the MSE loss")
-    grad_clip: float = opt(0.0, "clip the gradient norm to this; 0 = off")
-    ema_decay: float = opt(0.999, "EMA decay of the weights; 0 = no EMA")
+    step_epochs: int = opt(3, "StepLR period in epochs", ge=1)
+    step_gamma: float = opt(0.5, "StepLR factor", gt=0, le=1)
+    warmup_steps: int = opt(0, "linear warmup steps (cosine)", ge=0)
+    min_learning_rate: float = opt(1e-6, "floor of the cosine schedule", ge=0)
+    loss_l1: float = opt(2.0, "weight of the L1 loss", ge=0)
+    loss_mse: float = opt(1.0, "weight of the MSE loss", ge=0)
+    grad_clip: float = opt(0.0, "clip the gradient norm to this; 0 = off", ge=0)
+    ema_decay: float = opt(0.999, "EMA decay of the weights; 0 = no EMA", ge=0, le=0.99999)
     precision: Precision = opt(
         "auto", "autocast dtype; auto = bf16 on CUDA/bf16-capable CPUs, fp32 elsewhere")
     channels_last: bool = opt(True, "NHWC memory format for convolutions")
-    max_steps: int = opt(0, "stop after this many optimizer steps; 0 = no limit")
-    max_epochs: int = opt(0, "stop after this many epochs; 0 = no limit")
+    max_steps: int = opt(0, "stop after this many optimizer steps; 0 = no limit", ge=0)
+    max_epochs: int = opt(0, "stop after this many epochs; 0 = no limit", ge=0)
     max_minutes: float = opt(
-        0.0, "wall-clock budget of the run, summed over resumes; then validate, save and exit; 0 = none")
-    val_every: int = opt(200, "validate every this many steps")
-    patience: int = opt(0, "stop after this many validations without improvement; 0 = never")
-    save_every: int = opt(500, "write the last checkpoint every this many steps")
-    save_minutes: float = opt(10.0, "and at least every this many minutes")
-    keep_last: int = opt(3, "step checkpoints kept in models/<run>/history (for infer.last_k)")
+        0.0, "wall-clock budget of the run, summed over resumes; then validate, save and exit; 0 = none", ge=0)
+    val_every: int = opt(200, "validate every this many steps", ge=1)
+    patience: int = opt(0, "stop after this many validations without improvement; 0 = never", ge=0)
+    save_every: int = opt(500, "write the last checkpoint every this many steps", ge=1)
+    save_minutes: float = opt(10.0, "and at least every this many minutes", ge=0)
+    keep_last: int = opt(3, "step checkpoints kept in models/<run>/history (for infer.last_k)", ge=0)
     resume: Literal["auto", "never", "force"] = opt(
         "auto", "auto = resume when models/<run>/last.pth exists; force = fail if it does not")
     deterministic: bool = opt(
         False, "deterministic algorithms, for bit-exact resumes (the data order always depends on seed and epoch only)")
-    workers: int = opt(2, "data loader workers per process")
-    log_every: int = opt(20, "log scalars every this many steps")
+    workers: int = opt(2, "data loader workers per process", ge=0)
+    log_every: int = opt(20, "log scalars every this many steps", ge=1)
 
 
 @dataclass(frozen=True)
 class InferConfig:
     tta: Literal[1, 2, 4, 8] = opt(8, "self-ensemble ways (dihedral transforms)")
-    tile: int = opt(128, "LR tile side; 0 = whole image")
-    stride: int = opt(64, "LR stride between tiles")
+    tile: int = opt(128, "LR tile side; 0 = whole image", ge=0)
+    stride: int = opt(64, "LR stride between tiles", ge=1)
     blend: Literal["mean", "hann"] = opt(
         "hann", "tile weights: 'hann' (raised window with a floor; measured +0.05 dB over 'mean' on held-out "
         "demo images, BENCHMARKS.md) or 'mean' (equal, the reference team's)")
-    pad: int = opt(0, "LR pixels of reflection added on all four sides (then cropped) so edges get context")
-    margin: int = opt(0, "LR pixels at tile sides facing another tile given weight 0 (<= (tile-stride)/2)")
-    batch: int = opt(0, "tiles per forward pass; 0 = sized to the device")
+    pad: int = opt(0, "LR pixels of reflection added on all four sides (then cropped) so edges get context",
+                   ge=0, le=MAX_PAD)
+    margin: int = opt(0, "LR pixels at tile sides facing another tile given weight 0 (<= (tile-stride)/2)", ge=0)
+    batch: int = opt(0, "tiles per forward pass; 0 = sized to the device", ge=0)
     precision: Precision = opt("auto", "autocast dtype; auto = bf16 where it is fast")
     channels_last: bool = opt(True, "NHWC memory format")
     checkpoint: Literal["best", "last"] = opt("best", "which checkpoint of the run")
     weights: Literal["ema", "params"] = opt("ema", "prefer EMA weights (falls back to params)")
     runs: tuple[str, ...] = opt((), "extra runs averaged at the output (multi-model ensemble)")
-    last_k: int = opt(0, "average the outputs of the run's last k kept checkpoints; 0 = off")
+    last_k: int = opt(0, "average the outputs of the run's last k kept checkpoints; 0 = off", ge=0)
     input: str = opt("", "folder of LR images (--input); default: the dataset's test set")
     output: str = opt("", "folder for SR PNGs (--output); default: submit/<run>/pred")
     split: Literal["test", "val"] = opt("test", "which images of --data to infer")
@@ -156,7 +164,7 @@ class AblateConfig:
 class DemoConfig:
     out: str = opt("data/demo", "where demo-data writes the dataset (--out)")
     seed: int = opt(0, "seed of the crops chosen per photo")
-    train_minutes: float = opt(5.0, "training budget of the demo model (a fresh run each time)")
+    train_minutes: float = opt(5.0, "training budget of the demo model (a fresh run each time)", ge=0)
 
 
 @dataclass(frozen=True)
@@ -248,8 +256,34 @@ def _merge(obj: Any, values: dict[str, Any], prefix: str) -> Any:
                 raise ConfigError(f"{key}: expected a mapping of settings, got {value!r}")
             changes[name] = _merge(getattr(obj, name), value, f"{key}.")
         else:
-            changes[name] = _check(value, tp, key)
+            changes[name] = _check_bounds(_check(value, tp, key), _fields(cls)[name], key)
     return dataclasses.replace(obj, **changes)
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+_BOUND_TEXT = {"ge": ">=", "gt": ">", "le": "<="}
+_BOUND_OK = {"ge": lambda v, b: v >= b, "gt": lambda v, b: v > b, "le": lambda v, b: v <= b}
+
+
+def _check_bounds(value: Any, f: dataclasses.Field, key: str) -> Any:
+    """A value outside the field's declared bounds is a ConfigError naming the key and the bound."""
+    bounds = f.metadata.get("bounds", {})
+    if not bounds or not isinstance(value, (int, float)) or isinstance(value, bool):
+        return value
+    if value != value:  # NaN passes no comparison
+        raise ConfigError(f"{key}: nan is not a number")
+    for kind, limit in bounds.items():
+        if not _BOUND_OK[kind](value, limit):
+            raise ConfigError(f"{key}={value} must be {_BOUND_TEXT[kind]} {limit:g}")
+    return value
+
+
+def bounds_text(f: dataclasses.Field) -> str:
+    """``'>= 1'``, ``'>= 0, <= 512'``: a field's bounds for --help."""
+    return ", ".join(f"{_BOUND_TEXT[k]} {v:g}" for k, v in f.metadata.get("bounds", {}).items())
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -351,5 +385,7 @@ def describe(section: str) -> list[tuple[str, str, str]]:
         if dataclasses.is_dataclass(_hints(cls)[f.name]):
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
-        rows.append((f"{prefix}{f.name}", repr(default), f.metadata.get("help", "")))
+        limits = bounds_text(f)
+        text = f.metadata.get("help", "") + (f" ({limits})" if limits else "")
+        rows.append((f"{prefix}{f.name}", repr(default), text))
     return rows

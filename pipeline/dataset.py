@@ -1,4 +1,4 @@
-"""Training data of the train stage: patch pairs, their augmentation, the data order, validation images.
+"""Training data of the train stage: patch pairs, their augmentation and the data order.
 
 The data order is a pure function of (seed, epoch): epoch ``e`` visits the training patches in the
 permutation drawn from ``default_rng([seed, e])``, and each visit carries its own sample seed drawn
@@ -10,66 +10,15 @@ mid-epoch at the exact sample by skipping the steps it has already done.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import albumentations as A
 import numpy as np
-import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
 
 from pipeline.errors import DataError
 from pipeline.images import ImageError, read_uint8
-
-SPLIT_COLUMNS = ("img_id", "source", "fold", "lr_path", "hr_path")
-MANIFEST_COLUMNS = ("patch_id", "img_id", "fold", "y", "x", "lr_path", "hr_path")
-
-
-def read_table(path: Path, columns: tuple[str, ...], stage: str) -> pd.DataFrame:
-    """A CSV written by an earlier stage, checked for its columns; ``stage`` says how to make it."""
-    if not path.is_file():
-        raise DataError(f"{path}: not found; run `python -m pipeline {stage}` first")
-    try:
-        # Ids stay strings: '0007' is a file name, not the number 7.
-        table = pd.read_csv(path, dtype={"img_id": str, "patch_id": str, "source": str})
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not a readable CSV ({exc})") from None
-    missing = [c for c in columns if c not in table.columns]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {missing}; expected {list(columns)}")
-    return table
-
-
-@dataclass(frozen=True)
-class Pair:
-    """One LR/HR file pair (a training patch or a whole validation image)."""
-
-    name: str
-    lr_path: Path
-    hr_path: Path
-
-
-def training_patches(data_dir: str | Path, val_fold: int) -> list[Pair]:
-    """The manifest's patches whose fold is not the validation fold, in manifest order."""
-    patches = Path(data_dir) / "patches"
-    table = read_table(patches / "manifest.csv", MANIFEST_COLUMNS, f"patchify --data {data_dir}")
-    rows = table[table["fold"] != val_fold]
-    if rows.empty:
-        raise DataError(f"{patches / 'manifest.csv'}: no patch outside the validation fold "
-                        f"data.val_fold={val_fold} (folds present: {sorted(table['fold'].unique())})")
-    return [Pair(str(r.patch_id), patches / r.lr_path, patches / r.hr_path) for r in rows.itertuples()]
-
-
-def validation_images(data_dir: str | Path, val_fold: int) -> list[Pair]:
-    """The whole images of the validation fold (splits.csv), sorted by image id."""
-    data_dir = Path(data_dir)
-    table = read_table(data_dir / "splits.csv", SPLIT_COLUMNS, f"prepare --data {data_dir}")
-    rows = table[table["fold"] == val_fold].sort_values("img_id")
-    if rows.empty:
-        raise DataError(f"{data_dir / 'splits.csv'}: no image in the validation fold data.val_fold={val_fold} "
-                        f"(folds present: {sorted(table['fold'].unique())})")
-    return [Pair(str(r.img_id), data_dir / r.lr_path, data_dir / r.hr_path) for r in rows.itertuples()]
+from pipeline.layout import Pair
 
 
 def read_pair(pair: Pair, scale: int) -> tuple[np.ndarray, np.ndarray]:

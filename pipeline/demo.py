@@ -18,7 +18,9 @@ import pandas as pd
 from pipeline import ablate, demo_data, infer, patches, prepare, submit, train
 from pipeline.config import Config, with_overrides
 from pipeline.evaluate import evaluate_folders
-from pipeline.images import atomic_write, read_uint8
+from pipeline.files import atomic_write
+from pipeline.images import read_uint8
+from pipeline.layout import OutputLayout, RunLayout
 
 
 class Steps:
@@ -82,7 +84,8 @@ def main(cfg: Config) -> None:
     # A fresh run each time: the score table describes this invocation's training.
     cfg = with_overrides(cfg, **{"data.dir": str(root), "train.max_minutes": cfg.demo.train_minutes,
                                  "train.resume": "never"})
-    sub = Path(cfg.paths.submit) / cfg.run
+    out = OutputLayout(Path(cfg.paths.submit), cfg.run)
+    sub = out.dir
     test_lr, test_hr = root / "test" / "lr", root / "test_hr"
 
     steps.run("demo-data", demo_data.main, cfg)
@@ -91,7 +94,7 @@ def main(cfg: Config) -> None:
     steps.run(f"train {cfg.model.name} for {cfg.demo.train_minutes:g} min", train.main, cfg)
 
     pred = {"bicubic": sub / "bicubic", f"{cfg.model.name}": sub / "pred_tta1",
-            f"{cfg.model.name} + {cfg.infer.tta}-way ensemble": sub / "pred"}
+            f"{cfg.model.name} + {cfg.infer.tta}-way ensemble": out.pred}
     steps.run("infer: bicubic", infer.main, with_overrides(
         cfg, **{"model.name": "bicubic", "infer.input": str(test_lr), "infer.output": str(pred["bicubic"])}))
     steps.run("infer: model alone", infer.main, with_overrides(
@@ -100,22 +103,22 @@ def main(cfg: Config) -> None:
     steps.run("submit", submit.main, cfg)
     steps.run("infer: validation fold -> leaderboard", infer.main, with_overrides(cfg, **{"infer.split": "val"}))
     steps.run("ablate", ablate.main, cfg)
-    report_png = report({"bicubic": pred["bicubic"], "ours": sub / "pred"}, test_hr, sub / "report.png")
+    report_png = report({"bicubic": pred["bicubic"], "ours": out.pred}, test_hr, out.report)
 
     table = score_table(list(pred.items()), test_hr)
     n_test = len(list(test_hr.glob("*.png")))
     print(f"\n== scores on the {n_test} held-out test images (PSNR on RGB, as the contest) ==")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    abl = pd.read_csv(sub / "ablation.csv").sort_values("psnr", ascending=False)
+    abl = pd.read_csv(out.ablation_csv).sort_values("psnr", ascending=False)
     print(f"\n== ablation on validation fold {cfg.data.val_fold} ==")
     print(abl.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print("\n== steps ==")
     print("\n".join(f"  {t:7.1f} s  {name}" for name, t in steps.times))
     print(f"  {steps.total():7.1f} s  total")
-    print(f"\nsubmission: {sub / 'submission.zip'}")
+    print(f"\nsubmission: {out.submission('zip')}")
     print(f"report:     {report_png}  (crops bicubic | ours | HR)")
-    print(f"curves:     {Path(cfg.paths.models) / cfg.run / 'curves.png'}")
-    print(f"ablation:   {sub / 'ablation.png'}")
-    print(f"leaderboard: {Path(cfg.paths.submit) / 'leaderboard.csv'}")
+    print(f"curves:     {RunLayout(Path(cfg.paths.models), cfg.run).curves}")
+    print(f"ablation:   {out.ablation_png}")
+    print(f"leaderboard: {out.leaderboard}")
     if not np.isfinite(table["psnr"]).all():
         raise RuntimeError("demo produced a non-finite PSNR")

@@ -1,4 +1,4 @@
-"""The error a user can act on: the CLI prints its message on one line and exits non-zero."""
+"""The errors a user can act on: the CLI prints their message on one line and exits non-zero."""
 
 
 class UserError(ValueError):
@@ -7,3 +7,11 @@ class UserError(ValueError):
 
 class DataError(UserError):
     """A dataset, manifest or split that does not match what the stage expects."""
+
+
+class Interrupted(Exception):
+    """A stage stopped early by a signal after saving its state; the CLI exits with 128 + the signal."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = int(signum)

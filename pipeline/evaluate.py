@@ -1,15 +1,8 @@
 """``evaluate``: PSNR, SSIM and NRMSE of predictions against ground truth, per image and the mean.
 
-Protocols (both through basicsr's ``calculate_psnr`` / ``calculate_ssim``, the field's reference):
-- ``competition``: RGB uint8, whole image, PSNR = 10 log10(255^2 / MSE) per image, then the mean
-  over images (the contest metric); SSIM is basicsr's on RGB (the mean of the three channels).
-- ``paper``: the SR literature's protocol: the Y channel of BT.601 YCbCr (basicsr's
-  ``bgr2ycbcr``, so images are handed over in its BGR order) with ``data.scale`` pixels cropped
-  at every border (``test_y_channel=True, crop_border=scale``).
-NRMSE is sqrt(MSE) / 255 over the same pixels as the PSNR (the RMSE as a fraction of the 8-bit
-range; 10^(-PSNR/20), so 0 for identical images). Its mean over images weighs bad images more
-than the mean PSNR does. It is not scikit-image's default NRMSE (which divides by the norm of the
-ground truth).
+The protocols (``competition``: RGB uint8 whole image, the contest metric; ``paper``: Y channel,
+``data.scale`` border cropped) and NRMSE are defined in ``pipeline.metrics``. The mean NRMSE over
+images weighs bad images more than the mean PSNR does.
 
 Folders are matched by file stem; a missing, extra or size-mismatched file is an error naming it.
 The output ends with a line ``PSNR <mean> SSIM <mean>``; ``--csv`` writes the per-image table.
@@ -17,38 +10,16 @@ The output ends with a line ``PSNR <mean> SSIM <mean>``; ``--csv`` writes the pe
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from pipeline.config import Config
 from pipeline.errors import UserError
-from pipeline.images import atomic_write, images_by_stem, read_uint8
-
-PROTOCOLS = ("competition", "paper")
-
-
-def score_pair(sr: np.ndarray, hr: np.ndarray, protocol: str = "competition", scale: int = 4) -> dict[str, float]:
-    """PSNR, SSIM and NRMSE of one (H,W,3) uint8 RGB prediction against its ground truth."""
-    from pipeline.compat import calculate_psnr, calculate_ssim
-
-    if protocol not in PROTOCOLS:
-        raise UserError(f"unknown protocol {protocol!r}; choose {' or '.join(PROTOCOLS)}")
-    if sr.shape != hr.shape:
-        raise UserError(f"prediction {sr.shape} and ground truth {hr.shape} differ in size")
-    if protocol == "competition":
-        kw = {"crop_border": 0, "input_order": "HWC", "test_y_channel": False}
-        a, b = sr, hr
-    else:
-        kw = {"crop_border": scale, "input_order": "HWC", "test_y_channel": True}
-        a, b = sr[:, :, ::-1], hr[:, :, ::-1]  # RGB -> BGR, the order basicsr's Y conversion expects
-    psnr = float(calculate_psnr(a, b, **kw))
-    ssim = float(calculate_ssim(a, b, **kw))
-    nrmse = 0.0 if math.isinf(psnr) else 10 ** (-psnr / 20)  # = sqrt(MSE) / 255 on the scored pixels
-    return {"psnr": psnr, "ssim": ssim, "nrmse": nrmse}
+from pipeline.files import atomic_write
+from pipeline.images import images_by_stem, read_uint8
+from pipeline.metrics import score_pair
 
 
 def match_folders(sr_dir: str | Path, hr_dir: str | Path) -> list[tuple[str, Path, Path]]:

@@ -7,20 +7,26 @@ Reading rules (documented in the README):
   conversions do, so a contest PNG saved with an opaque alpha channel scores the same.
 - 16-bit values map to 8 bit by rounding v / 257 (65535 -> 255), the exact inverse of the
   usual 8 -> 16 bit expansion v * 257; ``read_float`` keeps the full 16-bit precision.
+- At most ``max_pixels()`` pixels (``data.max_pixels``, default 8192 x 8192), checked from the
+  file's header before anything is decoded: a small file that claims a huge size (or a real
+  huge photo) is refused in one line instead of exhausting memory.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
-from collections.abc import Iterator
+import io
 from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from pipeline.errors import UserError
+from pipeline.files import atomic_write
+
+# Image sizes are checked against our own cap (check_pixels), set by data.max_pixels; PIL's
+# separate decompression-bomb warning would only add noise before it.
+Image.MAX_IMAGE_PIXELS = None
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -29,35 +35,52 @@ class ImageError(UserError):
     """An image that is missing, unreadable or of the wrong shape; the message names the file."""
 
 
-@contextlib.contextmanager
-def atomic_write(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+DEFAULT_MAX_PIXELS = 8192 * 8192  # 16x the contest's 2048^2 HR images
+_limits = {"max_pixels": DEFAULT_MAX_PIXELS}
 
-    Readers never see a half-written file, and a crash leaves at most a hidden temp file
-    (removed here on any exception) instead of a truncated PNG, zip or checkpoint.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+
+def set_max_pixels(limit: int) -> None:
+    """The pixel cap of every image read in this process (the CLI sets it from ``data.max_pixels``)."""
+    if limit < 1:
+        raise UserError(f"data.max_pixels={limit} must be >= 1")
+    _limits["max_pixels"] = int(limit)
+
+
+def max_pixels() -> int:
+    return _limits["max_pixels"]
+
+
+def check_pixels(width: int, height: int, where: str | Path) -> None:
+    """Refuse an image larger than the pixel cap, naming it and the setting that raises the cap."""
+    if width * height > max_pixels():
+        raise ImageError(f"{where}: image is {width}x{height} = {width * height} pixels, more than "
+                         f"data.max_pixels={max_pixels()}; raise it if the image is genuine")
+
+
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the file's header (PIL reads headers lazily: no pixel is decoded), or
+    None when PIL does not know the format (OpenCV may still: it has its own 2^30-pixel cap)."""
     try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
+        with Image.open(io.BytesIO(data)) as img:
+            return img.size
+    except Exception:  # unknown or corrupt header: OpenCV's decode below gives the error
+        return None
 
 
 def _decode(path: Path) -> np.ndarray:
     """Raw decoded array (H,W) or (H,W,C) in OpenCV's channel order, any bit depth."""
     if not path.is_file():
         raise ImageError(f"{path}: file not found")
-    # np.fromfile + imdecode also handles non-ASCII paths, which cv2.imread does not.
-    data = np.fromfile(str(path), dtype=np.uint8)
-    if data.size == 0:
+    data = path.read_bytes()  # (imdecode of the bytes also handles non-ASCII paths; cv2.imread does not)
+    if not data:
         raise ImageError(f"{path}: file is empty")
-    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    size = _header_size(data)
+    if size is not None:
+        check_pixels(*size, path)
+    try:
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:
+        raise ImageError(f"{path}: cannot decode image ({str(exc).strip().splitlines()[-1][:200]})") from None
     if img is None:
         raise ImageError(f"{path}: cannot decode image (corrupt or unsupported format)")
     return img
@@ -135,7 +158,9 @@ def list_images(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise ImageError(f"{folder}: folder not found")
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    # Hidden files are skipped: our own temporary files, and macOS's ._ resource forks.
+    return sorted(p for p in folder.iterdir()
+                  if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
 
 
 def images_by_stem(folder: str | Path, role: str = "image") -> dict[str, Path]:

@@ -12,6 +12,16 @@ Which images (outputs named ``<img_id>.png``):
 - ``--input DIR --output DIR``: every image in DIR, named by file stem.
 Beside the PNGs: ``timing.json`` (seconds per image, tiles per second, peak memory, device,
 precision, images rerun in fp32) and ``config.yaml`` (the resolved config).
+
+The output folder is built as a hidden folder beside its final place and swapped in only when
+every image is written (``pipeline.files.staged_dir``): a killed run leaves the previous
+predictions untouched, and ``submit`` can only ever pack one finished set of one model. An
+existing ``--output`` folder that this stage did not write (no ``timing.json``) is refused.
+
+Several processes (``torchrun --nproc_per_node=N -m pipeline infer ...``): rank r takes images
+r, r+N, ... of the same sorted list, all ranks write into the same staged folder (one machine,
+or a folder every machine shares), and rank 0 merges the timings and scores and swaps the folder
+in: the files are exactly those one process writes.
 """
 
 from __future__ import annotations
@@ -20,36 +30,20 @@ import dataclasses
 import datetime as dt
 import json
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from tqdm import tqdm
 
 from pipeline.config import Config, save_config
-from pipeline.dataset import validation_images
+from pipeline.distributed import Dist, barrier, broadcast, gather, init_distributed, shutdown
 from pipeline.errors import UserError
-from pipeline.evaluate import score_pair
-from pipeline.images import atomic_write, images_by_stem, read_float, read_uint8, to_uint8, write_png
+from pipeline.files import atomic_write, staged_dir
+from pipeline.images import images_by_stem, read_float, read_uint8, to_uint8, write_png
+from pipeline.layout import COMPLETE_MARK, LEADERBOARD_COLUMNS, DataLayout, OutputLayout
+from pipeline.metrics import score_pair
 from pipeline.predict import Settings, Timing, iter_predict, load_models, validate
-from pipeline.runtime import peak_memory, pick_device
-
-LEADERBOARD_COLUMNS = ["timestamp", "run", "model", "settings", "images", "psnr", "ssim", "sec_per_image", "device"]
-
-
-def test_items(root: Path) -> list[tuple[str, Path]]:
-    """(img_id, LR path) of the dataset's test set."""
-    from pipeline.prepare import read_test_table
-
-    if not root.is_dir():
-        raise UserError(f"{root}: data folder not found (--data)")
-    table = read_test_table(root)
-    if table.empty:
-        raise UserError(f"{root}: no test set (neither test.csv nor test/lr)")
-    return [(str(i), root / p) for i, p in zip(table["img_id"], table["lr_path"])]
-
-
-def val_items(root: Path, fold: int) -> list[tuple[str, Path, Path]]:
-    """(img_id, LR path, HR path) of the validation fold in ``splits.csv`` (the trainer's own list)."""
-    return [(p.name, p.lr_path, p.hr_path) for p in validation_images(root, fold)]
+from pipeline.runtime import peak_memory
 
 
 def settings_for(cfg: Config) -> Settings:
@@ -61,44 +55,64 @@ def settings_for(cfg: Config) -> Settings:
 
 def append_leaderboard(path: Path, row: dict) -> None:
     """Add one row to the leaderboard CSV (rewritten atomically)."""
-    table = pd.DataFrame([row], columns=LEADERBOARD_COLUMNS)
+    table = pd.DataFrame([row], columns=list(LEADERBOARD_COLUMNS))
     if path.is_file():
         table = pd.concat([pd.read_csv(path), table], ignore_index=True)
     with atomic_write(path) as tmp:
         table.to_csv(tmp, index=False)
 
 
-def main(cfg: Config) -> None:
-    root = Path(cfg.data.dir)
-    run_dir = Path(cfg.paths.submit) / cfg.run
-    hr_paths: dict[str, Path] = {}
+def _work(cfg: Config) -> tuple[list[tuple[str, Path]], dict[str, Path], Path]:
+    """(name, LR path) of every image, HR paths of the validation fold, and the output folder."""
+    out = OutputLayout(Path(cfg.paths.submit), cfg.run)
     if cfg.infer.input:
         if not cfg.infer.output:
             raise UserError("--input needs --output (the folder the SR PNGs go to)")
-        items = list(images_by_stem(cfg.infer.input, "input").items())
-    elif cfg.infer.split == "val":
-        triples = val_items(root, cfg.data.val_fold)
-        items = [(i, lr) for i, lr, _hr in triples]
-        hr_paths = {i: hr for i, _lr, hr in triples}
+        return list(images_by_stem(cfg.infer.input, "input").items()), {}, Path(cfg.infer.output)
+    data = DataLayout(Path(cfg.data.dir))
+    if cfg.infer.split == "val":
+        pairs = data.validation_pairs(cfg.data.val_fold)
+        items = [(p.name, p.lr_path) for p in pairs]
+        default = out.val_pred
+        hr = {p.name: p.hr_path for p in pairs}
     else:
-        items = test_items(root)
-    default_out = run_dir / ("val_pred" if cfg.infer.split == "val" and not cfg.infer.input else "pred")
-    out_dir = Path(cfg.infer.output) if cfg.infer.output else default_out
+        items, default, hr = data.test_items(), out.pred, {}
+    return items, hr, Path(cfg.infer.output) if cfg.infer.output else default
 
-    settings = settings_for(cfg)
-    validate(settings)  # before any folder or model is touched
+
+def merge_timings(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One timing summary for several ranks that ran side by side: counts add up, wall-clock
+    figures (seconds, compile time, peak memory) are the slowest rank's, rates are recomputed."""
+    if len(parts) == 1:
+        return parts[0]
+    merged = dict(parts[0])
+    for key in ("images", "tile_forwards"):
+        merged[key] = sum(p.get(key, 0) for p in parts)
+    for key in ("seconds_total", "peak_memory_mib", "compile_seconds"):
+        if key in merged:
+            merged[key] = max(p.get(key, 0) for p in parts)
+    merged["fp32_fallbacks"] = [n for p in parts for n in p.get("fp32_fallbacks", [])]
+    seconds = merged["seconds_total"]
+    merged["seconds_per_image"] = round(seconds / max(merged["images"], 1), 4)
+    merged["tiles_per_second"] = round(merged["tile_forwards"] / seconds, 3) if seconds else 0.0
+    merged["device"] = ",".join(dict.fromkeys(p["device"] for p in parts))
+    merged["ranks"] = len(parts)
+    return merged
+
+
+def _predict(cfg: Config, d: Dist, items: list[tuple[str, Path]], hr_paths: dict[str, Path], stage: Path,
+             settings: Settings) -> tuple[dict[str, Any], list[dict[str, Any]], str]:
+    """This rank's share of the images into ``stage``; its timing summary, scores and model description."""
     models, model_desc = load_models(cfg)
-    device = pick_device()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out_dir / "config.yaml")
-    timing = Timing(device=str(device), precision="")
+    mine = items[d.rank::d.world]
+    timing = Timing(device=str(d.device), precision="")
     scores = []
-    lr_stream = ((name, read_float(path)) for name, path in items)
-    with peak_memory(device) as mem:
-        for name, sr in tqdm(iter_predict(models, lr_stream, settings, device, timing), total=len(items),
-                             desc=f"infer {model_desc}", unit="img"):
+    lr_stream = ((name, read_float(path)) for name, path in mine)
+    with peak_memory(d.device) as mem:
+        for name, sr in tqdm(iter_predict(models, lr_stream, settings, d.device, timing), total=len(mine),
+                             desc=f"infer {model_desc}", unit="img", disable=not d.main):
             sr8 = to_uint8(sr)  # the one rounding of the prediction
-            write_png(out_dir / f"{name}.png", sr8)
+            write_png(stage / f"{name}.png", sr8)
             if name in hr_paths:
                 hr = read_uint8(hr_paths[name])
                 if hr.shape != sr8.shape:
@@ -106,21 +120,56 @@ def main(cfg: Config) -> None:
                                     f"{sr8.shape[1]}x{sr8.shape[0]}")
                 scores.append({"img_id": name, **score_pair(sr8, hr, "competition", cfg.data.scale)})
     timing.peak_mib = mem["peak_mib"]
-    summary = {**timing.summary(), "model": model_desc, "settings": dataclasses.asdict(settings)}
-    with atomic_write(out_dir / "timing.json") as tmp:
+    return timing.summary(), scores, model_desc
+
+
+def main(cfg: Config) -> None:
+    items, hr_paths, out_dir = _work(cfg)
+    settings = settings_for(cfg)
+    validate(settings)  # before any folder or model is touched
+    d = init_distributed()
+    try:
+        if d.main:
+            with staged_dir(out_dir, COMPLETE_MARK) as stage:
+                row = _run(cfg, d, items, hr_paths, out_dir, stage, settings)
+            if row is not None:  # the scores join the leaderboard once their predictions are in place
+                board = OutputLayout(Path(cfg.paths.submit), cfg.run).leaderboard
+                append_leaderboard(board, row)
+                print(f"validation fold {cfg.data.val_fold}: PSNR {row['psnr']:.4f} SSIM {row['ssim']:.4f} "
+                      f"-> {board}")
+        else:
+            _run(cfg, d, items, hr_paths, out_dir, None, settings)
+        barrier(d)  # every rank returns after rank 0 swapped the folder in
+    finally:
+        shutdown(d)
+
+
+def _run(cfg: Config, d: Dist, items: list[tuple[str, Path]], hr_paths: dict[str, Path], out_dir: Path,
+         stage: Path | None, settings: Settings) -> dict[str, Any] | None:
+    """Predict into ``stage``; on rank 0 write its timing and config and return the leaderboard row
+    (None without scores, and on the other ranks)."""
+    stage = Path(broadcast(d, str(stage)))  # rank 0 made it; every rank writes its images into it
+    summary, scores, model_desc = _predict(cfg, d, items, hr_paths, stage, settings)
+    parts = gather(d, (summary, scores))
+    if not d.main:
+        return None
+    timing = merge_timings([p[0] for p in parts])
+    scores = [s for p in parts for s in p[1]]
+    summary = {**timing, "model": model_desc, "settings": dataclasses.asdict(settings)}
+    save_config(cfg, stage / "config.yaml")
+    with atomic_write(stage / COMPLETE_MARK) as tmp:  # written last: marks the set complete
         tmp.write_text(json.dumps(summary, indent=2))
+    ranks = f" on {d.world} processes" if d.world > 1 else ""
     print(f"{len(items)} image(s) -> {out_dir}  ({summary['seconds_per_image']:.3f} s/image, "
-          f"{summary['tiles_per_second']:.1f} tiles/s, {summary['precision']} on {summary['device']}, "
+          f"{summary['tiles_per_second']:.1f} tiles/s, {summary['precision']} on {summary['device']}{ranks}, "
           f"peak {summary['peak_memory_mib']:.0f} MiB)")
-    if timing.fp32_fallbacks:
-        print(f"rerun in fp32 after NaN/Inf: {', '.join(timing.fp32_fallbacks)}")
-    if scores:
-        df = pd.DataFrame(scores)
-        resolved = dataclasses.replace(settings, precision=timing.precision)  # 'auto' -> what ran
-        row = {"timestamp": dt.datetime.now().isoformat(timespec="seconds"), "run": cfg.run, "model": model_desc,
-               "settings": resolved.label(), "images": len(df), "psnr": round(float(df["psnr"].mean()), 4),
-               "ssim": round(float(df["ssim"].mean()), 4), "sec_per_image": summary["seconds_per_image"],
-               "device": summary["device"]}
-        board = Path(cfg.paths.submit) / "leaderboard.csv"
-        append_leaderboard(board, row)
-        print(f"validation fold {cfg.data.val_fold}: PSNR {row['psnr']:.4f} SSIM {row['ssim']:.4f} -> {board}")
+    if summary["fp32_fallbacks"]:
+        print(f"rerun in fp32 after NaN/Inf: {', '.join(summary['fp32_fallbacks'])}")
+    if not scores:
+        return None
+    df = pd.DataFrame(scores)
+    resolved = dataclasses.replace(settings, precision=summary["precision"])  # 'auto' -> what ran
+    return {"timestamp": dt.datetime.now().isoformat(timespec="seconds"), "run": cfg.run, "model": model_desc,
+            "settings": resolved.label(), "images": len(df), "psnr": round(float(df["psnr"].mean()), 4),
+            "ssim": round(float(df["ssim"].mean()), 4), "sec_per_image": summary["seconds_per_image"],
+            "device": summary["device"]}

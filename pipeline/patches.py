@@ -8,15 +8,19 @@ Edges that do not divide (``patch.edge``): ``shift`` adds a last row/column of p
 the bottom/right edge (overlapping its neighbour), so every pixel is used; ``drop`` leaves the
 remainder out, as patchify itself does.
 
-Output in ``<data>/patches/``: ``lr/<patch_id>.png``, ``hr/<patch_id>.png``, ``manifest.csv``
-(patch_id, img_id, fold, y, x, lr_path, hr_path; y, x = LR top-left), ``config.yaml``.
-Idempotent: each finished image leaves ``done/<img_id>.csv``; a re-run skips those, and a change
-of geometry or of splits.csv rebuilds everything.
+Output in ``<data>/patches/`` (``pipeline.layout.PatchLayout``): ``lr/<patch_id>.png``,
+``hr/<patch_id>.png``, ``manifest.csv`` (patch_id, img_id, fold, y, x, lr_path, hr_path; y, x =
+LR top-left), ``config.yaml``, ``fingerprint.yaml``. Idempotent: each finished image leaves
+``done/<img_id>.json`` with the size and modification time of its two source files; a re-run skips
+an image only if those are unchanged (a corrected image is cut again), and a change of geometry or
+of splits.csv rebuilds everything. A ``patches/`` folder without ``fingerprint.yaml`` was not made
+here: it is refused, never deleted.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -28,10 +32,10 @@ from patchify import patchify
 from tqdm import tqdm
 
 from pipeline.config import Config, PatchConfig, save_config, to_dict
-from pipeline.errors import UserError
-from pipeline.images import atomic_write, encode_png, read_uint8
-
-MANIFEST_COLUMNS = ["patch_id", "img_id", "fold", "y", "x", "lr_path", "hr_path"]
+from pipeline.errors import DataError, UserError
+from pipeline.files import atomic_write, clean_stale
+from pipeline.images import encode_png, read_uint8
+from pipeline.layout import MANIFEST_COLUMNS, DataLayout, PatchLayout
 
 
 def grid(length: int, size: int, stride: int, edge: str) -> list[int]:
@@ -71,34 +75,60 @@ def _cut(img: np.ndarray, size: int, stride: int, edge: str) -> dict[tuple[int, 
     return out
 
 
+def source_signature(lr: Path, hr: Path) -> list[int]:
+    """What a finished image's patches depend on besides the settings: its files' sizes and mtimes."""
+    out = []
+    for path in (lr, hr):
+        st = path.stat()
+        out += [st.st_size, st.st_mtime_ns]
+    return out
+
+
 def _patch_image(job: tuple) -> list[tuple]:
     """Cut one LR/HR pair, write its PNGs, return its manifest rows (run in a worker)."""
     root, out, img_id, fold, lr_rel, hr_rel, lr_size, lr_stride, scale, edge = job
-    lr = read_uint8(Path(root) / lr_rel)
-    hr = read_uint8(Path(root) / hr_rel)
+    patches = PatchLayout(Path(out))
+    lr_path, hr_path = Path(root) / lr_rel, Path(root) / hr_rel
+    signature = source_signature(lr_path, hr_path)  # before reading: a change while cutting shows next time
+    lr = read_uint8(lr_path)
+    hr = read_uint8(hr_path)
     if hr.shape[:2] != (lr.shape[0] * scale, lr.shape[1] * scale):
-        raise UserError(f"{Path(root) / hr_rel}: HR {hr.shape[1]}x{hr.shape[0]} is not {scale}x LR "
+        raise UserError(f"{hr_path}: HR {hr.shape[1]}x{hr.shape[0]} is not {scale}x LR "
                         f"{lr.shape[1]}x{lr.shape[0]} (run prepare first)")
     if lr_size > min(lr.shape[:2]):
-        raise UserError(f"{Path(root) / lr_rel}: LR {lr.shape[1]}x{lr.shape[0]} is smaller than the "
+        raise UserError(f"{lr_path}: LR {lr.shape[1]}x{lr.shape[0]} is smaller than the "
                         f"patch ({lr_size}); lower patch.size")
     lr_patches = _cut(lr, lr_size, lr_stride, edge)
     hr_patches = _cut(hr, lr_size * scale, lr_stride * scale, edge)
     rows = []
     for (y, x), lr_patch in sorted(lr_patches.items()):
-        patch_id = f"{img_id}_{y:04d}_{x:04d}"
+        patch_id = patches.patch_id(img_id, y, x)
         hr_patch = hr_patches[(y * scale, x * scale)]
         for kind, patch in (("lr", lr_patch), ("hr", hr_patch)):
-            with atomic_write(Path(out) / kind / f"{patch_id}.png") as tmp:
+            rel = patches.relative(kind, patch_id)
+            with atomic_write(patches.dir / rel) as tmp:
                 tmp.write_bytes(encode_png(np.ascontiguousarray(patch)))
-        rows.append((patch_id, img_id, fold, y, x, f"lr/{patch_id}.png", f"hr/{patch_id}.png"))
-    with atomic_write(Path(out) / "done" / f"{img_id}.csv") as tmp:
-        pd.DataFrame(rows, columns=MANIFEST_COLUMNS).to_csv(tmp, index=False)
+        rows.append((patch_id, img_id, fold, y, x, patches.relative("lr", patch_id), patches.relative("hr", patch_id)))
+    with atomic_write(patches.done(img_id)) as tmp:
+        tmp.write_text(json.dumps({"source": signature, "rows": rows}))
     return rows
 
 
+def _finished(patches: PatchLayout, img_id: str, lr: Path, hr: Path) -> list[list] | None:
+    """The manifest rows of an image cut earlier from the same files, else None (cut it again)."""
+    done = patches.done(img_id)
+    if not done.is_file():
+        return None
+    try:
+        record = json.loads(done.read_text())
+        same = record["source"] == source_signature(lr, hr)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return record["rows"] if same else None
+
+
 def _fingerprint(cfg: Config, splits_path: Path) -> dict:
-    """What the patches depend on: geometry and the exact splits file."""
+    """What all patches depend on: geometry and the exact splits file."""
     return {"patch": {k: v for k, v in to_dict(cfg.patch).items() if k != "workers"},
             "scale": cfg.data.scale,
             "splits_sha256": hashlib.sha256(splits_path.read_bytes()).hexdigest()}
@@ -115,41 +145,61 @@ def check_geometry(patch: PatchConfig, scale: int) -> tuple[int, int]:
     return patch.size // scale, stride // scale
 
 
-def main(cfg: Config) -> None:
-    root = Path(cfg.data.dir)
-    splits_path = root / "splits.csv"
-    if not splits_path.is_file():
-        raise UserError(f"{splits_path}: not found; run `python -m pipeline prepare --data {root}` first")
-    lr_size, lr_stride = check_geometry(cfg.patch, cfg.data.scale)
-    splits = pd.read_csv(splits_path, dtype={"img_id": str})
-    out = root / "patches"
-    fingerprint = _fingerprint(cfg, splits_path)
-    stamp = out / "fingerprint.yaml"
-    if out.exists() and (not stamp.is_file() or yaml.safe_load(stamp.read_text()) != fingerprint):
-        print(f"{out}: settings or splits changed; rebuilding")
-        shutil.rmtree(out)
+def _open_folder(patches: PatchLayout, fingerprint: dict) -> None:
+    """Make ``patches/`` ready: ours with other settings is rebuilt, someone else's is refused."""
+    out = patches.dir
+    if out.exists():
+        if not patches.fingerprint.is_file():
+            if out.is_dir() and not any(out.iterdir()):
+                out.rmdir()
+            else:
+                raise DataError(f"{out}: exists but was not made by patchify (no {patches.fingerprint.name}); "
+                                "move it away, patchify will not delete it")
+        elif yaml.safe_load(patches.fingerprint.read_text()) != fingerprint:
+            print(f"{out}: settings or splits changed; rebuilding")
+            shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_write(stamp) as tmp:
+    with atomic_write(patches.fingerprint) as tmp:
         tmp.write_text(yaml.safe_dump(fingerprint))
+    for sub in ("lr", "hr", "done"):
+        clean_stale(out / sub)  # temporary files of a killed earlier run
+    clean_stale(out)
 
-    todo = [(str(root), str(out), r.img_id, int(r.fold), r.lr_path, r.hr_path, lr_size, lr_stride,
-             cfg.data.scale, cfg.patch.edge)
-            for r in splits.itertuples() if not (out / "done" / f"{r.img_id}.csv").is_file()]
+
+def main(cfg: Config) -> None:
+    data = DataLayout(Path(cfg.data.dir))
+    lr_size, lr_stride = check_geometry(cfg.patch, cfg.data.scale)
+    splits = data.splits()
+    patches = data.patches
+    _open_folder(patches, _fingerprint(cfg, data.splits_csv))
+
+    rows: dict[str, list] = {}
+    todo = []
+    for r in splits.itertuples():
+        lr, hr = data.root / r.lr_path, data.root / r.hr_path
+        for path in (lr, hr):
+            if not path.is_file():
+                raise DataError(f"{path}: listed in {data.splits_csv} but the file does not exist")
+        done = _finished(patches, r.img_id, lr, hr)
+        if done is not None:
+            rows[r.img_id] = done
+        else:
+            todo.append((str(data.root), str(patches.dir), r.img_id, int(r.fold), r.lr_path, r.hr_path, lr_size,
+                         lr_stride, cfg.data.scale, cfg.patch.edge))
     skipped = len(splits) - len(todo)
     if todo:
         if cfg.patch.workers > 1 and len(todo) > 1:
             with ProcessPoolExecutor(cfg.patch.workers) as pool:
-                list(tqdm(pool.map(_patch_image, todo), total=len(todo), desc="patchify", unit="img"))
+                results = list(tqdm(pool.map(_patch_image, todo), total=len(todo), desc="patchify", unit="img"))
         else:
-            for job in tqdm(todo, desc="patchify", unit="img"):
-                _patch_image(job)
+            results = [_patch_image(job) for job in tqdm(todo, desc="patchify", unit="img")]
+        rows.update({job[2]: result for job, result in zip(todo, results)})
 
-    manifest = pd.concat([pd.read_csv(out / "done" / f"{i}.csv", dtype={"img_id": str, "patch_id": str})
-                          for i in splits["img_id"]], ignore_index=True)
-    with atomic_write(out / "manifest.csv") as tmp:
+    manifest = pd.DataFrame([row for i in splits["img_id"] for row in rows[i]], columns=list(MANIFEST_COLUMNS))
+    with atomic_write(patches.manifest) as tmp:
         manifest.to_csv(tmp, index=False)
-    save_config(cfg, out / "config.yaml", sections=("data", "patch"))
+    save_config(cfg, patches.config, sections=("data", "patch"))
     per_fold = manifest.groupby("fold").size().to_dict()
     print(f"{len(manifest)} patch pairs (LR {lr_size} / HR {lr_size * cfg.data.scale}, stride "
           f"{lr_stride * cfg.data.scale} HR) from {len(splits)} images ({skipped} already done); "
-          f"per fold: {per_fold}; manifest: {out / 'manifest.csv'}")
+          f"per fold: {per_fold}; manifest: {patches.manifest}")

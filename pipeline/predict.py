@@ -24,6 +24,7 @@ from pipeline.checkpoint import load_weights, model_from_checkpoint
 from pipeline.config import Config, InferConfig
 from pipeline.ensemble import average_models
 from pipeline.errors import UserError
+from pipeline.layout import RunLayout
 from pipeline.models import Bicubic, build_model
 from pipeline.runtime import autocast, autocast_dtype, peak_memory, pick_device, precision_name
 from pipeline.tiling import Forward, TileError, auto_batch, effective_tile, run_tiles, tile_grid
@@ -197,15 +198,16 @@ def predict_images(models: Sequence[nn.Module], lr_images: Sequence[np.ndarray],
 def checkpoint_paths(cfg: Config) -> list[Path]:
     """The run's ``infer.checkpoint`` (or its last ``infer.last_k`` history files), then each extra run's."""
     root = Path(cfg.paths.models)
+    run = RunLayout(root, cfg.run)
     if cfg.infer.last_k > 0:
-        history = sorted((root / cfg.run / "history").glob("step_*.pth"))
+        history = run.history_files()
         if len(history) < cfg.infer.last_k:
-            raise UserError(f"infer.last_k={cfg.infer.last_k} but {root / cfg.run / 'history'} holds "
+            raise UserError(f"infer.last_k={cfg.infer.last_k} but {run.history_dir} holds "
                             f"{len(history)} checkpoint(s); train keeps train.keep_last of them")
         paths = history[-cfg.infer.last_k:]
     else:
-        paths = [root / cfg.run / f"{cfg.infer.checkpoint}.pth"]
-    paths += [root / run / f"{cfg.infer.checkpoint}.pth" for run in cfg.infer.runs]
+        paths = [run.checkpoint(cfg.infer.checkpoint)]
+    paths += [RunLayout(root, extra).checkpoint(cfg.infer.checkpoint) for extra in cfg.infer.runs]
     for p in paths:
         if not p.is_file():
             raise UserError(f"{p}: checkpoint not found (train run {p.parent.name!r} first, or use model.name=bicubic)")
@@ -216,8 +218,8 @@ def load_models(cfg: Config) -> tuple[list[nn.Module], str]:
     """Models to average and a description for tables: bicubic, bare pretrained weights, or checkpoints."""
     if cfg.model.name == "bicubic":
         return [build_model("bicubic")], "bicubic"
-    if cfg.model.pretrained and not cfg.infer.runs and cfg.infer.last_k == 0 and not (
-            Path(cfg.paths.models) / cfg.run / f"{cfg.infer.checkpoint}.pth").is_file():
+    if cfg.model.pretrained and not cfg.infer.runs and cfg.infer.last_k == 0 and not RunLayout(
+            Path(cfg.paths.models), cfg.run).checkpoint(cfg.infer.checkpoint).is_file():
         model = build_model(cfg.model.name)
         load_weights(model, cfg.model.pretrained, "params_ema" if cfg.infer.weights == "ema" else "params")
         return [model.eval()], f"{cfg.model.name} ({Path(cfg.model.pretrained).name})"

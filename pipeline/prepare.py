@@ -15,7 +15,6 @@ source) before any patch exists, so no photo is split between training and valid
 
 from __future__ import annotations
 
-import zipfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -25,68 +24,9 @@ from tqdm import tqdm
 
 from pipeline.config import Config, save_config
 from pipeline.errors import DataError
-from pipeline.images import IMAGE_SUFFIXES, ImageError, atomic_write, image_size
-
-
-def _read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except Exception as exc:
-        raise DataError(f"{path}: cannot read CSV ({exc})") from None
-    missing = [c for c in required if c not in df.columns]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)} (has {', '.join(df.columns)})")
-    return df
-
-
-def _stems(folder: Path) -> dict[str, str]:
-    return {p.stem: str(p.relative_to(folder.parent.parent)) for p in sorted(folder.iterdir())
-            if p.suffix.lower() in IMAGE_SUFFIXES}
-
-
-def read_train_table(root: Path) -> pd.DataFrame:
-    """img_id, lr_path, hr_path, source of every training pair (paths relative to ``root``)."""
-    csv = root / "train.csv"
-    if csv.is_file():
-        df = _read_csv(csv, ("img_id", "lr_img_path", "hr_img_path"))
-        df = df.rename(columns={"lr_img_path": "lr_path", "hr_img_path": "hr_path"})
-        where = csv.name
-    else:
-        lr_dir, hr_dir = root / "train" / "lr", root / "train" / "hr"
-        for d in (lr_dir, hr_dir):
-            if not d.is_dir():
-                raise DataError(f"{d}: folder not found (and no train.csv in {root})")
-        lr, hr = _stems(lr_dir), _stems(hr_dir)
-        if set(lr) != set(hr):
-            only_lr, only_hr = sorted(set(lr) - set(hr)), sorted(set(hr) - set(lr))
-            raise DataError(f"{root}/train: LR and HR counts differ ({len(lr)} vs {len(hr)}); "
-                            f"LR only: {only_lr[:5]}, HR only: {only_hr[:5]}")
-        df = pd.DataFrame({"img_id": list(lr), "lr_path": list(lr.values()), "hr_path": [hr[k] for k in lr]})
-        where = "train/lr"
-    if df.empty:
-        raise DataError(f"{root / where}: the train set is empty")
-    dup = df["img_id"][df["img_id"].duplicated()]
-    if len(dup):
-        raise DataError(f"{root / where}: duplicate img_id {dup.iloc[0]!r}")
-    if "source" not in df.columns or (df["source"] == "").any():
-        df["source"] = df["img_id"]
-    return df[["img_id", "source", "lr_path", "hr_path"]].reset_index(drop=True)
-
-
-def read_test_table(root: Path) -> pd.DataFrame:
-    """img_id, lr_path of every test image (empty when the dataset has no test set)."""
-    csv = root / "test.csv"
-    if csv.is_file():
-        df = _read_csv(csv, ("img_id", "lr_img_path")).rename(columns={"lr_img_path": "lr_path"})
-        dup = df["img_id"][df["img_id"].duplicated()]
-        if len(dup):
-            raise DataError(f"{csv}: duplicate img_id {dup.iloc[0]!r}")
-        return df[["img_id", "lr_path"]]
-    lr_dir = root / "test" / "lr"
-    if lr_dir.is_dir():
-        stems = _stems(lr_dir)
-        return pd.DataFrame({"img_id": list(stems), "lr_path": list(stems.values())})
-    return pd.DataFrame(columns=["img_id", "lr_path"])
+from pipeline.files import atomic_write
+from pipeline.images import ImageError, image_size
+from pipeline.layout import SPLIT_COLUMNS, DataLayout
 
 
 def _size_or_error(path: Path) -> tuple[int, int] | str:
@@ -130,16 +70,16 @@ def _most_common(sizes: list) -> tuple[int, int]:
     return max(set(ok), key=ok.count) if ok else (0, 0)
 
 
-def check_sample_submission(root: Path, test: pd.DataFrame) -> list[str]:
+def check_sample_submission(data: DataLayout, test: pd.DataFrame) -> list[str]:
     """Problems between test ids and ``sample_submission.zip`` (when present)."""
-    path = root / "sample_submission.zip"
-    if not path.is_file():
-        return []
+    path = data.sample_submission
     try:
-        with zipfile.ZipFile(path) as zf:
-            names = {Path(n).stem for n in zf.namelist() if not n.endswith("/")}
-    except zipfile.BadZipFile:
-        return [f"{path}: not a valid zip file"]
+        sample = data.sample_ids()
+    except DataError as exc:
+        return [str(exc)]
+    if sample is None:
+        return []
+    names = set(sample)
     missing = sorted(set(test["img_id"]) - names)
     extra = sorted(names - set(test["img_id"]))
     out = []
@@ -171,19 +111,19 @@ def assign_folds(train: pd.DataFrame, folds: int, seed: int) -> pd.Series:
 
 
 def main(cfg: Config) -> None:
-    root = Path(cfg.data.dir)
-    if not root.is_dir():
-        raise DataError(f"{root}: data folder not found")
+    data = DataLayout(Path(cfg.data.dir))
+    data.check_exists()
+    root = data.root
     if not 0 <= cfg.data.val_fold < cfg.data.folds:
         raise DataError(f"data.val_fold={cfg.data.val_fold} is outside 0..{cfg.data.folds - 1}")
-    train = read_train_table(root)
-    test = read_test_table(root)
+    train = data.train_table()
+    test = data.test_table()
     for table, col in ((train, "lr_path"), (train, "hr_path"), (test, "lr_path")):
         for rel in table[col]:
             if not (root / rel).is_file():
                 raise DataError(f"{root / rel}: listed in {root.name}'s CSV but the file does not exist")
     problems, sizes = check_pairs(root, train, test, cfg.data.scale, cfg.data.workers)
-    problems += check_sample_submission(root, test)
+    problems += check_sample_submission(data, test)
     train["fold"] = assign_folds(train, cfg.data.folds, cfg.seed)
 
     rows = [("train pairs", len(train), sizes["train LR"], sizes["train HR"]),
@@ -201,11 +141,11 @@ def main(cfg: Config) -> None:
         more = f" (and {len(problems) - 1} more problem(s) listed above)" if len(problems) > 1 else ""
         raise DataError(problems[0] + more)
 
-    splits = train[["img_id", "source", "fold", "lr_path", "hr_path"]]
-    with atomic_write(root / "splits.csv") as tmp:
+    splits = train[list(SPLIT_COLUMNS)]
+    with atomic_write(data.splits_csv) as tmp:
         splits.to_csv(tmp, index=False)
-    save_config(cfg, root / "prepare.yaml", sections=("data",))
-    print(f"wrote {root / 'splits.csv'} ({cfg.data.folds} folds by source, validation fold {cfg.data.val_fold})")
+    save_config(cfg, data.prepare_config, sections=("data",))
+    print(f"wrote {data.splits_csv} ({cfg.data.folds} folds by source, validation fold {cfg.data.val_fold})")
 
 
 def _fmt(size: tuple[int, int] | None) -> str:

@@ -13,12 +13,12 @@ the run folder pipeline/train_io.py.
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass
+import signal
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from timm.scheduler import CosineLRScheduler, StepLRScheduler
 from timm.scheduler.scheduler import Scheduler
 from timm.utils import ModelEmaV3
@@ -29,39 +29,17 @@ from torch.utils.data import DataLoader
 from pipeline import train_io
 from pipeline.checkpoint import CheckpointError, load_checkpoint, load_weights
 from pipeline.config import Config, TrainConfig, save_config
-from pipeline.dataset import EpochBatches, PairAugment, PatchDataset, read_pair, training_patches, validation_images
-from pipeline.errors import UserError
+from pipeline.dataset import EpochBatches, PairAugment, PatchDataset, read_pair
+from pipeline.distributed import Dist, barrier, init_distributed, shutdown
+from pipeline.errors import Interrupted, UserError
+from pipeline.layout import DataLayout, RunLayout
 from pipeline.models import build_model, count_parameters, model_kwargs
-from pipeline.runtime import autocast_dtype, peak_memory, pick_device, precision_name, seed_everything
+from pipeline.runtime import autocast_dtype, peak_memory, precision_name, seed_everything
 from pipeline.train_loop import Trainer
 
 
-@dataclass(frozen=True)
-class Dist:
-    """Where this process sits among the training processes (rank 0 of 1 without torchrun)."""
-
-    rank: int
-    world: int
-    device: torch.device
-
-
-def _init_distributed(deterministic: bool) -> Dist:
-    if deterministic:
-        # cuBLAS reads this at its first call to pick deterministic kernels.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = pick_device()  # the LOCAL_RANK-th GPU under torchrun
-    if world > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(dist.get_rank() if world > 1 else 0, world, device)
-
-
 def _check(t: TrainConfig) -> None:
-    for key in ("batch_size", "val_every", "save_every", "log_every"):
-        if getattr(t, key) < 1:
-            raise UserError(f"train.{key}={getattr(t, key)} must be >= 1")
+    # (numeric bounds are checked when the config loads: pipeline.config.opt)
     if t.precision == "fp16" and not torch.cuda.is_available():
         raise UserError("train.precision=fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
 
@@ -104,7 +82,7 @@ def _own_process_group(_worker_id: int) -> None:
 
 def _loader(cfg: Config, d: Dist) -> tuple[DataLoader, EpochBatches]:
     t = cfg.train
-    pairs = training_patches(cfg.data.dir, cfg.data.val_fold)
+    pairs = DataLayout(Path(cfg.data.dir)).patches.training_pairs(cfg.data.val_fold)
     side = min(read_pair(pairs[0], cfg.data.scale)[0].shape[:2])
     if t.crop > side:  # caught here, before the run folder is touched
         raise UserError(f"train.crop={t.crop} is larger than the LR patches ({side} px, {pairs[0].lr_path}); "
@@ -125,36 +103,46 @@ def _ddp(model: nn.Module, d: Dist) -> nn.Module:
     return DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
 
 
-def _resume_from(cfg: Config, d: Dist, run_dir: Path) -> dict | None:
-    """The state in models/<run>/last.pth when resuming; otherwise rank 0 clears the folder."""
-    last = run_dir / "last.pth"
-    if cfg.train.resume == "force" and not last.is_file():
-        raise UserError(f"train.resume=force but {last} does not exist")
-    resume = cfg.train.resume != "never" and last.is_file()
-    if d.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            train_io.clear_run(run_dir)
-        save_config(cfg, run_dir / "config.yaml")
+def _resume_from(cfg: Config, d: Dist, run: RunLayout) -> tuple[dict | None, float]:
+    """(state of last.pth when resuming, else None; PSNR of the best.pth already on disk, else -inf).
+
+    Trained weights are never deleted: ``train.resume=never`` over a run that has any moves the old
+    folder aside (rank 0, saying where) before starting. All checks happen before anything moves.
+    """
+    if cfg.train.resume == "force" and not run.last.is_file():
+        raise UserError(f"train.resume=force but {run.last} does not exist")
+    state = None
+    if cfg.train.resume != "never" and run.last.is_file():
+        state = load_checkpoint(run.last, map_location=d.device)
+        if state.get("arch") != cfg.model.name:
+            raise CheckpointError(f"{run.last}: a {state.get('arch')} run, but model.name={cfg.model.name}; use "
+                                  "another run name, or train.resume=never to start over (the old run is moved "
+                                  "aside, not deleted)")
+    floor = -math.inf
+    if cfg.train.resume == "never":
+        if d.rank == 0 and run.dir.exists() and run.has_weights():
+            moved = train_io.move_aside(run)
+            print(f"train.resume=never: the earlier run {run.dir} was moved to {moved}", flush=True)
+    elif run.best.is_file():
+        best = load_checkpoint(run.best)
+        if best.get("arch") != cfg.model.name:
+            raise CheckpointError(f"{run.best}: weights of a {best.get('arch')} run, but model.name="
+                                  f"{cfg.model.name}; use another run name, or train.resume=never to start over "
+                                  "(the old run is moved aside, not deleted)")
+        floor = float(best.get("psnr", best.get("best_psnr", -math.inf)))
     if d.world > 1:
-        dist.barrier()  # no rank reads the folder while rank 0 may be clearing it
-    if not resume:
-        return None
-    state = load_checkpoint(last, map_location=d.device)
-    if state.get("arch") != cfg.model.name:
-        raise CheckpointError(f"{last}: a {state.get('arch')} run, but model.name={cfg.model.name}; "
-                              "use another run name or train.resume=never")
-    return state
+        barrier(d)  # no rank reads the folder while rank 0 may be moving it
+    return state, floor
 
 
 def main(cfg: Config) -> None:
     """Train ``model.name`` on the patches of ``data.dir``; outputs in ``paths.models/run``."""
     t = cfg.train
     _check(t)
-    d = _init_distributed(t.deterministic)
+    d = init_distributed(t.deterministic)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     try:
-        run_dir = Path(cfg.paths.models) / cfg.run
+        run = RunLayout(Path(cfg.paths.models), cfg.run)
         dtype = autocast_dtype(d.device, t.precision)
         if t.deterministic:
             # warn_only: a GPU op without a deterministic kernel (nearest upsampling's backward)
@@ -169,7 +157,7 @@ def main(cfg: Config) -> None:
         if t.channels_last:
             model = model.to(memory_format=torch.channels_last)
         loader, batches = _loader(cfg, d)
-        val_pairs = validation_images(cfg.data.dir, cfg.data.val_fold)
+        val_pairs = DataLayout(Path(cfg.data.dir)).validation_pairs(cfg.data.val_fold)
         optimizer_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[t.optimizer]
         optimizer = optimizer_cls(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
         limits = [n for n in (t.max_steps, t.max_epochs * batches.steps_per_epoch) if n > 0]
@@ -178,24 +166,30 @@ def main(cfg: Config) -> None:
         # EMA decay warms up (1 - (1+step)^-2/3, capped at train.ema_decay) so short runs get a useful average.
         ema = ModelEmaV3(model, decay=t.ema_decay, use_warmup=True) if t.ema_decay > 0 else None
         scaler = torch.amp.GradScaler(d.device.type, enabled=dtype is torch.float16)  # bf16 needs no scaling
-        state = _resume_from(cfg, d, run_dir)
+        state, best_floor = _resume_from(cfg, d, run)
         torch.manual_seed(cfg.seed + d.rank)  # ranks draw different drop-path masks
 
         trainer = Trainer(
-            cfg=cfg, rank=d.rank, world=d.world, device=d.device, dtype=dtype, run_dir=run_dir, raw=model,
+            cfg=cfg, rank=d.rank, world=d.world, device=d.device, dtype=dtype, run=run, raw=model,
             model=_ddp(model, d) if d.world > 1 else model, ema=ema, optimizer=optimizer,
             scheduler=scheduler, scaler=scaler, loader=loader, batches=batches, val_pairs=val_pairs,
             total_steps=total_steps, arch=cfg.model.name, kwargs=model_kwargs(cfg.model.name))
+        trainer.best_floor = best_floor
         if state is not None:
-            trainer.load_state(state, run_dir / "last.pth")
+            trainer.load_state(state, run.last)
+        if d.rank == 0:  # only now that every check passed: a failed start leaves the old config
+            save_config(cfg, run.config)
         trainer.say(f"train {cfg.model.name} ({count_parameters(model) / 1e6:.3f}M parameters) on {d.device} "
                     f"x{d.world}, {precision_name(dtype)}, {batches.n} patches, {batches.steps_per_epoch} "
                     f"steps/epoch, global batch {t.batch_size}"
-                    + (f"; resuming {run_dir / 'last.pth'} at step {trainer.step}" if state else ""))
+                    + (f"; resuming {run.last} at step {trainer.step}" if state else ""))
         with peak_memory(d.device) as memory:
             trainer.fit()
         trainer.say(f"peak memory {memory['peak_mib']:.0f} MiB")
+        if trainer.stop_signal:
+            raise Interrupted(getattr(signal, trainer.stop_signal),
+                              f"stopped by {trainer.stop_signal} at step {trainer.step} after saving {run.last}; "
+                              "the same command resumes")
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
-        if d.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown(d)

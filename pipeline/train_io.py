@@ -1,21 +1,26 @@
-"""The train stage's run folder: resume decision, step history, RNG state, log.jsonl, TensorBoard, curves.
+"""The train stage's run folder (``pipeline.layout.RunLayout``): step history, RNG state, log.jsonl,
+TensorBoard, curves, and the rules that keep trained weights safe.
 
 models/<run>/
-    config.yaml     resolved config of the latest start
+    config.yaml     resolved config of the latest successful start
     last.pth        full training state (resume point)
-    best.pth        weights of the best validation PSNR
+    best.pth        weights of the best validation PSNR (never replaced by a worse one)
     history/step_00000500.pth   weights every train.save_every steps (newest train.keep_last kept)
     log.jsonl       one JSON object per log point or validation
     curves.png      loss and validation PSNR against steps
     tb/             TensorBoard scalars
+
+Nothing here deletes a run: starting over (``train.resume=never``) renames the old folder to
+``models/<run>.old-<time>`` and says so.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
+import os
 import random
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -23,28 +28,27 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.images import atomic_write
+from pipeline.files import atomic_write
+from pipeline.layout import RunLayout
 
-RUN_FILES = ("last.pth", "best.pth", "log.jsonl", "curves.png")
 PLOT_SECONDS = 60.0
 
 
-def clear_run(run_dir: Path) -> None:
-    """Remove an earlier run's files before starting over: a stale best.pth or old history steps
-    would otherwise mix with the new run's."""
-    for name in RUN_FILES:
-        (run_dir / name).unlink(missing_ok=True)
-    for sub in ("history", "tb"):
-        shutil.rmtree(run_dir / sub, ignore_errors=True)
+def move_aside(run: RunLayout) -> Path:
+    """Rename ``models/<run>`` to ``models/<run>.old-<time>`` (a new name, never over another) and
+    return where it went: starting a run over never deletes trained weights."""
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    for n in range(1000):
+        target = run.dir.with_name(f"{run.run}.old-{stamp}" + (f"-{n}" if n else ""))
+        if not target.exists():
+            os.rename(run.dir, target)
+            return target
+    raise FileExistsError(f"{run.dir}: no free name to move it aside")
 
 
-def history_path(run_dir: Path, step: int) -> Path:
-    return run_dir / "history" / f"step_{step:08d}.pth"
-
-
-def prune_history(run_dir: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` step checkpoints (the zero-padded names sort by step)."""
-    files = sorted((run_dir / "history").glob("step_*.pth"))
+def prune_history(run: RunLayout, keep: int) -> None:
+    """Delete all but the newest ``keep`` step checkpoints of this run (they are its own, by step)."""
+    files = run.history_files()
     for old in files[: max(0, len(files) - keep)]:
         old.unlink()
 
@@ -80,11 +84,11 @@ class RunLog:
     are dropped from log.jsonl and TensorBoard, so the log tells one consistent history.
     """
 
-    def __init__(self, run_dir: Path, start_step: int, enabled: bool) -> None:
+    def __init__(self, run: RunLayout, start_step: int, enabled: bool) -> None:
         self.enabled = enabled
         self._plotted = -math.inf
-        self.path = run_dir / "log.jsonl"
-        self.curves_path = run_dir / "curves.png"
+        self.path = run.log
+        self.curves_path = run.curves
         if not enabled:
             return
         self.entries = [e for e in self._read() if e["step"] <= start_step]
@@ -92,7 +96,7 @@ class RunLog:
             tmp.write_text("".join(json.dumps(e) + "\n" for e in self.entries))
         from torch.utils.tensorboard import SummaryWriter  # slow import: rank 0 only
 
-        self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+        self.writer = SummaryWriter(str(run.tb), purge_step=start_step + 1 if start_step else None)
 
     def _read(self) -> list[dict[str, Any]]:
         if not self.path.is_file():

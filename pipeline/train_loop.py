@@ -27,8 +27,9 @@ from tqdm import tqdm
 from pipeline import train_io
 from pipeline.checkpoint import CheckpointError, save_checkpoint
 from pipeline.config import Config, to_dict
-from pipeline.dataset import EpochBatches, Pair, read_pair
+from pipeline.dataset import EpochBatches, read_pair
 from pipeline.errors import UserError
+from pipeline.layout import Pair, RunLayout
 from pipeline.runtime import autocast
 
 
@@ -81,7 +82,7 @@ class Trainer:
     world: int
     device: torch.device
     dtype: torch.dtype | None
-    run_dir: Path
+    run: RunLayout  # models/<run>: where checkpoints, logs and plots go
     raw: nn.Module  # the model itself: EMA, validation and checkpoints use it
     model: nn.Module  # what the step calls: `raw`, or `raw` wrapped in DistributedDataParallel
     ema: ModelEmaV3 | None
@@ -100,6 +101,7 @@ class Trainer:
     bad_validations: int = 0
     val_step: int = -1
     train_seconds: float = 0.0  # of earlier sessions of this run
+    best_floor: float = -math.inf  # PSNR of the best.pth found on disk at the start
     # This session only.
     last_psnr: float = math.nan
     bicubic: float = math.nan
@@ -165,11 +167,11 @@ class Trainer:
     def save(self, history: bool) -> None:
         if not self.main:
             return
-        save_checkpoint(self.run_dir / "last.pth", self.state_dict())
+        save_checkpoint(self.run.last, self.state_dict())
         keep = self.cfg.train.keep_last
         if history and keep > 0:
-            save_checkpoint(train_io.history_path(self.run_dir, self.step), self.weights())
-            train_io.prune_history(self.run_dir, keep)
+            save_checkpoint(self.run.history_path(self.step), self.weights())
+            train_io.prune_history(self.run, keep)
         self._saved = time.monotonic()
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -179,7 +181,7 @@ class Trainer:
         self.bicubic = validate_model(_bicubic(self.device), self.val_pairs, self.cfg.data.scale, self.device,
                                       None, False, self.rank, self.world)
         self.say(f"bicubic validation PSNR {self.bicubic:.3f} dB on {len(self.val_pairs)} images")
-        self.log = train_io.RunLog(self.run_dir, self.step, self.main)
+        self.log = train_io.RunLog(self.run, self.step, self.main)
         self.bar = tqdm(total=self.total_steps or None, initial=self.step, disable=not self.main, unit="step",
                         dynamic_ncols=True)
         # Python lets only the main thread set handlers; elsewhere (a notebook's worker) Ctrl-C is plain.
@@ -210,7 +212,7 @@ class Trainer:
                 signal.signal(s, handler)
         best = (f"best validation PSNR {self.best_psnr:.3f} dB (bicubic {self.bicubic:.3f}, "
                 f"{self.best_psnr - self.bicubic:+.3f} dB)" if self.val_step >= 0 else "not validated yet")
-        self.say(f"stopped at step {self.step} ({self.stop_signal or reason}); {best}; checkpoints in {self.run_dir}")
+        self.say(f"stopped at step {self.step} ({self.stop_signal or reason}); {best}; checkpoints in {self.run.dir}")
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self.stop_signal = signal.Signals(signum).name
@@ -265,7 +267,7 @@ class Trainer:
             raise TrainingDiverged(f"loss is {values['loss/total']} at step {self.step} "
                                    f"(train.learning_rate={self.cfg.train.learning_rate}, precision "
                                    f"{self.cfg.train.precision}); lower the learning rate or set train.grad_clip; "
-                                   f"{self.run_dir / 'last.pth'} holds the last good state")
+                                   f"{self.run.last} holds the last good state")
         self._window.clear()
         start, start_step = self._speed
         now = time.perf_counter()
@@ -285,8 +287,10 @@ class Trainer:
         self.last_psnr, self.val_step = psnr, self.step
         if psnr > self.best_psnr:
             self.best_psnr, self.bad_validations = psnr, 0
-            if self.main:
-                save_checkpoint(self.run_dir / "best.pth", {**self.weights(), "psnr": psnr})
+            # best.pth may hold a better model than this session knows of (an earlier start killed
+            # after a validation, before its save): it is replaced only when beaten.
+            if self.main and psnr > self.best_floor:
+                save_checkpoint(self.run.best, {**self.weights(), "psnr": psnr})
         else:
             self.bad_validations += 1
         self.log.write(self.step, "val", {"val/psnr": psnr, "val/best_psnr": self.best_psnr,

@@ -55,9 +55,10 @@ def test_folds_split_by_source(patched_demo: Path):
 
 
 def test_folds_are_seeded(patched_demo: Path, tmp_path: Path):
-    from pipeline.prepare import assign_folds, read_train_table
+    from pipeline.layout import DataLayout
+    from pipeline.prepare import assign_folds
 
-    train = read_train_table(patched_demo)
+    train = DataLayout(patched_demo).train_table()
     assert assign_folds(train, 5, 0).tolist() == assign_folds(train, 5, 0).tolist()
     assert any(assign_folds(train, 5, s).tolist() != assign_folds(train, 5, 0).tolist() for s in range(1, 6))
 

@@ -219,10 +219,9 @@ def test_bad_settings_are_user_errors(data: Path, tmp_path: Path, capsys: pytest
                            (["train.crop=5"], "train.crop"),
                            (["train.val_every=0"], "val_every"),
                            (["data.val_fold=7"], "val_fold=7")):
-        cfg = load_config(None, [f"data.dir={data}", *train_args(data, tmp_path, "bad", "train.max_steps=2",
-                                                                 *extra)[3:]])
-        with pytest.raises(UserError, match=message):
-            train.main(cfg)
+        with pytest.raises(UserError, match=message):  # when the settings load, or when the stage starts
+            train.main(load_config(None, [f"data.dir={data}", *train_args(data, tmp_path, "bad", "train.max_steps=2",
+                                                                          *extra)[3:]]))
     assert not (tmp_path / "bad" / "last.pth").exists()
     assert cli(["train", "--data", str(tmp_path / "nowhere"), f"paths.models={tmp_path}", "train.max_steps=1"]) == 2
     assert "nowhere/patches/manifest.csv" in capsys.readouterr().err
@@ -244,7 +243,7 @@ def test_early_stopping_and_bf16(data: Path, tmp_path: Path) -> None:
     assert math.isfinite(load(tmp_path / "bf16" / "last.pth")["best_psnr"])
 
 
-def test_sigterm_saves_and_exits(data: Path, tmp_path: Path) -> None:
+def test_sigterm_saves_and_exits_non_zero(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run = tmp_path / "term"
 
     def send_sigterm() -> None:
@@ -253,8 +252,11 @@ def test_sigterm_saves_and_exits(data: Path, tmp_path: Path) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=send_sigterm, daemon=True).start()
-    assert cli(train_args(data, tmp_path, "term", "train.max_steps=100000", "train.scheduler=constant")) == 0
+    code = cli(train_args(data, tmp_path, "term", "train.max_steps=100000", "train.scheduler=constant"))
+    assert code == 128 + signal.SIGTERM  # a scheduler must not mistake a killed job for a finished one
     assert 5 <= load(run / "last.pth")["step"] < 100000
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("stopped by SIGTERM at step") and "the same command resumes" in err
 
 
 def test_sigkill_then_resume_gives_the_uninterrupted_weights(data: Path, tmp_path: Path) -> None:
