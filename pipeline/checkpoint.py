@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import UserError
-from pipeline.images import atomic_write
+from pipeline.files import atomic_write
 from pipeline.models import build_model
 
 

@@ -361,7 +361,7 @@ def from_dict(values: dict[str, Any]) -> Config:
 
 def save_config(cfg: Config, path: str | Path, sections: tuple[str, ...] = ()) -> Path:
     """Write the resolved config (all of it, or the top level plus ``sections``) atomically."""
-    from pipeline.images import atomic_write
+    from pipeline.files import atomic_write
 
     values = to_dict(cfg)
     if sections:
