@@ -112,6 +112,9 @@ def _open(path: Path) -> tuple[object, nib.Nifti1Image | None]:
         raise VolumeError(f"{path}: file is empty")
     try:
         if suffix == ".npy":
+            with open(path, "rb") as fh:
+                if fh.read(6) != b"\x93NUMPY":  # else numpy reports a refused pickle, which misleads
+                    raise ValueError("no .npy header")
             # mmap: the shape and dtype come from the header; voxels are read only when sliced.
             return np.load(path, mmap_mode="r", allow_pickle=False), None
         img = nib.load(path)
@@ -190,8 +193,8 @@ def _nifti_bytes(raw: np.ndarray, like: Volume, affine: np.ndarray, compress: bo
     """The bytes of a single-file NIfTI holding ``raw`` with ``like``'s header, dtype and scaling."""
     header = like.header.copy() if like.header is not None else None
     klass = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
-    img = klass(raw, affine, header)  # the header's dims and zooms are updated from raw and affine
     try:
+        img = klass(raw, affine, header)  # the header's dims and zooms are updated from raw and affine
         img.set_data_dtype(like.dtype)
     except HeaderDataError:
         raise VolumeError(f"{like.path}: its voxel type {like.dtype} cannot be stored in NIfTI; write .npy") from None
