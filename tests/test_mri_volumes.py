@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import nibabel as nib
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import DataError
+from pipeline.mri.bundled import bundled_scans
 from pipeline.mri.splits import build_splits, read_splits, splits_path, subject_of, write_splits
 from pipeline.mri.volumes import (
     VolumeError,
@@ -20,22 +20,20 @@ from pipeline.mri.volumes import (
     write_volume,
 )
 
-
-def _package_dir(name: str) -> Path:
-    return Path(importlib.util.find_spec(name).submodule_search_locations[0])
-
-
 BUNDLED = {  # file -> (3-D shape, volumes along the 4th axis, stored dtype)
-    "dipy/data/files/S0_10slices.nii.gz": ((128, 128, 10), 1, np.uint16),
-    "dipy/data/files/aniso_vox.nii.gz": ((58, 58, 24), 1, np.int16),
-    "nibabel/tests/data/example4d.nii.gz": ((128, 96, 24), 2, np.int16),
-    "nibabel/tests/data/anatomical.nii": ((33, 41, 25), 1, np.int16),
+    "S0_10slices.nii.gz": ((128, 128, 10), 1, np.uint16),
+    "aniso_vox.nii.gz": ((58, 58, 24), 1, np.int16),
+    "example4d.nii.gz": ((128, 96, 24), 2, np.int16),
+    "anatomical.nii": ((33, 41, 25), 1, np.int16),
 }
 
 
-def bundled(rel: str) -> Path:
-    package, rest = rel.split("/", 1)
-    return _package_dir(package) / rest
+def bundled(name: str) -> Path:
+    return next(p for p in bundled_scans() if p.name == name)
+
+
+def test_every_bundled_scan_is_listed() -> None:
+    assert sorted(p.name for p in bundled_scans()) == sorted(BUNDLED)
 
 
 @pytest.mark.parametrize("rel", sorted(BUNDLED))
@@ -50,7 +48,7 @@ def test_bundled_scans_load(rel: str) -> None:
 
 
 def test_4d_scan_volumes_are_selected_by_index() -> None:
-    path = bundled("nibabel/tests/data/example4d.nii.gz")
+    path = bundled("example4d.nii.gz")
     first, second = read_volume(path, 0), read_volume(path, 1)
     full = np.asanyarray(nib.load(path).dataobj)
     assert np.array_equal(first.data, full[..., 0]) and np.array_equal(second.data, full[..., 1])
