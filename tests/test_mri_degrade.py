@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 from scipy import ndimage
 
+from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.mri.bundled import bundled_scan
 from pipeline.mri.degrade import (
@@ -99,10 +101,11 @@ def test_mixed_interpolation_is_seeded() -> None:
 
 def test_make_lr_follows_the_degradation_setting() -> None:
     hr = _smooth((8, 8, 16))
-    assert make_lr(hr, "kspace").shape == hr.shape
-    assert make_lr(hr, "thick", thick_factor=4, thick_axis=2).shape == (8, 8, 4)
+    assert make_lr(hr).shape == hr.shape  # the default: k-space, same grid
+    cfg = load_config(overrides=["mri.degradation=thick", "mri.thick_factor=2", "mri.thick_axis=1"])
+    assert make_lr(hr, cfg.mri).shape == (8, 4, 16)
     with pytest.raises(UserError, match="mri.degradation"):
-        make_lr(hr, "blur")
+        make_lr(hr, dataclasses.replace(cfg.mri, degradation="blur"))
 
 
 def test_identical_volumes_score_perfectly() -> None:

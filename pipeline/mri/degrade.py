@@ -24,10 +24,12 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+from pipeline.config import MriConfig
 from pipeline.errors import UserError
 
 INTERPOLATIONS = {"nearest": 0, "linear": 1, "cubic": 3}  # name -> spline order of scipy.ndimage
 DEGRADATIONS = ("kspace", "thick")
+_MRI = MriConfig()  # the defaults live in the config schema, one place
 
 
 def _check_volume(x: np.ndarray) -> np.ndarray:
@@ -53,7 +55,7 @@ def kspace_mask(shape: Sequence[int], keep: Sequence[float]) -> np.ndarray:
     return axes[0][:, None, None] & axes[1][None, :, None] & axes[2][None, None, :]
 
 
-def kspace_truncate(hr: np.ndarray, keep: Sequence[float] = (0.5, 0.5, 1.0), magnitude: bool = True) -> np.ndarray:
+def kspace_truncate(hr: np.ndarray, keep: Sequence[float] = _MRI.kspace_keep, magnitude: bool = True) -> np.ndarray:
     """Zero the spectrum of ``hr`` outside the central box; float32 magnitude (or the complex image)."""
     hr = _check_volume(hr)
     spectrum = np.fft.fftn(hr.astype(np.float64))
@@ -74,7 +76,8 @@ def crop_to_multiple(hr: np.ndarray, factor: int, axis: int) -> np.ndarray:
 def thick_slices(hr: np.ndarray, factor: int, axis: int = 2) -> np.ndarray:
     """Average every ``factor`` consecutive slices along ``axis`` (float32, the LR grid)."""
     if factor < 1 or not 0 <= axis < 3:
-        raise UserError(f"thick slices need factor >= 1 and axis in 0..2, got factor={factor}, axis={axis}")
+        raise UserError(f"thick slices need factor >= 1 and axis in 0..2, got mri.thick_factor={factor}, "
+                        f"mri.thick_axis={axis}")
     hr = np.moveaxis(crop_to_multiple(hr, factor, axis), axis, 0).astype(np.float64)
     n, *rest = hr.shape
     # (n,A,B) -> (n/factor, factor, A, B) -> mean over the factor axis -> (n/factor, A, B)
@@ -105,7 +108,7 @@ def to_grid(lr: np.ndarray, shape: Sequence[int], order: int) -> np.ndarray:
 
 
 def mixed_interpolation(lr: np.ndarray, shape: Sequence[int], seed: int | Sequence[int],
-                        methods: Sequence[str] = tuple(INTERPOLATIONS)) -> tuple[np.ndarray, str]:
+                        methods: Sequence[str] = _MRI.interp) -> tuple[np.ndarray, str]:
     """``lr`` on the HR grid by a method drawn from ``methods`` with ``seed``: (volume, method name)."""
     unknown = [m for m in methods if m not in INTERPOLATIONS]
     if unknown or not methods:
@@ -114,11 +117,11 @@ def mixed_interpolation(lr: np.ndarray, shape: Sequence[int], seed: int | Sequen
     return to_grid(lr, shape, INTERPOLATIONS[method]), method
 
 
-def make_lr(hr: np.ndarray, degradation: str = "kspace", kspace_keep: Sequence[float] = (0.5, 0.5, 1.0),
-            thick_factor: int = 4, thick_axis: int = 2) -> np.ndarray:
-    """LR of ``hr`` by ``degradation`` (the ``mri.*`` settings): same grid for kspace, coarser for thick."""
-    if degradation == "kspace":
-        return kspace_truncate(hr, kspace_keep)
-    if degradation == "thick":
-        return thick_slices(hr, thick_factor, thick_axis)
-    raise UserError(f"mri.degradation={degradation!r} is not one of {', '.join(DEGRADATIONS)}")
+def make_lr(hr: np.ndarray, mri: MriConfig = _MRI) -> np.ndarray:
+    """LR of ``hr`` by ``mri.degradation``: same grid for kspace; for thick, the grid of
+    ``thick_affine`` (score it against ``crop_to_multiple(hr, mri.thick_factor, mri.thick_axis)``)."""
+    if mri.degradation == "kspace":
+        return kspace_truncate(hr, mri.kspace_keep)
+    if mri.degradation == "thick":
+        return thick_slices(hr, mri.thick_factor, mri.thick_axis)
+    raise UserError(f"mri.degradation={mri.degradation!r} is not one of {', '.join(DEGRADATIONS)}")

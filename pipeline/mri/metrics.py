@@ -25,15 +25,17 @@ from scipy import ndimage
 from skimage.filters import threshold_otsu
 from skimage.metrics import normalized_root_mse, structural_similarity
 
+from pipeline.config import MriConfig
 from pipeline.errors import UserError
 from pipeline.mri.degrade import INTERPOLATIONS, to_grid
 
 SSIM_SIGMA = 1.5
 SSIM_WINDOW = 11  # 2 * int(3.5 * 1.5 + 0.5) + 1: the extent of scikit-image's Gaussian (truncate 3.5)
+_MRI = MriConfig()  # the defaults live in the config schema, one place
 BASELINES = {"nearest": "nearest", "trilinear": "linear", "tricubic": "cubic"}  # baseline -> interpolation
 
 
-def foreground_mask(hr: np.ndarray, dilate: int = 2) -> np.ndarray:
+def foreground_mask(hr: np.ndarray, dilate: int = _MRI.mask_dilate) -> np.ndarray:
     """Boolean mask of the anatomy in ``hr``: Otsu threshold, holes filled, dilated ``dilate`` voxels."""
     hr = np.asarray(hr, dtype=np.float64)
     if hr.ndim != 3:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.config import MriConfig
 from pipeline.errors import DataError
 from pipeline.images import atomic_write
 from pipeline.mri.volumes import list_volumes, volume_shape, volume_stem
@@ -33,6 +34,7 @@ from pipeline.prepare import assign_folds
 
 SPLIT_COLUMNS = ("item", "subject", "fold", "path", "volume")
 SUBJECTS_CSV = "subjects.csv"
+_MRI = MriConfig()  # the defaults live in the config schema, one place
 
 
 def splits_path(root: str | Path) -> Path:
@@ -84,7 +86,8 @@ def _subjects_from_csv(root: Path, files: list[Path]) -> dict[str, str]:
     return listed
 
 
-def list_items(root: str | Path, subject_pattern: str = r"^[^_]+", volume4d: str = "first") -> pd.DataFrame:
+def list_items(root: str | Path, subject_pattern: str = _MRI.subject_pattern, volume4d: str = _MRI.volume4d,
+               ) -> pd.DataFrame:
     """item, subject, path, volume of every volume in ``root`` (headers only: no voxel is read)."""
     root = Path(root)
     files = list_volumes(root)
@@ -105,8 +108,8 @@ def list_items(root: str | Path, subject_pattern: str = r"^[^_]+", volume4d: str
     return table
 
 
-def build_splits(root: str | Path, folds: int, seed: int, subject_pattern: str = r"^[^_]+",
-                 volume4d: str = "first") -> pd.DataFrame:
+def build_splits(root: str | Path, folds: int, seed: int, subject_pattern: str = _MRI.subject_pattern,
+                 volume4d: str = _MRI.volume4d) -> pd.DataFrame:
     """The split table: every item with its subject's fold (whole subjects, seeded, balanced by items)."""
     table = list_items(root, subject_pattern, volume4d)
     subjects = table["subject"].nunique()

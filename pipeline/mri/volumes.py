@@ -35,11 +35,12 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
+from pipeline.config import MriConfig
 from pipeline.errors import UserError
 from pipeline.images import atomic_write
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".npy")
-MAX_VOXELS = 2**27  # default cap of one 3-D volume (512^3 voxels: 512 MiB as float32)
+_MRI = MriConfig()  # the defaults live in the config schema, one place
 NIFTI_GZIP_LEVEL = 1  # nibabel's own default: fast, most of the size gain on MRI
 # What numpy, nibabel, gzip and zlib raise for a file that is not what its suffix says.
 _READ_ERRORS = (ValueError, OSError, EOFError, zlib.error, ImageFileError, HeaderDataError)
@@ -126,7 +127,7 @@ def _open(path: Path) -> tuple[object, nib.Nifti1Image | None]:
     return img.dataobj, img
 
 
-def read_volume(path: str | Path, index: int = 0, max_voxels: int = MAX_VOXELS) -> Volume:
+def read_volume(path: str | Path, index: int = 0, max_voxels: int = _MRI.max_voxels) -> Volume:
     """Read one 3-D volume (``index`` along a 4-D scan's fourth axis) as float32 real-world values."""
     path = Path(path)
     arr, img = _open(path)
@@ -223,7 +224,7 @@ class IntensityStats:
         return {"low": self.low, "high": self.high}
 
 
-def intensity_stats(data: np.ndarray, percentiles: tuple[float, ...] = (0.5, 99.5),
+def intensity_stats(data: np.ndarray, percentiles: tuple[float, ...] = _MRI.norm_percentiles,
                     path: str | Path = "<volume>") -> IntensityStats:
     """The percentiles of all voxels; min / max when they coincide (a mostly empty volume)."""
     if len(percentiles) != 2 or not 0 <= percentiles[0] < percentiles[1] <= 100:
