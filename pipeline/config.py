@@ -168,6 +168,33 @@ class DemoConfig:
 
 
 @dataclass(frozen=True)
+class MriConfig:
+    dir: str = opt("data/mri", "folder of volumes (.nii, .nii.gz, .npy) split into folds by subject")
+    folds: int = opt(5, "number of folds; whole subjects are assigned to a fold")
+    val_fold: int = opt(0, "fold held out for validation")
+    subject_pattern: str = opt(
+        r"^[^_]+", "regex applied to a file's name without suffix; its 'subject' group (or the whole match) "
+        "is the subject id (default: the text before the first '_', BIDS-style sub-01_T1w -> sub-01); "
+        "a subjects.csv (file,subject) in the folder overrides it")
+    volume4d: Literal["first", "all"] = opt(
+        "first", "4-D scans: 'first' takes volume 0 of the 4th axis, 'all' makes every volume an item of the "
+        "same subject")
+    max_voxels: int = opt(2**27, "voxel cap of one 3-D volume (2^27 = 512^3); larger inputs are refused")
+    norm_percentiles: tuple[float, ...] = opt(
+        (0.5, 99.5), "intensity percentiles mapped to 0 and 1 per volume (not clipped: exactly invertible)")
+    degradation: Literal["kspace", "thick"] = opt(
+        "kspace", "LR from HR: 'kspace' keeps the centre of the 3-D spectrum (same grid), 'thick' averages "
+        "consecutive slices along thick_axis (coarser grid)")
+    kspace_keep: tuple[float, ...] = opt(
+        (0.5, 0.5, 1.0), "fraction of the spectrum kept along each axis (0.5 x 0.5 x 1 keeps a quarter of k-space)")
+    thick_factor: Literal[2, 4] = opt(4, "slices averaged into one thick slice")
+    thick_axis: int = opt(2, "axis of the thick slices (2 = the third voxel axis)")
+    interp: tuple[str, ...] = opt(
+        ("nearest", "linear", "cubic"), "interpolations drawn per sample to bring thick slices back to the HR grid")
+    mask_dilate: int = opt(2, "voxels the Otsu foreground mask of HR is dilated by before scoring")
+
+
+@dataclass(frozen=True)
 class Config:
     run: str = opt("default", "run name: checkpoints in models/<run>, outputs in submit/<run>")
     seed: int = opt(0, "global seed (splits, data order, initialisation)")
@@ -181,6 +208,7 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     ablate: AblateConfig = field(default_factory=AblateConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    mri: MriConfig = field(default_factory=MriConfig)
 
 
 # ---------------------------------------------------------------------------------------------
