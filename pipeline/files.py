@@ -115,6 +115,11 @@ def staged_dir(path: str | Path, owned: str) -> Iterator[Path]:
 
 def check_replaceable(path: Path, owned: str) -> None:
     """Refuse to replace a folder that this project did not write (``owned`` marks ours)."""
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{parent}: is a file where a folder is needed (for {path})")
+            break
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise UserError(f"{path}: exists and is not a folder; choose another output folder")
     if path.is_dir() and any(path.iterdir()) and not (path / owned).is_file():

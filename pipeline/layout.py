@@ -10,6 +10,8 @@
     submit/<run>/                     OutputLayout(submit_root, run)
         pred/ val_pred/ (whole folders, swapped in complete)  submission.zip|csv  ablation.csv|png
     submit/leaderboard.csv
+    <volumes>/                        VolumeLayout(root): a folder of MRI volumes
+        *.nii *.nii.gz *.npy  subjects.csv (optional)  mri_splits.csv
 
 Ids and run names become file and folder names, so they are checked here and nowhere else: a
 safe character set (letters, digits, ``_ . -``), starting with a letter, digit or ``_`` (no
@@ -39,6 +41,7 @@ TRAIN_COLUMNS = ("img_id", "lr_img_path", "hr_img_path")  # train.csv (+ optiona
 TEST_COLUMNS = ("img_id", "lr_img_path")  # test.csv
 SPLIT_COLUMNS = ("img_id", "source", "fold", "lr_path", "hr_path")  # splits.csv
 MANIFEST_COLUMNS = ("patch_id", "img_id", "fold", "y", "x", "lr_path", "hr_path")  # patches/manifest.csv
+VOLUME_SPLIT_COLUMNS = ("item", "subject", "fold", "path", "volume")  # <volumes>/mri_splits.csv
 LEADERBOARD_COLUMNS = ("timestamp", "run", "model", "settings", "images", "psnr", "ssim", "sec_per_image", "device")
 COMPLETE_MARK = "timing.json"  # every finished prediction folder holds it (written last)
 
@@ -340,3 +343,16 @@ class OutputLayout:
 
     def submission(self, fmt: str) -> Path:
         return self.dir / f"submission.{fmt}"
+
+
+@dataclass(frozen=True)
+class VolumeLayout:
+    """A folder of medical volumes (``mri.dir``): the scans, their subjects and their folds."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    splits_csv = property(lambda self: self.root / "mri_splits.csv")
+    subjects_csv = property(lambda self: self.root / "subjects.csv")  # optional: file -> subject

@@ -18,13 +18,13 @@ from __future__ import annotations
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
 from pipeline.config import Config, save_config
 from pipeline.errors import DataError
 from pipeline.files import atomic_write
+from pipeline.folds import assign_folds
 from pipeline.images import ImageError, image_size
 from pipeline.layout import SPLIT_COLUMNS, DataLayout
 
@@ -88,26 +88,6 @@ def check_sample_submission(data: DataLayout, test: pd.DataFrame) -> list[str]:
     if extra:
         out.append(f"{path}: names absent from the test set: {', '.join(extra[:5])}")
     return out
-
-
-def assign_folds(train: pd.DataFrame, folds: int, seed: int) -> pd.Series:
-    """Fold of each image: whole sources, in a seeded order, each to the fold with fewest images.
-
-    (Balanced enough for contest data, where sources are similar in size, and it leaves the
-    validation fold a random source rather than always the largest.)
-    """
-    counts = train.groupby("source").size()
-    sources = counts.index.to_numpy()
-    if len(sources) < folds:
-        raise DataError(f"{len(sources)} source image(s) cannot fill {folds} folds; set data.folds lower")
-    order = np.random.default_rng(seed).permutation(len(sources))
-    load = [0] * folds
-    fold_of: dict[str, int] = {}
-    for i in order:
-        f = min(range(folds), key=lambda k: (load[k], k))
-        fold_of[sources[i]] = f
-        load[f] += int(counts.iloc[i])
-    return train["source"].map(fold_of).astype(int)
 
 
 def main(cfg: Config) -> None:

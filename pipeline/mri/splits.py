@@ -24,22 +24,19 @@ import pandas as pd
 
 from pipeline.config import MriConfig
 from pipeline.errors import DataError
-from pipeline.images import atomic_write
+from pipeline.files import atomic_write
+from pipeline.folds import assign_folds  # the project's one fold rule: a subject plays a source photo's part
+from pipeline.layout import VOLUME_SPLIT_COLUMNS as SPLIT_COLUMNS
+from pipeline.layout import VolumeLayout, read_table
 from pipeline.mri.volumes import list_volumes, volume_shape, volume_stem
 
-# prepare.assign_folds is the project's one fold rule (whole groups to the least-filled fold in a
-# seeded order); a subject plays the part of a 2-D source photo. (It belongs in the core: the
-# lead's layout module may take it over.)
-from pipeline.prepare import assign_folds
-
-SPLIT_COLUMNS = ("item", "subject", "fold", "path", "volume")
-SUBJECTS_CSV = "subjects.csv"
+SUBJECTS_CSV = VolumeLayout(Path(".")).subjects_csv.name
 _MRI = MriConfig()  # the defaults live in the config schema, one place
 
 
 def splits_path(root: str | Path) -> Path:
-    """Where the split of a volume folder lives (the one place this path is built)."""
-    return Path(root) / "mri_splits.csv"
+    """Where the split of a volume folder lives."""
+    return VolumeLayout(Path(root)).splits_csv
 
 
 def subject_of(stem: str, pattern: str) -> str:
@@ -57,21 +54,9 @@ def subject_of(stem: str, pattern: str) -> str:
     return subject
 
 
-def _read_csv(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
-    """A CSV of strings ('007' stays a name), checked for ``columns``."""
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not a readable CSV ({exc})") from None
-    missing = [c for c in columns if c not in table.columns]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {missing}; expected {','.join(columns)}")
-    return table
-
-
 def _subjects_from_csv(root: Path, files: list[Path]) -> dict[str, str]:
-    path = root / SUBJECTS_CSV
-    table = _read_csv(path, ("file", "subject"))
+    path = VolumeLayout(root).subjects_csv
+    table = read_table(path, ("file", "subject"), "expected columns file,subject")
     listed = dict(zip(table["file"], table["subject"]))
     names = {p.name for p in files}
     for name, subject in listed.items():
@@ -132,7 +117,7 @@ def read_splits(root: str | Path) -> pd.DataFrame:
     path = splits_path(root)
     if not path.is_file():
         raise DataError(f"{path}: not found; split the folder first (pipeline.mri.splits.write_splits)")
-    table = _read_csv(path, SPLIT_COLUMNS)
+    table = read_table(path, SPLIT_COLUMNS, "split the folder first (pipeline.mri.splits.write_splits)")
     try:
         return table.astype({"fold": int, "volume": int})
     except ValueError:
