@@ -48,7 +48,7 @@ import pandas as pd
 
 from pipeline.config import Config, DataConfig
 from pipeline.errors import UserError
-from pipeline.files import atomic_write
+from pipeline.files import atomic_write, clean_stale
 from pipeline.images import ImageError, check_pixels, image_size
 from pipeline.layout import COMPLETE_MARK, DataLayout, OutputLayout
 
@@ -316,6 +316,7 @@ def main(cfg: Config) -> None:
         return
     out_layout = OutputLayout(Path(cfg.paths.submit), cfg.run)
     out = out_layout.submission(cfg.submit.format)
+    clean_stale(out_layout.dir)
     try:
         expected = expected_outputs(Path(cfg.data.dir), cfg.data.scale)
         files = check_predictions(out_layout.pred, expected)

@@ -32,6 +32,7 @@ from pipeline.config import Config, TrainConfig, save_config
 from pipeline.dataset import EpochBatches, PairAugment, PatchDataset, read_pair
 from pipeline.distributed import Dist, barrier, init_distributed, shutdown
 from pipeline.errors import Interrupted, UserError
+from pipeline.files import clean_stale
 from pipeline.layout import DataLayout, RunLayout
 from pipeline.models import build_model, count_parameters, model_kwargs
 from pipeline.runtime import autocast_dtype, peak_memory, precision_name, seed_everything
@@ -179,6 +180,8 @@ def main(cfg: Config) -> None:
             trainer.load_state(state, run.last)
         if d.rank == 0:  # only now that every check passed: a failed start leaves the old config
             save_config(cfg, run.config)
+            for folder in (run.dir, run.history_dir):
+                clean_stale(folder)  # temporary checkpoint files of a killed earlier session
         trainer.say(f"train {cfg.model.name} ({count_parameters(model) / 1e6:.3f}M parameters) on {d.device} "
                     f"x{d.world}, {precision_name(dtype)}, {batches.n} patches, {batches.steps_per_epoch} "
                     f"steps/epoch, global batch {t.batch_size}"
