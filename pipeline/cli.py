@@ -48,6 +48,9 @@ STAGES: dict[str, Stage] = {
     "demo-data": Stage(
         "pipeline.demo_data", "build data/demo (contest layout) from scikit-image's photos",
         ("demo",), {"--out": ("demo.out", "where to write the dataset")}),
+    "add-data": Stage(
+        "pipeline.add_data", "extra training pairs from a folder of HR photos (bicubic x1/4, optional degradations)",
+        ("data", "extra"), {**DATA_FLAG, "--from": ("extra.source", "folder of HR photos")}),
     "prepare": Stage(
         "pipeline.prepare", "check every pair and write splits.csv (folds by source image)",
         ("data",), DATA_FLAG),

@@ -161,6 +161,17 @@ class AblateConfig:
 
 
 @dataclass(frozen=True)
+class ExtraConfig:
+    source: str = opt("", "folder of HR photos to add as training pairs (--from)")
+    name: str = opt("", "name of this set (default: the --from folder's name); ids become <name>_<file stem>")
+    blur: float = opt(0.0, "sigma (HR pixels) of an isotropic Gaussian blur before the x1/scale bicubic; 0 = none",
+                      ge=0, le=20)
+    noise: float = opt(0.0, "sigma of Gaussian noise added to the LR, in 8-bit levels; 0 = none", ge=0, le=100)
+    jpeg: int = opt(0, "JPEG quality the LR is compressed with (1-100); 0 = none", ge=0, le=100)
+    workers: int = opt(2, "worker processes", ge=0)
+
+
+@dataclass(frozen=True)
 class DemoConfig:
     out: str = opt("data/demo", "where demo-data writes the dataset (--out)")
     seed: int = opt(0, "seed of the crops chosen per photo")
@@ -207,6 +218,7 @@ class Config:
     submit: SubmitConfig = field(default_factory=SubmitConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     ablate: AblateConfig = field(default_factory=AblateConfig)
+    extra: ExtraConfig = field(default_factory=ExtraConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     mri: MriConfig = field(default_factory=MriConfig)
 

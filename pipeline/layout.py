@@ -3,6 +3,7 @@
     data/<set>/                       DataLayout(root)
         train.csv  test.csv  sample_submission.zip         the contest's files (or the folders:)
         train/lr/<id>.png  train/hr/<id>.png  test/lr/<id>.png
+        extra.csv  extra/<name>/{lr,hr}/<id>.png            add-data: extra training pairs (fold -1)
         splits.csv  prepare.yaml                            prepare
         patches/  manifest.csv fingerprint.yaml config.yaml lr/ hr/ done/   PatchLayout (patchify)
     models/<run>/                     RunLayout(models_root, run)
@@ -40,6 +41,8 @@ _SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 TRAIN_COLUMNS = ("img_id", "lr_img_path", "hr_img_path")  # train.csv (+ optional "source")
 TEST_COLUMNS = ("img_id", "lr_img_path")  # test.csv
 SPLIT_COLUMNS = ("img_id", "source", "fold", "lr_path", "hr_path")  # splits.csv
+EXTRA_COLUMNS = ("img_id", "source", "lr_path", "hr_path")  # extra.csv (written by add-data)
+EXTRA_FOLD = -1  # the fold of extra pairs in splits.csv: training only, never a validation fold (>= 0)
 MANIFEST_COLUMNS = ("patch_id", "img_id", "fold", "y", "x", "lr_path", "hr_path")  # patches/manifest.csv
 VOLUME_SPLIT_COLUMNS = ("item", "subject", "fold", "path", "volume")  # <volumes>/mri_splits.csv
 LEADERBOARD_COLUMNS = ("timestamp", "run", "model", "settings", "images", "psnr", "ssim", "sec_per_image", "device")
@@ -171,6 +174,24 @@ class DataLayout:
     splits_csv = property(lambda self: self.root / "splits.csv")
     prepare_config = property(lambda self: self.root / "prepare.yaml")
     patches = property(lambda self: PatchLayout(self.root / "patches"))
+    extra_csv = property(lambda self: self.root / "extra.csv")
+
+    def extra_dir(self, name: str) -> Path:
+        """``extra/<name>``: one set of extra pairs made by add-data (``lr/``, ``hr/``, ``add-data.yaml``)."""
+        return self.root / "extra" / check_id(name, "extra.name", "name")
+
+    def extra_table(self) -> pd.DataFrame:
+        """img_id, source, lr_path, hr_path of the extra training pairs (empty without extra.csv)."""
+        if not self.extra_csv.is_file():
+            return pd.DataFrame(columns=list(EXTRA_COLUMNS))
+        where = str(self.extra_csv)
+        table = read_table(self.extra_csv, EXTRA_COLUMNS, "written by add-data")
+        for i in table["img_id"]:
+            check_id(i, where)
+        _unique_ids(table["img_id"], self.extra_csv)
+        for col in ("lr_path", "hr_path"):
+            table[col] = [str(resolve_under(self.root, p, where).relative_to(self.root)) for p in table[col]]
+        return table[list(EXTRA_COLUMNS)].reset_index(drop=True)
 
     def check_exists(self) -> None:
         if not self.root.is_dir():

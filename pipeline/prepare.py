@@ -11,6 +11,8 @@ unique. Every problem found is listed; then the stage fails with the first one a
 nothing. On success it writes ``splits.csv`` (img_id, source, fold, lr_path, hr_path): K folds
 assigned to whole SOURCE images (the ``source`` column when given, else each image is its own
 source) before any patch exists, so no photo is split between training and validation.
+Extra pairs made by ``add-data`` (``extra.csv``) are checked the same way and join splits.csv
+with fold -1: training only, never a validation fold.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pipeline.errors import DataError
 from pipeline.files import atomic_write
 from pipeline.folds import assign_folds
 from pipeline.images import ImageError, image_size
-from pipeline.layout import SPLIT_COLUMNS, DataLayout
+from pipeline.layout import EXTRA_FOLD, SPLIT_COLUMNS, DataLayout
 
 
 def _size_or_error(path: Path) -> tuple[int, int] | str:
@@ -105,10 +107,21 @@ def main(cfg: Config) -> None:
     problems, sizes = check_pairs(root, train, test, cfg.data.scale, cfg.data.workers)
     problems += check_sample_submission(data, test)
     train["fold"] = assign_folds(train, cfg.data.folds, cfg.seed)
+    extra = data.extra_table()
+    clash = sorted(set(extra["img_id"]) & set(train["img_id"]))
+    if clash:
+        raise DataError(f"{data.extra_csv}: id {clash[0]!r} is also a contest training image")
+    extra_sizes: dict[str, tuple[int, int]] = {}
+    if len(extra):
+        extra_problems, extra_sizes = check_pairs(root, extra, extra.iloc[0:0], cfg.data.scale, cfg.data.workers)
+        problems += extra_problems
+        extra["fold"] = EXTRA_FOLD  # training only: validation folds are >= 0
 
     rows = [("train pairs", len(train), sizes["train LR"], sizes["train HR"]),
             ("test images", len(test), sizes["test LR"], None),
             ("source images", train["source"].nunique(), None, None)]
+    if len(extra):
+        rows.append(("extra pairs (training only)", len(extra), extra_sizes["train LR"], extra_sizes["train HR"]))
     table = pd.DataFrame([(n, c, _fmt(lr), _fmt(hr)) for n, c, lr, hr in rows],
                          columns=["", "count", "LR size", "HR size"])
     print(table.to_string(index=False))
@@ -121,7 +134,8 @@ def main(cfg: Config) -> None:
         more = f" (and {len(problems) - 1} more problem(s) listed above)" if len(problems) > 1 else ""
         raise DataError(problems[0] + more)
 
-    splits = train[list(SPLIT_COLUMNS)]
+    splits = pd.concat([train[list(SPLIT_COLUMNS)], extra[list(SPLIT_COLUMNS)]], ignore_index=True) if len(
+        extra) else train[list(SPLIT_COLUMNS)]
     with atomic_write(data.splits_csv) as tmp:
         splits.to_csv(tmp, index=False)
     save_config(cfg, data.prepare_config, sections=("data",))
