@@ -140,6 +140,10 @@ class EvaluateConfig:
     protocol: Literal["competition", "paper"] = opt(
         "competition", "competition = RGB uint8 PSNR; paper = Y channel, scale-pixel border cropped")
     csv: str = opt("", "per-image CSV to write (--csv)")
+    lpips_weights: str = opt(
+        "", "torchvision ImageNet weights of the LPIPS backbone (alex: alexnet-owt-7be5be79.pth, vgg: "
+        "vgg16-397923af.pth); empty = the lpips column says it is missing")
+    lpips_net: Literal["alex", "vgg"] = opt("alex", "LPIPS backbone (the lpips package ships its linear layers)")
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,32 @@ class DemoConfig:
 
 
 @dataclass(frozen=True)
+class LossConfig:
+    """Generator loss terms beside the pixel loss (train.loss_l1, train.loss_mse); see pipeline/losses.py."""
+
+    perceptual: float = opt(0.0, "weight of the VGG19 feature loss; > 0 needs loss.vgg_weights")
+    perceptual_layers: tuple[str, ...] = opt(
+        ("conv5_4",), "VGG19 layers compared, summed: conv5_4 = SRGAN's VGG54 (before its ReLU), conv2_2 = VGG22")
+    perceptual_criterion: Literal["l1", "mse"] = opt("l1", "feature distance: l1 (ESRGAN) or mse (SRGAN)")
+    vgg_weights: str = opt("", "torchvision's ImageNet VGG19 state dict (vgg19-dcbb9e9d.pth), never downloaded")
+    tv: float = opt(0.0, "weight of the total-variation loss (mean absolute difference of neighbours)")
+
+
+@dataclass(frozen=True)
+class GanConfig:
+    """Adversarial fine-tuning; pipeline/discriminators.py and pipeline/losses.py."""
+
+    discriminator: str = opt("", "discriminator from the table (vgg128, vgg128-ln, unet-sn, ...); empty = no GAN")
+    pretrained: str = opt("", "discriminator weights to start from; empty = from scratch")
+    loss: Literal["vanilla", "relativistic", "wgan-gp"] = opt(
+        "relativistic", "vanilla (SRGAN, BCE), relativistic (ESRGAN, relativistic average) or wgan-gp")
+    weight: float = opt(5e-3, "weight of the adversarial term in the generator loss (ESRGAN 5e-3, SRGAN 1e-3)")
+    gp_weight: float = opt(10.0, "gradient penalty weight of wgan-gp (lambda)")
+    critic_steps: int = opt(1, "discriminator updates per generator update (the WGAN-GP paper uses 5)")
+    learning_rate: float = opt(1e-4, "discriminator learning rate")
+
+
+@dataclass(frozen=True)
 class Config:
     run: str = opt("default", "run name: checkpoints in models/<run>, outputs in submit/<run>")
     seed: int = opt(0, "global seed (splits, data order, initialisation)")
@@ -173,6 +203,8 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     ablate: AblateConfig = field(default_factory=AblateConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    gan: GanConfig = field(default_factory=GanConfig)
 
 
 # ---------------------------------------------------------------------------------------------
