@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from torch import nn
@@ -11,15 +9,7 @@ from torch import nn
 from pipeline.discriminators import DISCRIMINATORS, build_discriminator, check_discriminator, discriminator_kwargs
 from pipeline.errors import UserError
 
-
-@pytest.fixture(autouse=True)
-def _fast_cpu(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    # As in test_models.py: PyTorch's own kernels and one thread are faster for these small shapes.
-    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("fast_cpu")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("name", sorted(DISCRIMINATORS))
