@@ -19,13 +19,16 @@ if "torchvision.transforms.functional_tensor" not in sys.modules:
     except ImportError:
         sys.modules["torchvision.transforms.functional_tensor"] = _tv_functional
 
+from basicsr.archs.discriminator_arch import UNetDiscriminatorSN, VGGStyleDiscriminator  # noqa: E402
 from basicsr.archs.edsr_arch import EDSR  # noqa: E402
 from basicsr.archs.rrdbnet_arch import RRDBNet  # noqa: E402
+from basicsr.archs.srresnet_arch import MSRResNet  # noqa: E402
 from basicsr.archs.swinir_arch import SwinIR  # noqa: E402
 from basicsr.data.degradations import add_gaussian_noise, add_jpg_compression, bivariate_Gaussian  # noqa: E402
 from basicsr.metrics.psnr_ssim import calculate_psnr, calculate_ssim  # noqa: E402
 from basicsr.utils.color_util import rgb2ycbcr  # noqa: E402
 from basicsr.utils.matlab_functions import imresize  # noqa: E402
 
-__all__ = ["EDSR", "RRDBNet", "SwinIR", "add_gaussian_noise", "add_jpg_compression", "bivariate_Gaussian",
-           "calculate_psnr", "calculate_ssim", "imresize", "rgb2ycbcr"]
+__all__ = ["EDSR", "MSRResNet", "RRDBNet", "SwinIR", "UNetDiscriminatorSN", "VGGStyleDiscriminator",
+           "add_gaussian_noise", "add_jpg_compression", "bivariate_Gaussian", "calculate_psnr", "calculate_ssim",
+           "imresize", "rgb2ycbcr"]

@@ -148,6 +148,10 @@ class EvaluateConfig:
     protocol: Literal["competition", "paper"] = opt(
         "competition", "competition = RGB uint8 PSNR; paper = Y channel, scale-pixel border cropped")
     csv: str = opt("", "per-image CSV to write (--csv)")
+    lpips_weights: str = opt(
+        "", "torchvision ImageNet weights of the LPIPS backbone (alex: alexnet-owt-7be5be79.pth, vgg: "
+        "vgg16-397923af.pth); empty = the lpips column says it is missing")
+    lpips_net: Literal["alex", "vgg"] = opt("alex", "LPIPS backbone (the lpips package ships its linear layers)")
 
 
 @dataclass(frozen=True)
@@ -181,8 +185,8 @@ class DemoConfig:
 @dataclass(frozen=True)
 class MriConfig:
     dir: str = opt("data/mri", "folder of volumes (.nii, .nii.gz, .npy) split into folds by subject")
-    folds: int = opt(5, "number of folds; whole subjects are assigned to a fold")
-    val_fold: int = opt(0, "fold held out for validation")
+    folds: int = opt(5, "number of folds; whole subjects are assigned to a fold", ge=2)
+    val_fold: int = opt(0, "fold held out for validation", ge=0)
     subject_pattern: str = opt(
         r"^[^_]+", "regex applied to a file's name without suffix; its 'subject' group (or the whole match) "
         "is the subject id (default: the text before the first '_', BIDS-style sub-01_T1w -> sub-01); "
@@ -190,7 +194,7 @@ class MriConfig:
     volume4d: Literal["first", "all"] = opt(
         "first", "4-D scans: 'first' takes volume 0 of the 4th axis, 'all' makes every volume an item of the "
         "same subject")
-    max_voxels: int = opt(2**27, "voxel cap of one 3-D volume (2^27 = 512^3); larger inputs are refused")
+    max_voxels: int = opt(2**27, "voxel cap of one 3-D volume (2^27 = 512^3); larger inputs are refused", ge=1)
     norm_percentiles: tuple[float, ...] = opt(
         (0.5, 99.5), "intensity percentiles mapped to 0 and 1 per volume (not clipped: exactly invertible)")
     degradation: Literal["kspace", "thick"] = opt(
@@ -199,10 +203,36 @@ class MriConfig:
     kspace_keep: tuple[float, ...] = opt(
         (0.5, 0.5, 1.0), "fraction of the spectrum kept along each axis (0.5 x 0.5 x 1 keeps a quarter of k-space)")
     thick_factor: Literal[2, 4] = opt(4, "slices averaged into one thick slice")
-    thick_axis: int = opt(2, "axis of the thick slices (2 = the third voxel axis)")
+    thick_axis: int = opt(2, "axis of the thick slices (2 = the third voxel axis)", ge=0, le=2)
     interp: tuple[str, ...] = opt(
         ("nearest", "linear", "cubic"), "interpolations drawn per sample to bring thick slices back to the HR grid")
-    mask_dilate: int = opt(2, "voxels the Otsu foreground mask of HR is dilated by before scoring")
+    mask_dilate: int = opt(2, "voxels the Otsu foreground mask of HR is dilated by before scoring", ge=0)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Generator loss terms beside the pixel loss (train.loss_l1, train.loss_mse); see pipeline/losses.py."""
+
+    perceptual: float = opt(0.0, "weight of the VGG19 feature loss; > 0 needs loss.vgg_weights", ge=0)
+    perceptual_layers: tuple[str, ...] = opt(
+        ("conv5_4",), "VGG19 layers compared, summed: conv5_4 = SRGAN's VGG54 (before its ReLU), conv2_2 = VGG22")
+    perceptual_criterion: Literal["l1", "mse"] = opt("l1", "feature distance: l1 (ESRGAN) or mse (SRGAN)")
+    vgg_weights: str = opt("", "torchvision's ImageNet VGG19 state dict (vgg19-dcbb9e9d.pth), never downloaded")
+    tv: float = opt(0.0, "weight of the total-variation loss (mean absolute difference of neighbours)", ge=0)
+
+
+@dataclass(frozen=True)
+class GanConfig:
+    """Adversarial fine-tuning; pipeline/discriminators.py and pipeline/losses.py."""
+
+    discriminator: str = opt("", "discriminator from the table (vgg128, vgg128-ln, unet-sn, ...); empty = no GAN")
+    pretrained: str = opt("", "discriminator weights to start from; empty = from scratch")
+    loss: Literal["vanilla", "relativistic", "wgan-gp"] = opt(
+        "relativistic", "vanilla (SRGAN, BCE), relativistic (ESRGAN, relativistic average) or wgan-gp")
+    weight: float = opt(5e-3, "weight of the adversarial term in the generator loss (ESRGAN 5e-3, SRGAN 1e-3)", ge=0)
+    gp_weight: float = opt(10.0, "gradient penalty weight of wgan-gp (lambda)", ge=0)
+    critic_steps: int = opt(1, "discriminator updates per generator update (the WGAN-GP paper uses 5)", ge=1)
+    learning_rate: float = opt(1e-4, "discriminator learning rate", ge=0)
 
 
 @dataclass(frozen=True)
@@ -221,6 +251,8 @@ class Config:
     extra: ExtraConfig = field(default_factory=ExtraConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     mri: MriConfig = field(default_factory=MriConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    gan: GanConfig = field(default_factory=GanConfig)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,10 @@
 The protocols (``competition``: RGB uint8 whole image, the contest metric; ``paper``: Y channel,
 ``data.scale`` border cropped) and NRMSE are defined in ``pipeline.metrics``. The mean NRMSE over
 images weighs bad images more than the mean PSNR does.
+Beside them, on the whole RGB image whatever the protocol (pipeline.perceptual.ImageQuality):
+``sharpness``, the Laplacian energy of the prediction over the ground truth's (1 = as much fine detail,
+below = smoother), and ``lpips`` when ``evaluate.lpips_weights`` names the backbone's torchvision
+weights file (otherwise the column says what is missing).
 
 Folders are matched by file stem; a missing, extra or size-mismatched file is an error naming it.
 The output ends with a line ``PSNR <mean> SSIM <mean>``; ``--csv`` writes the per-image table.
@@ -20,6 +24,9 @@ from pipeline.errors import UserError
 from pipeline.files import atomic_write
 from pipeline.images import images_by_stem, read_uint8
 from pipeline.metrics import score_pair
+from pipeline.perceptual import ImageQuality
+
+COLUMNS = ["name", "psnr", "ssim", "nrmse", "sharpness", "lpips"]
 
 
 def match_folders(sr_dir: str | Path, hr_dir: str | Path) -> list[tuple[str, Path, Path]]:
@@ -37,22 +44,29 @@ def match_folders(sr_dir: str | Path, hr_dir: str | Path) -> list[tuple[str, Pat
 
 
 def evaluate_pairs(pairs: Iterable[tuple[str, Path, Path]], protocol: str = "competition", scale: int = 4,
-                   ) -> pd.DataFrame:
-    """One row per (name, SR path, HR path): name, psnr, ssim, nrmse."""
+                   quality: ImageQuality | None = None) -> pd.DataFrame:
+    """One row per (name, SR path, HR path): name, psnr, ssim, nrmse, sharpness, lpips."""
+    quality = quality or ImageQuality()
     rows = []
     for name, sr_path, hr_path in pairs:
         sr, hr = read_uint8(sr_path), read_uint8(hr_path)
         if sr.shape != hr.shape:
             raise UserError(f"{sr_path}: prediction is {sr.shape[1]}x{sr.shape[0]} but {hr_path} is "
                             f"{hr.shape[1]}x{hr.shape[0]}")
-        rows.append({"name": name, **score_pair(sr, hr, protocol, scale)})
-    return pd.DataFrame(rows, columns=["name", "psnr", "ssim", "nrmse"])
+        rows.append({"name": name, **score_pair(sr, hr, protocol, scale), **quality(sr, hr)})
+    return pd.DataFrame(rows, columns=COLUMNS)
 
 
 def evaluate_folders(sr_dir: str | Path, hr_dir: str | Path, protocol: str = "competition", scale: int = 4,
-                     ) -> pd.DataFrame:
+                     quality: ImageQuality | None = None) -> pd.DataFrame:
     """Per-image scores of every prediction in ``sr_dir`` against the same stem in ``hr_dir``."""
-    return evaluate_pairs(match_folders(sr_dir, hr_dir), protocol, scale)
+    return evaluate_pairs(match_folders(sr_dir, hr_dir), protocol, scale, quality)
+
+
+def mean_row(table: pd.DataFrame) -> list[object]:
+    """The table's last row: the mean of every numeric column; a text column (a missing metric) keeps its text."""
+    return ["mean", *(table[c].mean() if pd.api.types.is_numeric_dtype(table[c]) else table[c].iloc[0]
+                      for c in table.columns[1:])]
 
 
 def summary_line(table: pd.DataFrame) -> str:
@@ -64,12 +78,12 @@ def main(cfg: Config) -> None:
     ev = cfg.evaluate
     if not ev.sr or not ev.hr:
         raise UserError("evaluate needs --sr DIR (predictions) and --hr DIR (ground truth)")
-    table = evaluate_folders(ev.sr, ev.hr, ev.protocol, cfg.data.scale)
+    table = evaluate_folders(ev.sr, ev.hr, ev.protocol, cfg.data.scale, ImageQuality(ev.lpips_weights, ev.lpips_net))
     if ev.csv:
         with atomic_write(ev.csv) as tmp:
             table.to_csv(tmp, index=False, float_format="%.6f")
     shown = table.copy()
-    shown.loc[len(shown)] = ["mean", table["psnr"].mean(), table["ssim"].mean(), table["nrmse"].mean()]
+    shown.loc[len(shown)] = mean_row(table)
     print(f"protocol: {ev.protocol}" + (f" (Y channel, {cfg.data.scale}-px border cropped)"
                                         if ev.protocol == "paper" else " (RGB uint8)"))
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))

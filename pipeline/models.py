@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.compat import EDSR, RRDBNet, SwinIR
+from pipeline.compat import EDSR, MSRResNet, RRDBNet, SwinIR
 from pipeline.errors import UserError
+from pipeline.wdsr import wdsr_a, wdsr_b
 
 SCALE = 4
 
@@ -166,6 +167,37 @@ register("edsr-tiny", _edsr, "EDSR 32 features, 8 blocks (CPU runs)", num_feat=3
 register("edsr-nano", _edsr, "EDSR 8 features, 1 block (tests)", num_feat=8, num_block=1, res_scale=1.0)
 register("srcnn", SRCNN, "SRCNN 9-5-5 on bicubic-upscaled input", features=(64, 32), kernels=(9, 5, 5))
 register("bicubic", Bicubic, "MATLAB-compatible bicubic, no parameters (the baseline)")
+
+# Generators of the perceptual / adversarial write-ups (issue 10): SRResNet is SRGAN's generator as basicsr's
+# MSRResNet (no batch norm, bilinear skip); WDSR is ours (pipeline/wdsr.py).
+def _srresnet(**kw: Any) -> nn.Module:
+    return MSRResNet(num_in_ch=3, num_out_ch=3, upscale=SCALE, **kw)
+
+
+def _wdsr_a(**kw: Any) -> nn.Module:
+    return wdsr_a(scale=SCALE, **kw)
+
+
+def _wdsr_b(**kw: Any) -> nn.Module:
+    return wdsr_b(scale=SCALE, **kw)
+
+
+register("srresnet", _srresnet, "SRResNet (SRGAN's generator, basicsr's MSRResNet): 64 features, 16 blocks",
+         num_feat=64, num_block=16)
+register("srresnet-tiny", _srresnet, "SRResNet 32 features, 4 blocks (CPU runs)", num_feat=32, num_block=4)
+register("srresnet-nano", _srresnet, "SRResNet 8 features, 1 block (tests)", num_feat=8, num_block=1)
+register("wdsr-a", _wdsr_a, "WDSR-A: 32 features, 16 wide blocks (3x3 widened 4x, ReLU, 3x3)",
+         num_feat=32, num_block=16, expansion=4, res_scale=1.0)
+register("wdsr-a-tiny", _wdsr_a, "WDSR-A 16 features, 4 blocks, 4x wide (CPU runs)",
+         num_feat=16, num_block=4, expansion=4, res_scale=1.0)
+register("wdsr-a-nano", _wdsr_a, "WDSR-A 4 features, 1 block, 2x wide (tests)",
+         num_feat=4, num_block=1, expansion=2, res_scale=1.0)
+register("wdsr-b", _wdsr_b, "WDSR-B: 32 features, 16 blocks (1x1 widened 6x, ReLU, 1x1 to 0.8x, 3x3)",
+         num_feat=32, num_block=16, expansion=6, low_rank=0.8, res_scale=1.0)
+register("wdsr-b-tiny", _wdsr_b, "WDSR-B 16 features, 4 blocks, 6x wide, 0.8 low rank (CPU runs)",
+         num_feat=16, num_block=4, expansion=6, low_rank=0.8, res_scale=1.0)
+register("wdsr-b-nano", _wdsr_b, "WDSR-B 4 features, 1 block, 2x wide, 0.8 low rank (tests)",
+         num_feat=4, num_block=1, expansion=2, low_rank=0.8, res_scale=1.0)
 
 
 def build_model(name: str, **overrides: Any) -> nn.Module:

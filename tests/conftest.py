@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.cli import main as cli
 
@@ -26,3 +28,17 @@ def patched_demo(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     assert cli(["prepare", "--data", str(root)]) == 0
     assert cli(["patchify", "--data", str(root), "patch.size=128", "patch.workers=1"]) == 0
     return root
+
+
+@pytest.fixture
+def fast_cpu(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """PyTorch's own conv kernels and one thread, for many small networks in a row."""
+    # oneDNN compiles a kernel per new conv shape: ~10 s for RRDB's 350 convolutions on their first
+    # call, against 0.4 s with PyTorch's own kernels. The models' arithmetic is what is tested here.
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    # One thread: on a busy machine, OpenMP threads spinning at barriers for a descheduled peer
+    # made these 8x12 inputs take half a minute.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -75,7 +75,8 @@ def test_cli_table_csv_and_last_line(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert cli(["evaluate", "--sr", str(sr_dir), "--hr", str(hr_dir), "--csv", str(csv)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     table = pd.read_csv(csv)
-    assert list(table.columns) == ["name", "psnr", "ssim", "nrmse"] and list(table["name"]) == ["img0", "img1", "img2"]
+    assert list(table.columns) == ["name", "psnr", "ssim", "nrmse", "sharpness", "lpips"]
+    assert list(table["name"]) == ["img0", "img1", "img2"]
     psnrs = [calculate_psnr(sr, hr, crop_border=0) for sr, hr in pairs]
     ssims = [calculate_ssim(sr, hr, crop_border=0) for sr, hr in pairs]
     np.testing.assert_allclose(table["psnr"], psnrs, atol=1e-5)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
@@ -15,17 +13,7 @@ from pipeline.models import MODELS, build_model, count_parameters, model_kwargs
 LR_SIDE = 8
 
 
-@pytest.fixture(autouse=True)
-def _fast_cpu(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    # oneDNN compiles a kernel per new conv shape: ~10 s for RRDB's 350 convolutions on their first
-    # call, against 0.4 s with PyTorch's own kernels. The models' arithmetic is what is tested here.
-    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
-    # One thread: on a busy machine, OpenMP threads spinning at barriers for a descheduled peer
-    # made these 8x12 inputs take half a minute.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("fast_cpu")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -37,7 +37,7 @@ from nibabel.spatialimages import HeaderDataError
 
 from pipeline.config import MriConfig
 from pipeline.errors import UserError
-from pipeline.images import atomic_write
+from pipeline.files import atomic_write
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".npy")
 _MRI = MriConfig()  # the defaults live in the config schema, one place

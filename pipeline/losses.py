@@ -1,0 +1,166 @@
+"""Training losses as named scalar tensors: pixel, perceptual (VGG19), total variation, adversarial.
+
+Like ``contest_loss`` (train_loop.py), every loss comes back as a dict of scalar tensors with
+``loss/...`` keys plus the total the optimiser steps on:
+
+- ``GeneratorLoss`` (built from the config by ``build_generator_loss``): ``loss/total`` =
+  train.loss_l1 * ``loss/l1`` + train.loss_mse * ``loss/mse`` [+ loss.perceptual * ``loss/perceptual``]
+  [+ loss.tv * ``loss/tv``] [+ gan.weight * ``loss/adversarial``]; a term is present only when its
+  weight is positive, so the default config gives exactly contest_loss's keys and values.
+- ``discriminator_loss``: ``loss/d_total`` = ``loss/d_real`` + ``loss/d_fake`` + gan.gp_weight * ``loss/d_gp``.
+
+Adversarial kinds (logits of any shape: one per image or one per pixel; means run over all of them;
+sigma is the logistic function, BCE(x, t) = binary cross-entropy of sigma(x) against t):
+- ``vanilla`` (SRGAN): D: BCE(C(hr), 1) + BCE(C(sr), 0); G: BCE(C(sr), 1) (the non-saturating form).
+- ``relativistic`` (ESRGAN's relativistic average GAN, the paper's sums without basicsr's 1/2):
+  D: BCE(C(hr) - mean C(sr), 1) + BCE(C(sr) - mean C(hr), 0);
+  G: BCE(C(hr) - mean C(sr), 0) + BCE(C(sr) - mean C(hr), 1).
+- ``wgan-gp``: critic: mean C(sr) - mean C(hr) + gp_weight * GP; G: -mean C(sr).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import Config
+from pipeline.perceptual import VGGFeatures, load_vgg_features
+
+ADVERSARIAL_KINDS = ("vanilla", "relativistic", "wgan-gp")
+
+
+def _kind(kind: str) -> str:
+    if kind not in ADVERSARIAL_KINDS:
+        raise ValueError(f"unknown adversarial loss {kind!r}; choose one of {', '.join(ADVERSARIAL_KINDS)}")
+    return kind
+
+
+def _bce(logits: torch.Tensor, target: float) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
+
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    """Anisotropic L1 total variation of (B,C,H,W): mean |vertical neighbour difference| + mean |horizontal|."""
+    return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+
+
+def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor,
+                     eps: torch.Tensor | None = None) -> torch.Tensor:
+    """WGAN-GP's penalty: mean over samples of (||grad of C at x_hat||_2 - 1)^2.
+
+    x_hat = eps * real + (1 - eps) * fake with eps ~ U[0,1] per sample (or the (B,1,1,1) ``eps``
+    given); the norm runs over all of a sample's pixels and channels. A critic with a logit map
+    (U-Net) scores a sample by the mean of its map, as the losses do. The graph is kept
+    (``create_graph``) so the penalty trains the critic.
+    """
+    if eps is None:
+        eps = torch.rand(real.shape[0], 1, 1, 1, device=real.device, dtype=real.dtype)
+    x_hat = (eps * real.detach() + (1 - eps) * fake.detach()).requires_grad_(True)
+    score = critic(x_hat).flatten(1).mean(1)  # (B,...) -> (B,): one value per sample
+    (grad,) = torch.autograd.grad(score.sum(), x_hat, create_graph=True)
+    return (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()
+
+
+def discriminator_terms(kind: str, real_logits: torch.Tensor, fake_logits: torch.Tensor,
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (real, fake) parts of the discriminator's loss for ``kind`` (module docstring), without the penalty."""
+    if _kind(kind) == "vanilla":
+        return _bce(real_logits, 1.0), _bce(fake_logits, 0.0)
+    if kind == "relativistic":
+        return _bce(real_logits - fake_logits.mean(), 1.0), _bce(fake_logits - real_logits.mean(), 0.0)
+    return -real_logits.mean(), fake_logits.mean()
+
+
+def discriminator_loss(kind: str, critic: nn.Module, hr: torch.Tensor, sr: torch.Tensor,
+                       gp_weight: float = 10.0) -> dict[str, torch.Tensor]:
+    """One discriminator step's losses on real ``hr`` and generated ``sr`` (detached here: G is not trained)."""
+    sr = sr.detach()
+    real, fake = discriminator_terms(kind, critic(hr), critic(sr))
+    gp = gradient_penalty(critic, hr, sr) if kind == "wgan-gp" else torch.zeros_like(real)
+    return {"loss/d_total": real + fake + gp_weight * gp, "loss/d_real": real, "loss/d_fake": fake, "loss/d_gp": gp}
+
+
+def generator_adversarial(kind: str, fake_logits: torch.Tensor, real_logits: torch.Tensor | None = None,
+                          ) -> torch.Tensor:
+    """The generator's adversarial term for ``kind``; ``relativistic`` also needs the logits of the HR batch."""
+    if _kind(kind) == "vanilla":
+        return _bce(fake_logits, 1.0)
+    if kind == "relativistic":
+        if real_logits is None:
+            raise ValueError("the relativistic generator loss needs real_logits (the discriminator on hr)")
+        real_logits = real_logits.detach()  # only the generator learns from this loss
+        return _bce(real_logits - fake_logits.mean(), 0.0) + _bce(fake_logits - real_logits.mean(), 1.0)
+    return -fake_logits.mean()
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Weights of the generator's loss terms; 0 switches a term off (it is then not computed)."""
+
+    l1: float = 2.0
+    mse: float = 1.0
+    perceptual: float = 0.0
+    tv: float = 0.0
+    adversarial: float = 0.0
+
+
+def loss_weights(cfg: Config) -> LossWeights:
+    """The one place that maps config keys to generator loss weights."""
+    return LossWeights(l1=cfg.train.loss_l1, mse=cfg.train.loss_mse, perceptual=cfg.loss.perceptual, tv=cfg.loss.tv,
+                       adversarial=cfg.gan.weight if cfg.gan.discriminator else 0.0)
+
+
+class GeneratorLoss(nn.Module):
+    """Weighted sum of the generator's terms; holds the frozen VGG19 when the perceptual term is on.
+
+    ``forward(sr, hr, fake_logits, real_logits)``: ``sr``/``hr`` (B,3,H,W) in [0,1]; ``fake_logits``
+    = D(sr) with the graph to the generator (needed when the adversarial weight is positive),
+    ``real_logits`` = D(hr) (relativistic only).
+    """
+
+    def __init__(self, weights: LossWeights, adversarial: str = "vanilla", vgg: VGGFeatures | None = None,
+                 perceptual_criterion: str = "l1") -> None:
+        super().__init__()
+        if weights.perceptual > 0 and vgg is None:
+            raise ValueError("a positive perceptual weight needs the VGG features (build_generator_loss loads them)")
+        self.weights = weights
+        self.adversarial = _kind(adversarial)
+        self.vgg = vgg
+        self.feature_distance = {"l1": F.l1_loss, "mse": F.mse_loss}[perceptual_criterion]
+
+    def perceptual(self, sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+        """Sum over the chosen layers of the feature distance between VGG19(sr) and VGG19(hr)."""
+        assert self.vgg is not None
+        with torch.no_grad():
+            target = self.vgg(hr)
+        feats = self.vgg(sr)
+        return torch.stack([self.feature_distance(feats[name], target[name]) for name in feats]).sum()
+
+    def forward(self, sr: torch.Tensor, hr: torch.Tensor, fake_logits: torch.Tensor | None = None,
+                real_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        w = self.weights
+        terms = {"loss/l1": F.l1_loss(sr, hr), "loss/mse": F.mse_loss(sr, hr)}
+        weighted = [(w.l1, "loss/l1"), (w.mse, "loss/mse")]
+        if w.perceptual > 0:
+            terms["loss/perceptual"] = self.perceptual(sr, hr)
+            weighted.append((w.perceptual, "loss/perceptual"))
+        if w.tv > 0:
+            terms["loss/tv"] = total_variation(sr)
+            weighted.append((w.tv, "loss/tv"))
+        if w.adversarial > 0:
+            if fake_logits is None:
+                raise ValueError("a positive adversarial weight needs fake_logits = discriminator(sr)")
+            terms["loss/adversarial"] = generator_adversarial(self.adversarial, fake_logits, real_logits)
+            weighted.append((w.adversarial, "loss/adversarial"))
+        total = sum(weight * terms[key] for weight, key in weighted)
+        return {"loss/total": total, **terms}
+
+
+def build_generator_loss(cfg: Config) -> GeneratorLoss:
+    """The generator loss of ``cfg``; loads VGG19 from loss.vgg_weights only when loss.perceptual > 0."""
+    weights = loss_weights(cfg)
+    vgg = load_vgg_features(cfg.loss.vgg_weights, cfg.loss.perceptual_layers) if weights.perceptual > 0 else None
+    return GeneratorLoss(weights, cfg.gan.loss, vgg, cfg.loss.perceptual_criterion)
