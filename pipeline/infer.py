@@ -11,7 +11,7 @@ Which images (outputs named ``<img_id>.png``):
   scored against HR (competition protocol) and appended to ``submit/leaderboard.csv``
 - ``--input DIR --output DIR``: every image in DIR, named by file stem.
 Beside the PNGs: ``timing.json`` (seconds per image, tiles per second, peak memory, device,
-precision, images rerun in fp32) and ``config.yaml`` (the resolved config).
+precision, torch.compile mode and seconds, images rerun in fp32) and ``config.yaml`` (the resolved config).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pipeline.config import Config, save_config
 from pipeline.dataset import validation_images
 from pipeline.errors import UserError
 from pipeline.evaluate import score_pair
-from pipeline.images import atomic_write, images_by_stem, read_float, read_uint8, to_uint8, write_png
+from pipeline.images import PngWriter, atomic_write, images_by_stem, read_ahead, read_uint8, to_uint8
 from pipeline.predict import Settings, Timing, iter_predict, load_models, validate
 from pipeline.runtime import peak_memory, pick_device
 
@@ -93,13 +93,13 @@ def main(cfg: Config) -> None:
     save_config(cfg, out_dir / "config.yaml")
     timing = Timing(device=str(device), precision="")
     scores = []
-    lr_stream = ((name, read_float(path)) for name, path in items)
-    with peak_memory(device) as mem:
-        for name, sr in tqdm(iter_predict(models, lr_stream, settings, device, timing), total=len(items),
-                             desc=f"infer {model_desc}", unit="img"):
-            sr8 = to_uint8(sr)  # the one rounding of the prediction
-            write_png(out_dir / f"{name}.png", sr8)
+    lr_stream = read_ahead(items)  # decoded in a thread while the device works
+    with PngWriter() as writer, peak_memory(device) as mem:
+        for name, sr in tqdm(iter_predict(models, lr_stream, settings, device, timing, len(items)),
+                             total=len(items), desc=f"infer {model_desc}", unit="img"):
+            writer.write(out_dir / f"{name}.png", sr)  # rounded once (to_uint8), encoded, written in a thread
             if name in hr_paths:
+                sr8 = to_uint8(sr)  # the same rounding as the written PNG
                 hr = read_uint8(hr_paths[name])
                 if hr.shape != sr8.shape:
                     raise UserError(f"{hr_paths[name]}: HR is {hr.shape[1]}x{hr.shape[0]}, the prediction "
@@ -112,6 +112,8 @@ def main(cfg: Config) -> None:
     print(f"{len(items)} image(s) -> {out_dir}  ({summary['seconds_per_image']:.3f} s/image, "
           f"{summary['tiles_per_second']:.1f} tiles/s, {summary['precision']} on {summary['device']}, "
           f"peak {summary['peak_memory_mib']:.0f} MiB)")
+    if timing.compile != "off":
+        print(f"torch.compile ({timing.compile}): {timing.compile_seconds:.1f} s to compile + warm up, not in s/image")
     if timing.fp32_fallbacks:
         print(f"rerun in fp32 after NaN/Inf: {', '.join(timing.fp32_fallbacks)}")
     if scores:
