@@ -194,7 +194,10 @@ def read_ahead(items: Iterable[tuple[Key, Path]], read: Callable[[Path], np.ndar
 
 
 def _write_any(path: Path, img: np.ndarray) -> None:
-    write_png(path, img if img.dtype == np.uint8 else to_uint8(img))
+    try:
+        write_png(path, img if img.dtype == np.uint8 else to_uint8(img))
+    except OSError as exc:  # disk full, permissions, a folder in the way: one line naming the file
+        raise ImageError(f"{path}: cannot write: {exc.strerror or exc}") from exc
 
 
 class PngWriter:
