@@ -132,3 +132,13 @@ def test_bf16_matches_fp32_on_the_cpu() -> None:
 def test_bf16_matches_fp32_on_cuda() -> None:
     worst, mean = _bf16_vs_fp32(torch.device("cuda"))
     assert worst <= BF16_MAX and mean <= BF16_MEAN
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: the probed tile batch")
+def test_default_tile_batch_on_cuda_is_bounded_by_pixels() -> None:
+    """edsr-tiny takes little memory, so the pixel bound decides: 4 tiles of 128^2 x 8 ways per forward."""
+    torch.manual_seed(0)
+    (sr,), timing = predict_images([build_model("edsr-tiny")], [_photo(256)], Settings(tile=128, stride=64),
+                                   torch.device("cuda"))
+    assert timing.batch == 4 and timing.compile == "off" and timing.precision in ("bf16", "fp16")
+    assert sr.shape == (1024, 1024, 3) and np.isfinite(sr).all()
