@@ -1,12 +1,12 @@
 """``ablate``: every inference setting on the validation fold -> ``ablation.csv`` + ``ablation.png``.
 
 A grid over ensemble ways (``ablate.tta``), tile/stride pairs (``ablate.tiles``, ``"0"`` = whole
-image), blends, precisions and model sets (the run alone, then the run averaged with each entry
-of ``ablate.runs``; ``"b+c"`` averages three). Settings that compute the same thing are run once:
-the blend of a whole-image pass, and a precision that resolves to one already in the grid (``auto``
-is fp32 on a CPU without native bf16). Each row: PSNR/SSIM (contest protocol) on the validation
-fold's whole images, seconds per image, and the gain over the configured default (``infer.*``),
-which the plot marks with a star.
+image), blends, precisions, merge rules (``ablate.merges``) and model sets (the run alone, then the
+run averaged with each entry of ``ablate.runs``; ``"b+c"`` averages three). Settings that compute
+the same thing are run once: the blend of a whole-image pass, and a precision that resolves to one
+already in the grid (``auto`` is fp32 on a CPU without native bf16). Each row: PSNR/SSIM (contest
+protocol) on the validation fold's whole images, seconds per image, and the gain over the
+configured default (``infer.*``), which the plot marks with a star.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pipeline.metrics import score_pair
 from pipeline.predict import Settings, is_parameter_free, load_models, predict_images
 from pipeline.runtime import autocast_dtype, pick_device, precision_name
 
-COLUMNS = ["models", "tta", "tile", "stride", "blend", "precision", "psnr", "ssim", "sec_per_image", "gain_db",
+COLUMNS = ["models", "tta", "tile", "stride", "blend", "precision", "merge", "psnr", "ssim", "sec_per_image", "gain_db",
            "default"]
 
 
@@ -50,16 +50,16 @@ def settings_grid(cfg: Config, device_type: str, parameter_free: bool) -> list[S
     """The distinct settings to run, the configured default first."""
     base = Settings.from_config(cfg.infer)
     grid = [base]
-    for tta, tile, blend, precision in itertools.product(
-            cfg.ablate.tta, cfg.ablate.tiles, cfg.ablate.blends, cfg.ablate.precisions):
+    for tta, tile, blend, precision, merge in itertools.product(
+            cfg.ablate.tta, cfg.ablate.tiles, cfg.ablate.blends, cfg.ablate.precisions, cfg.ablate.merges):
         t, s = parse_tile(tile)
         grid.append(dataclasses.replace(base, tta=tta, tile=t, stride=s or base.stride, blend=blend,
-                                        precision=precision))
+                                        precision=precision, merge=merge))
     def key(s: Settings) -> tuple:
         dtype = None if parameter_free else autocast_dtype(torch.device(device_type), s.precision)
         blend = "-" if s.tile == 0 else s.blend
         stride = 0 if s.tile == 0 else s.stride
-        return (s.tta, s.tile, stride, blend, precision_name(dtype))
+        return (s.tta, s.tile, stride, blend, precision_name(dtype), s.merge)
 
     seen, out = set(), []
     for s in grid:
@@ -100,7 +100,7 @@ def run_grid(cfg: Config) -> pd.DataFrame:
         rows.append({
             "models": label, "tta": settings.tta, "tile": settings.tile,
             "stride": settings.stride if settings.tile else 0,
-            "blend": settings.blend if settings.tile else "-", "precision": timing.precision,
+            "blend": settings.blend if settings.tile else "-", "precision": timing.precision, "merge": settings.merge,
             "psnr": float(np.mean([s["psnr"] for s in scores])), "ssim": float(np.mean([s["ssim"] for s in scores])),
             "sec_per_image": timing.seconds / max(timing.images, 1),
             "default": label == sets[0][0] and settings == default,
@@ -123,7 +123,8 @@ def plot(table: pd.DataFrame, path: Path, title: str) -> None:
         ax.scatter(group["sec_per_image"], group["psnr"], s=36, label=f"{tta}-way ensemble", alpha=0.85)
     for row in table.itertuples():
         tiles = "whole" if row.tile == 0 else f"{row.tile}/{row.stride} {row.blend}"
-        ax.annotate(f"{tiles} {row.precision}", (row.sec_per_image, row.psnr), fontsize=6.5,
+        merge = "" if row.merge == "mean" else f" {row.merge}"
+        ax.annotate(f"{tiles} {row.precision}{merge}", (row.sec_per_image, row.psnr), fontsize=6.5,
                     xytext=(3, 2), textcoords="offset points")
     chosen = table[table["default"]]
     ax.scatter(chosen["sec_per_image"], chosen["psnr"], marker="*", s=260, facecolors="none",

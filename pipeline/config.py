@@ -126,6 +126,15 @@ class InferConfig:
     batch: int = opt(0, "tiles per forward pass; 0 = sized to the device", ge=0)
     precision: Precision = opt("auto", "autocast dtype; auto = bf16 where it is fast")
     channels_last: bool = opt(True, "NHWC memory format")
+    merge: Literal["mean", "median"] = opt(
+        "mean", "how the ensemble's ways, then the models of infer.runs/last_k, are merged per pixel: 'mean' or "
+        "'median' (the reference contest's winner took the median of 8 ways); median holds every way's output "
+        "of a tile batch at once: ways x the batch's SR output in memory")
+    compile: Literal["off", "default", "reduce-overhead", "auto"] = opt(
+        "auto", "torch.compile the model for the fixed tile batch (time reported as compile_seconds); "
+        "'reduce-overhead' adds CUDA graphs; auto = 'default' only on CUDA when images x tiles x ways x tile "
+        "area >= ~1.1e9 LR pixels (~170 images of 512^2 at 49 tiles x 8 ways): compiling RRDB took 46-62 s on "
+        "an H100 and saved ~0.7 s/image; never on the CPU (minutes of compiling, no gain measured)")
     checkpoint: Literal["best", "last"] = opt("best", "which checkpoint of the run")
     weights: Literal["ema", "params"] = opt("ema", "prefer EMA weights (falls back to params)")
     runs: tuple[str, ...] = opt((), "extra runs averaged at the output (multi-model ensemble)")
@@ -161,6 +170,7 @@ class AblateConfig:
         ("0", "128/64", "128/96", "256/128"), "tile/stride pairs to try; '0' = whole image")
     blends: tuple[str, ...] = opt(("mean", "hann"), "blends to try")
     precisions: tuple[str, ...] = opt(("fp32", "auto"), "precisions to try")
+    merges: tuple[str, ...] = opt(("mean",), "ensemble merge rules to try (mean, median)")
     runs: tuple[str, ...] = opt((), "extra model sets: runs averaged with the main run")
 
 

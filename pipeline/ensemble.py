@@ -8,7 +8,12 @@ steps in reverse order. The ways in use are the first 1, 2, 4 or 8 transforms: 1
 The transformed copies go through the model as ONE batch per output shape: square inputs
 (tiles) make a single call of ways x N images; a non-square whole image makes two calls, one
 for the transforms that keep its shape and one for the transposed ones. Outputs are mapped back
-and averaged in fp32 before any clamping (rounding happens once, when the image is written).
+and merged in fp32 before any clamping (rounding happens once, when the image is written).
+
+Merge rules (``merge``): ``mean`` (running sum, memory of one output) or ``median`` per pixel, as
+the reference contest's winner merged its 8 ways (``numpy.median`` semantics: the mean of the two
+middle values for an even count). The median stacks the ways' outputs: ways x one output in memory.
+A multi-model ensemble merges each model's ensemble first, then the models with the same rule.
 """
 
 from __future__ import annotations
@@ -20,6 +25,22 @@ import torch
 Forward = Callable[[torch.Tensor], torch.Tensor]  # (N,C,h,w) -> (N,C,sh,sw)
 
 WAYS = (1, 2, 4, 8)
+MERGES = ("mean", "median")
+
+
+def median(outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-element median of equally shaped tensors; an even count gives the mean of the middle two."""
+    stacked = torch.stack(list(outputs))  # K x (N,C,H,W) -> (K,N,C,H,W)
+    k = stacked.shape[0]
+    if k == 1:
+        return stacked[0]
+    ordered = stacked.sort(dim=0).values
+    return ordered[k // 2] if k % 2 else (ordered[k // 2 - 1] + ordered[k // 2]) / 2
+
+
+def _check_merge(merge: str) -> None:
+    if merge not in MERGES:
+        raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
 
 
 def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -44,10 +65,11 @@ def dihedral_inverse(x: torch.Tensor, k: int) -> torch.Tensor:
     return x
 
 
-def self_ensemble(fn: Forward, x: torch.Tensor, ways: int) -> torch.Tensor:
-    """Average of ``fn`` over ``ways`` dihedral transforms of ``x`` (N,C,h,w), each mapped back; fp32."""
+def self_ensemble(fn: Forward, x: torch.Tensor, ways: int, merge: str = "mean") -> torch.Tensor:
+    """Mean (or median) of ``fn`` over ``ways`` dihedral transforms of ``x`` (N,C,h,w), each mapped back; fp32."""
     if ways not in WAYS:
         raise ValueError(f"ways must be one of {WAYS}, got {ways}")
+    _check_merge(merge)
     if ways == 1:
         return fn(x).float()
     n = x.shape[0]
@@ -56,6 +78,7 @@ def self_ensemble(fn: Forward, x: torch.Tensor, ways: int) -> torch.Tensor:
     groups = [list(range(ways))] if square else [[k for k in range(ways) if not k & 4],
                                                  [k for k in range(ways) if k & 4]]
     total: torch.Tensor | None = None
+    kept: list[torch.Tensor] = []  # median: every way's output, mapped back
     for group in groups:
         if not group:
             continue
@@ -63,15 +86,23 @@ def self_ensemble(fn: Forward, x: torch.Tensor, ways: int) -> torch.Tensor:
         out = fn(batch).float()  # (G*N,C,sh,sw)
         for j, k in enumerate(group):
             back = dihedral_inverse(out[j * n:(j + 1) * n], k)
-            total = back if total is None else total + back
+            if merge == "median":
+                kept.append(back)
+            else:
+                total = back if total is None else total + back
+    if merge == "median":
+        return median(kept)
     assert total is not None
     return total / ways
 
 
-def average_models(fns: Sequence[Forward], x: torch.Tensor, ways: int = 1) -> torch.Tensor:
-    """Mean over models of each model's ``ways``-fold self-ensemble of ``x``; fp32."""
+def average_models(fns: Sequence[Forward], x: torch.Tensor, ways: int = 1, merge: str = "mean") -> torch.Tensor:
+    """Each model's ``ways``-fold self-ensemble of ``x``, merged over the models by the same rule; fp32."""
     if not fns:
         raise ValueError("average_models needs at least one model")
+    _check_merge(merge)
+    if merge == "median":
+        return median([self_ensemble(fn, x, ways, merge) for fn in fns])
     total = self_ensemble(fns[0], x, ways)
     for fn in fns[1:]:
         total = total + self_ensemble(fn, x, ways)

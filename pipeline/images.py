@@ -15,7 +15,12 @@ Reading rules (documented in the README):
 from __future__ import annotations
 
 import io
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from types import TracebackType
+from typing import TypeVar
 
 import cv2
 import numpy as np
@@ -29,6 +34,7 @@ from pipeline.files import atomic_write
 Image.MAX_IMAGE_PIXELS = None
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+Key = TypeVar("Key")
 
 
 class ImageError(UserError):
@@ -177,3 +183,96 @@ def images_by_stem(folder: str | Path, role: str = "image") -> dict[str, Path]:
     if not stems:
         raise ImageError(f"{folder}: no {role} images found (png, jpg, bmp, tif)")
     return stems
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding and encoding off the main thread, so the device never waits for the disk. OpenCV and
+# numpy release the GIL while they decode, encode and round, so threads are enough.
+
+
+def read_ahead(items: Iterable[tuple[Key, Path]], read: Callable[[Path], np.ndarray] = read_float,
+               depth: int = 2) -> Iterator[tuple[Key, np.ndarray]]:
+    """Yield ``(key, read(path))`` in the order given while the next ``depth`` images decode in a thread.
+
+    A reading error is raised here, when that image's turn comes, exactly as ``read`` raised it;
+    closing the iterator early cancels the reads not yet started.
+    """
+    source = iter(items)
+    pending: deque[tuple[Key, Future[np.ndarray]]] = deque()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead") as pool:
+        def fill() -> None:
+            while len(pending) < depth:
+                item = next(source, None)
+                if item is None:
+                    return
+                pending.append((item[0], pool.submit(read, item[1])))
+
+        try:
+            fill()
+            while pending:
+                key, future = pending.popleft()
+                img = future.result()
+                fill()  # the next read starts before this image is handed out
+                yield key, img
+        finally:
+            for _key, future in pending:
+                future.cancel()
+
+
+def _write_any(path: Path, img: np.ndarray) -> None:
+    # An OSError (disk full, permissions) is raised as it is: the CLI words every OS error in one place.
+    write_png(path, img if img.dtype == np.uint8 else to_uint8(img))
+
+
+class PngWriter:
+    """Round, encode and write PNGs atomically in background threads; at most ``depth`` wait.
+
+    ``write(path, img)`` takes (H,W,3) uint8, or floats in [0,1] that it rounds with ``to_uint8``
+    (the one rounding of a prediction), and returns at once. The first failed write is raised in
+    the caller's thread, as the writer raised it, by the next ``write`` or by ``close``; writes not
+    started by then are cancelled. Every file goes through ``write_png`` (temporary file, then
+    rename), so a failure leaves no partial file. As a context manager, leaving the block waits
+    for every queued write (or, when the block raised, cancels those not started).
+    """
+
+    def __init__(self, workers: int = 2, depth: int = 4) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="png-writer")
+        self._pending: deque[Future[None]] = deque()
+        self._depth = max(1, depth)
+
+    def write(self, path: str | Path, img: np.ndarray) -> None:
+        self._reap(self._depth - 1)  # bounded memory: wait while too many images are queued
+        self._pending.append(self._pool.submit(_write_any, Path(path), img))
+
+    def _reap(self, keep: int) -> None:
+        """Collect finished writes (waiting until at most ``keep`` are pending); raise the first failure."""
+        while self._pending and (len(self._pending) > keep or self._pending[0].done()):
+            future = self._pending.popleft()
+            try:
+                future.result()
+            except BaseException:
+                self._cancel()
+                raise
+
+    def _cancel(self) -> None:
+        for future in self._pending:
+            future.cancel()
+        self._pending.clear()
+
+    def close(self) -> None:
+        """Wait for every queued write; raise the first failure."""
+        try:
+            self._reap(0)
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> PngWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # the caller failed: finish what is running, start nothing new, keep the caller's error
+            self._cancel()
+            self._pool.shutdown(wait=True)

@@ -11,7 +11,8 @@ Which images (outputs named ``<img_id>.png``):
   scored against HR (competition protocol) and appended to ``submit/leaderboard.csv``
 - ``--input DIR --output DIR``: every image in DIR, named by file stem.
 Beside the PNGs: ``timing.json`` (seconds per image, tiles per second, peak memory, device,
-precision, images rerun in fp32) and ``config.yaml`` (the resolved config).
+precision, torch.compile mode and seconds, images rerun in fp32) and ``config.yaml``
+(the resolved config).
 
 The output folder is built as a hidden folder beside its final place and swapped in only when
 every image is written (``pipeline.files.staged_dir``): a killed run leaves the previous
@@ -39,7 +40,7 @@ from pipeline.config import Config, save_config
 from pipeline.distributed import Dist, barrier, broadcast, gather, init_distributed, shutdown
 from pipeline.errors import UserError
 from pipeline.files import atomic_write, staged_dir
-from pipeline.images import images_by_stem, read_float, read_uint8, to_uint8, write_png
+from pipeline.images import PngWriter, images_by_stem, read_ahead, read_uint8, to_uint8
 from pipeline.layout import COMPLETE_MARK, LEADERBOARD_COLUMNS, DataLayout, OutputLayout
 from pipeline.metrics import score_pair
 from pipeline.predict import Settings, Timing, iter_predict, load_models, validate
@@ -107,13 +108,13 @@ def _predict(cfg: Config, d: Dist, items: list[tuple[str, Path]], hr_paths: dict
     mine = items[d.rank::d.world]
     timing = Timing(device=str(d.device), precision="")
     scores = []
-    lr_stream = ((name, read_float(path)) for name, path in mine)
-    with peak_memory(d.device) as mem:
-        for name, sr in tqdm(iter_predict(models, lr_stream, settings, d.device, timing), total=len(mine),
-                             desc=f"infer {model_desc}", unit="img", disable=not d.main):
-            sr8 = to_uint8(sr)  # the one rounding of the prediction
-            write_png(stage / f"{name}.png", sr8)
+    lr_stream = read_ahead(mine)  # decoded in a thread while the device works
+    with PngWriter() as writer, peak_memory(d.device) as mem:
+        for name, sr in tqdm(iter_predict(models, lr_stream, settings, d.device, timing, len(mine)),
+                             total=len(mine), desc=f"infer {model_desc}", unit="img", disable=not d.main):
+            writer.write(stage / f"{name}.png", sr)  # rounded once (to_uint8), encoded, written in a thread
             if name in hr_paths:
+                sr8 = to_uint8(sr)  # the same rounding as the written PNG
                 hr = read_uint8(hr_paths[name])
                 if hr.shape != sr8.shape:
                     raise UserError(f"{hr_paths[name]}: HR is {hr.shape[1]}x{hr.shape[0]}, the prediction "
@@ -163,6 +164,9 @@ def _run(cfg: Config, d: Dist, items: list[tuple[str, Path]], hr_paths: dict[str
     print(f"{len(items)} image(s) -> {out_dir}  ({summary['seconds_per_image']:.3f} s/image, "
           f"{summary['tiles_per_second']:.1f} tiles/s, {summary['precision']} on {summary['device']}{ranks}, "
           f"peak {summary['peak_memory_mib']:.0f} MiB)")
+    if summary.get("compile", "off") != "off":
+        print(f"torch.compile ({summary['compile']}): {summary['compile_seconds']:.1f} s to compile + warm up, "
+              "not in s/image")
     if summary["fp32_fallbacks"]:
         print(f"rerun in fp32 after NaN/Inf: {', '.join(summary['fp32_fallbacks'])}")
     if not scores:

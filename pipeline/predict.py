@@ -3,15 +3,22 @@
 ``predict_images(models, lr_images, settings)`` returns float RGB images (unclamped, fp32) and a
 ``Timing``; ``iter_predict`` is the streaming form ``infer`` uses so that each image is written
 as soon as it is ready. Per image: tiles (``tiling.run_tiles``) whose batches go through every
-model's self-ensemble (``ensemble.average_models``), all under autocast when the settings ask for
-it; an output with NaN/Inf is recomputed in fp32 (and counted); still non-finite is an error.
+model's self-ensemble (``ensemble.average_models``, merged by ``merge``), all under autocast when
+the settings ask for it; an output with NaN/Inf is recomputed in fp32 (and counted); still
+non-finite is an error. The image stays on the device from upload to the merged result, which
+is copied to the host once.
+
+Before the first image: the tile batch (``tiling.auto_batch``) and, where ``compile`` says so,
+``torch.compile`` of each model for that fixed tile batch (the last, shorter batch of an image is
+padded up to it); the first image is run once untimed to compile and warm up, and that time is
+``Timing.compile_seconds``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,12 +29,23 @@ from torch import nn
 
 from pipeline.checkpoint import load_weights, model_from_checkpoint
 from pipeline.config import Config, InferConfig
-from pipeline.ensemble import average_models
+from pipeline.ensemble import MERGES, average_models
 from pipeline.errors import UserError
 from pipeline.layout import RunLayout
 from pipeline.models import Bicubic, build_model
 from pipeline.runtime import autocast, autocast_dtype, peak_memory, pick_device, precision_name
 from pipeline.tiling import Forward, TileError, auto_batch, effective_tile, run_tiles, tile_grid
+
+COMPILE_MODES = ("off", "default", "reduce-overhead", "auto")
+# When ``compile=auto`` compiles. Measured on one H100 (RRDB, 512 LR, 49 tiles of 128^2 x 8 ways,
+# 4 tiles per forward, bf16; shared/measurements/h100-2026-11-23/rrdb_infer_levers.txt): compiling
+# and warming up took 46-62 s, then an image took 1.35 s instead of 2.05 s, ~0.7 s saved per
+# 49 x 8 x 128^2 = 6.4M LR pixels through the model. Compile pays after ~86 such images; 'auto'
+# asks for twice that (the gain was measured on one model) and never compiles on the CPU, where
+# compiling takes minutes on 2 cores and no gain was measured (BENCHMARKS.md).
+COMPILE_COST_S = 60.0
+COMPILE_GAIN_S_PER_PIXEL = 0.7 / (49 * 8 * 128 * 128)
+COMPILE_MARGIN = 2.0
 
 
 @dataclass(frozen=True)
@@ -43,6 +61,8 @@ class Settings:
     batch: int = 0
     precision: str = "auto"
     channels_last: bool = True
+    merge: str = "mean"
+    compile: str = "auto"
 
     @classmethod
     def from_config(cls, infer: InferConfig) -> Settings:
@@ -50,9 +70,10 @@ class Settings:
         return cls(**{k: v for k, v in dataclasses.asdict(infer).items() if k in names})
 
     def label(self) -> str:
-        """Short text for tables: ``tta8 tile128/64 mean pad0 margin0 auto``."""
+        """Short text for tables: ``tta8 tile128/64 mean pad0 margin0 auto`` (``tta8 median ...``)."""
         tiles = "whole" if self.tile == 0 else f"tile{self.tile}/{self.stride}"
-        return f"tta{self.tta} {tiles} {self.blend} pad{self.pad} margin{self.margin} {self.precision}"
+        merge = "" if self.merge == "mean" else f" {self.merge}"
+        return f"tta{self.tta}{merge} {tiles} {self.blend} pad{self.pad} margin{self.margin} {self.precision}"
 
 
 @dataclass
@@ -62,11 +83,13 @@ class Timing:
     device: str
     precision: str
     images: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # per-image work only: compilation and warm-up are in compile_seconds
     tiles: int = 0  # tile forwards: LR tiles x ensemble ways x models
     fp32_fallbacks: list[str] = field(default_factory=list)
     batch: int = 0
     peak_mib: float = 0.0
+    compile: str = "off"  # the torch.compile mode that ran ('off' = eager)
+    compile_seconds: float = 0.0
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -79,6 +102,8 @@ class Timing:
             "peak_memory_mib": round(self.peak_mib, 1),
             "device": self.device,
             "precision": self.precision,
+            "compile": self.compile,
+            "compile_seconds": round(self.compile_seconds, 3),
             "fp32_fallbacks": self.fp32_fallbacks,
         }
 
@@ -95,24 +120,48 @@ def validate(settings: Settings) -> None:
     if s.tile and 2 * s.margin > s.tile - s.stride:
         raise UserError(f"infer.margin={s.margin} leaves pixels uncovered: 2 x margin must be <= tile - stride "
                         f"({s.tile} - {s.stride})")
+    if s.merge not in MERGES:
+        raise UserError(f"infer.merge={s.merge}: choose {' or '.join(MERGES)}")
+    if s.compile not in COMPILE_MODES:
+        raise UserError(f"infer.compile={s.compile}: choose {', '.join(COMPILE_MODES)}")
 
 
 def is_parameter_free(models: Sequence[nn.Module]) -> bool:
     return all(sum(p.numel() for p in m.parameters()) == 0 for m in models)
 
 
+def compile_choice(setting: str, device: torch.device, lr_pixels: int) -> str:
+    """'off' or the ``torch.compile`` mode to use, for ``lr_pixels`` (images x tiles x ways x tile area)
+    that each model will process. Explicit modes are honoured; 'auto' follows ``COMPILE_*``."""
+    if setting != "auto":
+        return setting
+    if device.type != "cuda":
+        return "off"
+    return "default" if lr_pixels * COMPILE_GAIN_S_PER_PIXEL >= COMPILE_MARGIN * COMPILE_COST_S else "off"
+
+
 def _forward(models: Sequence[nn.Module], settings: Settings, device: torch.device,
-             dtype: torch.dtype | None) -> Forward:
-    """A tile batch (N,3,h,w) -> mean over models of their self-ensembles (N,3,4h,4w), fp32."""
+             dtype: torch.dtype | None, compile_mode: str = "off") -> Forward:
+    """A tile batch (N,3,h,w) -> the models' merged self-ensembles (N,3,4h,4w), fp32."""
+    graphs = compile_mode == "reduce-overhead" and device.type == "cuda"
+
     def wrap(model: nn.Module) -> Forward:
+        # dynamic=False: one specialised graph per tile batch shape (run_tiles keeps it fixed).
+        net = model if compile_mode == "off" else torch.compile(model, mode=compile_mode, dynamic=False)
+
         def run(x: torch.Tensor) -> torch.Tensor:
             if settings.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device, dtype):
-                return model(x).float()
+                if graphs:
+                    torch.compiler.cudagraph_mark_step_begin()
+                raw = net(x)
+                out = raw.float()
+                # CUDA graphs overwrite their output buffer on the next replay: keep a copy.
+                return out.clone() if graphs and out is raw else out
         return run
     fns = [wrap(m) for m in models]
-    return lambda x: average_models(fns, x, settings.tta)
+    return lambda x: average_models(fns, x, settings.tta, settings.merge)
 
 
 def _to_tensor(img: np.ndarray, device: torch.device, name: str) -> torch.Tensor:
@@ -121,33 +170,71 @@ def _to_tensor(img: np.ndarray, device: torch.device, name: str) -> torch.Tensor
     return torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)).permute(2, 0, 1).to(device)  # (3,H,W)
 
 
+def _geometry(settings: Settings, lr: torch.Tensor) -> tuple[int, tuple[int, int]]:
+    """(tiles per image, tile shape) of an LR image (3,H,W) under ``settings``."""
+    h, w = lr.shape[-2] + 2 * settings.pad, lr.shape[-1] + 2 * settings.pad
+    if settings.tile == 0:
+        return 1, (h, w)
+    side = effective_tile(h, w, settings.tile, settings.stride)[0]
+    return len(tile_grid(h, w, settings.tile, settings.stride)), (side, side)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def iter_predict(models: Sequence[nn.Module], items: Iterable[tuple[str, np.ndarray]], settings: Settings,
-                 device: torch.device, timing: Timing) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(name, sr)`` per ``(name, lr)``: lr (H,W,3) float in [0,1] -> sr (4H,4W,3) fp32, unclamped."""
+                 device: torch.device, timing: Timing, total_images: int | None = None,
+                 ) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``(name, sr)`` per ``(name, lr)``: lr (H,W,3) float in [0,1] -> sr (4H,4W,3) fp32, unclamped.
+
+    ``total_images`` (default: ``len(items)`` when it has one, else 1) is what ``compile=auto``
+    weighs the compile time against; the first image's geometry stands for the others.
+    """
     validate(settings)
-    dtype = None if is_parameter_free(models) else autocast_dtype(device, settings.precision)
+    free = is_parameter_free(models)
+    dtype = None if free else autocast_dtype(device, settings.precision)
     timing.precision = precision_name(dtype)
-    batch = settings.batch
+    if total_images is None:
+        total_images = len(items) if isinstance(items, Sized) else 1
     for m in models:
         m.eval().to(device)
         if settings.channels_last and not isinstance(m, Bicubic):
             m.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # a few fixed tile shapes: pick the fastest kernels once
+    eager = _forward(models, settings, device, dtype)
+    fast: Forward | None = None  # what tiles go through: the eager forward or the compiled one
+    batch = settings.batch
     for name, img in items:
         lr = _to_tensor(img, device, name)
+        with torch.inference_mode():
+            if fast is None:
+                tiles, shape = _geometry(settings, lr)
+                if batch == 0:
+                    batch = 1 if settings.tile == 0 else auto_batch(eager, 3, shape, device, tiles, settings.tta)
+                pixels = total_images * tiles * settings.tta * shape[0] * shape[1]
+                timing.compile = "off" if free else compile_choice(settings.compile, device, pixels)
+                fast = eager
+                if timing.compile != "off":
+                    fast = _forward(models, settings, device, dtype, timing.compile)
+                    begin = time.perf_counter()
+                    batch = _predict_one(fast, lr, settings, batch, name, True)[2]  # compiles every shape it meets
+                    _sync(device)
+                    timing.compile_seconds += time.perf_counter() - begin
         start = time.perf_counter()
         with torch.inference_mode():
-            if batch == 0:
-                batch = _auto_batch(models, settings, device, dtype, lr)
-            sr, tiles, batch = _predict_one(models, lr, settings, device, dtype, batch, name)
+            sr, tiles, batch = _predict_one(fast, lr, settings, batch, name, timing.compile != "off")
             if not bool(torch.isfinite(sr).all()) and dtype is not None:
-                timing.fp32_fallbacks.append(name)  # bf16/fp16 overflowed: this image again in fp32
-                sr, tiles_fp32, batch = _predict_one(models, lr, settings, device, None, batch, name)
+                timing.fp32_fallbacks.append(name)  # bf16/fp16 overflowed: this image again, eager fp32
+                fp32 = _forward(models, settings, device, None)
+                sr, tiles_fp32, _ = _predict_one(fp32, lr, settings, batch, name, False)
                 tiles += tiles_fp32
             if not bool(torch.isfinite(sr).all()):
                 raise UserError(f"{name}: the model produced NaN/Inf even in fp32 (broken weights?)")
-            out = sr.permute(1, 2, 0).cpu().numpy()  # (3,4H,4W) -> (4H,4W,3)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+            out = sr.permute(1, 2, 0).cpu().numpy()  # (3,4H,4W) -> (4H,4W,3): the image's one copy to the host
+        _sync(device)
         timing.seconds += time.perf_counter() - start
         timing.images += 1
         timing.tiles += tiles * settings.tta * len(models)
@@ -155,22 +242,11 @@ def iter_predict(models: Sequence[nn.Module], items: Iterable[tuple[str, np.ndar
         yield name, out
 
 
-def _auto_batch(models: Sequence[nn.Module], settings: Settings, device: torch.device, dtype: torch.dtype | None,
-                lr: torch.Tensor) -> int:
-    if settings.tile == 0:
-        return 1
-    h, w = lr.shape[-2] + 2 * settings.pad, lr.shape[-1] + 2 * settings.pad
-    n = len(tile_grid(h, w, settings.tile, settings.stride))
-    side = effective_tile(h, w, settings.tile, settings.stride)[0]
-    return auto_batch(_forward(models, settings, device, dtype), 3, (side, side), device, n, ways=settings.tta)
-
-
-def _predict_one(models: Sequence[nn.Module], lr: torch.Tensor, settings: Settings, device: torch.device,
-                 dtype: torch.dtype | None, batch: int, name: str) -> tuple[torch.Tensor, int, int]:
-    fn = _forward(models, settings, device, dtype)
+def _predict_one(fn: Forward, lr: torch.Tensor, settings: Settings, batch: int, name: str,
+                 fixed_batch: bool) -> tuple[torch.Tensor, int, int]:
     try:
         sr, report = run_tiles(fn, lr, settings.tile, settings.stride, settings.blend, batch,
-                               settings.pad, settings.margin)
+                               settings.pad, settings.margin, fixed_batch)
     except UserError as exc:
         raise type(exc)(f"{name}: {exc}") from exc
     except TileError as exc:
@@ -180,13 +256,17 @@ def _predict_one(models: Sequence[nn.Module], lr: torch.Tensor, settings: Settin
 
 def predict_images(models: Sequence[nn.Module], lr_images: Sequence[np.ndarray], settings: Settings,
                    device: torch.device | None = None, names: Sequence[str] | None = None,
-                   ) -> tuple[list[np.ndarray], Timing]:
-    """SR float images (4H,4W,3), unclamped, for (H,W,3) LR floats in [0,1]; plus their ``Timing``."""
+                   total_images: int | None = None) -> tuple[list[np.ndarray], Timing]:
+    """SR float images (4H,4W,3), unclamped, for (H,W,3) LR floats in [0,1]; plus their ``Timing``.
+
+    ``total_images`` (default: these images) is the count ``compile=auto`` decides for.
+    """
     device = device or pick_device()
     names = list(names) if names is not None else [f"image {i}" for i in range(len(lr_images))]
     timing = Timing(device=str(device), precision="")
+    total = len(lr_images) if total_images is None else total_images
     with peak_memory(device) as mem:
-        out = [sr for _name, sr in iter_predict(models, zip(names, lr_images), settings, device, timing)]
+        out = [sr for _name, sr in iter_predict(models, zip(names, lr_images), settings, device, timing, total)]
     timing.peak_mib = mem["peak_mib"]
     return out, timing
 

@@ -1,15 +1,16 @@
-"""Self-ensemble: the dihedral group, equivariant models, hand-computed averages, batching."""
+"""Self-ensemble: the dihedral group, equivariant models, hand-computed averages and medians, batching."""
 
 from __future__ import annotations
 
 from functools import partial
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.ensemble import average_models, dihedral, dihedral_inverse, self_ensemble
+from pipeline.ensemble import average_models, dihedral, dihedral_inverse, median, self_ensemble
 from pipeline.tiling import tile_forward
 
 
@@ -46,6 +47,17 @@ class Skewed(nn.Module):
         return F.interpolate(self.c2(torch.relu(self.c1(x))), scale_factor=4, mode="nearest")
 
 
+def _hand_ways(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 ways written independently with rot90, each mapped back."""
+    outs = []
+    for r in range(4):
+        for flip in (False, True):
+            z = x.flip(-1) if flip else x
+            y = torch.rot90(model(torch.rot90(z, r, (-2, -1))), -r, (-2, -1))
+            outs.append(y.flip(-1) if flip else y)
+    return outs
+
+
 def _hand_average(model: nn.Module, x: torch.Tensor, ways: int) -> torch.Tensor:
     """The ensemble written independently with rot90: ways 2 = +hflip, 4 = all flips, 8 = group."""
     if ways == 2:
@@ -54,14 +66,7 @@ def _hand_average(model: nn.Module, x: torch.Tensor, ways: int) -> torch.Tensor:
         outs = [model(x), model(x.flip(-1)).flip(-1), model(x.flip(-2)).flip(-2),
                 torch.rot90(model(torch.rot90(x, 2, (-2, -1))), -2, (-2, -1))]
         return sum(outs) / 4
-    outs = []
-    for r in range(4):
-        for flip in (False, True):
-            z = x.flip(-1) if flip else x
-            y = model(torch.rot90(z, r, (-2, -1)))
-            y = torch.rot90(y, -r, (-2, -1))
-            outs.append(y.flip(-1) if flip else y)
-    return sum(outs) / 8
+    return sum(_hand_ways(model, x)) / 8
 
 
 @pytest.fixture
@@ -156,3 +161,34 @@ def test_ensemble_of_tiles_equals_ensemble_of_whole_image() -> None:
 def test_bad_ways(image: torch.Tensor) -> None:
     with pytest.raises(ValueError, match="ways"):
         self_ensemble(lambda x: x, image, 3)
+
+
+@pytest.mark.parametrize("shape", [(12, 12), (12, 17)])
+def test_median_of_eight_ways_equals_numpy_median(shape: tuple[int, int]) -> None:
+    torch.manual_seed(0)
+    model = Skewed().eval()
+    x = torch.rand(2, 3, *shape)
+    with torch.no_grad():
+        ours = self_ensemble(model, x, 8, merge="median")
+        ways = np.stack([y.numpy() for y in _hand_ways(model, x)])  # (8,N,C,4h,4w)
+        expected = np.median(ways, axis=0)  # even count: mean of the 4th and 5th values
+        torch.testing.assert_close(ours, torch.from_numpy(expected), atol=1e-6, rtol=0)
+        assert (ours - self_ensemble(model, x, 8)).abs().max() > 1e-4  # not the mean
+
+
+def test_median_by_hand_and_across_models() -> None:
+    a = torch.tensor([[1.0, 5.0], [9.0, -2.0]])
+    b = torch.tensor([[3.0, 4.0], [0.0, -1.0]])
+    c = torch.tensor([[2.0, 7.0], [1.0, -8.0]])
+    assert median([a, b, c]).tolist() == [[2.0, 5.0], [1.0, -2.0]]
+    assert median([a, b]).tolist() == [[2.0, 4.5], [4.5, -1.5]]  # even: the middle two averaged
+    torch.manual_seed(0)
+    models = [Skewed().eval() for _ in range(3)]
+    x = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        per_model = [np.median(np.stack([y.numpy() for y in _hand_ways(m, x)]), axis=0) for m in models]
+        expected = np.median(np.stack(per_model), axis=0)  # each model's median, then the models' median
+        ours = average_models(models, x, 8, merge="median")
+    torch.testing.assert_close(ours, torch.from_numpy(expected), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="merge"):
+        average_models(models, x, 8, merge="max")

@@ -21,8 +21,23 @@ from pipeline.evaluate import evaluate_pairs
 from pipeline.images import read_float, read_uint8, to_uint8, write_png
 from pipeline.models import build_model, model_kwargs
 from pipeline.predict import Settings, predict_images
+from pipeline.runtime import pick_device
 
 TILES = ["infer.tile=8", "infer.stride=4", "infer.margin=1", "infer.precision=fp32"]
+DEVICE = pick_device()  # where the CLI runs; the references below are computed on the same device
+
+
+def _assert_same_png(got: np.ndarray, sr: np.ndarray) -> None:
+    """The CLI's PNG against a reference prediction ``sr``: identical on the CPU. On CUDA the same
+    fp32 model may round differently per kernel choice (cuDNN, TF32 convolutions), which moves a
+    value across a rounding boundary now and then: at most one grey level, on at most 1% of values."""
+    ref = to_uint8(sr)
+    assert got.shape == ref.shape
+    if DEVICE.type == "cpu":
+        assert np.array_equal(got, ref)
+    else:
+        diff = np.abs(got.astype(int) - ref)
+        assert diff.max() <= 1 and (diff > 0).mean() <= 0.01
 
 
 def _rgb(h: int, w: int, seed: int) -> np.ndarray:
@@ -84,7 +99,7 @@ def test_bicubic_on_a_folder(tmp_path: Path) -> None:
         assert sr.shape == (lr.shape[0] * 4, lr.shape[1] * 4, 3)
         assert np.abs(sr.astype(int) - ref).max() <= 1 and (sr != ref).mean() < 1e-3
     timing = json.loads((out / "timing.json").read_text())
-    assert timing["images"] == 2 and timing["precision"] == "fp32" and timing["device"] == "cpu"
+    assert timing["images"] == 2 and timing["precision"] == "fp32" and timing["device"] == str(DEVICE)
     assert timing["settings"]["tile"] == 0 and timing["settings"]["tta"] == 1  # bicubic: exact, whole image
     assert {"seconds_per_image", "tiles_per_second", "peak_memory_mib", "fp32_fallbacks"} <= set(timing)
     assert "model:" in (out / "config.yaml").read_text()
@@ -98,11 +113,11 @@ def test_checkpoint_on_test_set_then_submit(env: tuple) -> None:
     settings = Settings(tta=2, tile=8, stride=4, margin=1, precision="fp32")
     ids = list(sizes)
     expected, _ = predict_images([ema], [read_float(data / "test" / "lr" / f"{i}.png") for i in ids], settings,
-                                 torch.device("cpu"))
+                                 DEVICE)
     for i, sr in zip(ids, expected):
         got = read_uint8(pred / f"{i}.png")
         assert got.shape == (sizes[i][0] * 4, sizes[i][1] * 4, 3)
-        assert np.array_equal(got, to_uint8(sr))
+        _assert_same_png(got, sr)
     timing = json.loads((pred / "timing.json").read_text())
     assert timing["images"] == 3 and timing["tile_forwards"] > 3 * 2  # several tiles x 2 ways each
     assert _infer(data, models, submit, *TILES, "infer.tta=2", "infer.weights=params",
@@ -144,9 +159,9 @@ def test_last_k_checkpoints_and_extra_runs_are_averaged(env: tuple) -> None:
     for name, (flags, paths) in cases.items():
         out = submit / name
         assert _infer(data, models, submit, *TILES, "infer.tta=1", *flags, "--output", str(out)) == 0
-        (ref,), _ = predict_images([load(p) for p in paths], [lr], settings, torch.device("cpu"))
-        assert np.array_equal(read_uint8(out / "20001.png"), to_uint8(ref)), name
-        (single,), _ = predict_images([load(paths[-1])], [lr], settings, torch.device("cpu"))
+        (ref,), _ = predict_images([load(p) for p in paths], [lr], settings, DEVICE)
+        _assert_same_png(read_uint8(out / "20001.png"), ref)
+        (single,), _ = predict_images([load(paths[-1])], [lr], settings, DEVICE)
         assert not np.array_equal(to_uint8(single), to_uint8(ref))
 
 

@@ -391,7 +391,7 @@ def test_os_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[st
     def disk_full(path: Path, img: np.ndarray) -> Path:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr("pipeline.infer.write_png", disk_full)
+    monkeypatch.setattr("pipeline.images.write_png", disk_full)
     assert cli(["infer", "model.name=bicubic", "--input", str(lr_dir), "--output", str(tmp_path / "o")]) == 2
     err = _one_line(capsys)
     assert "a.png: No space left on device (free some space" in err

@@ -1,4 +1,5 @@
-"""Tiling: the reference grid, tiled == whole image, weights never zero, out-of-memory handling."""
+"""Tiling: the reference grid, tiled == whole image, weights never zero, out-of-memory handling (a real
+CUDA one where a GPU is present), the tile batch rule, the padded fixed batch, the cached merge weights."""
 
 from __future__ import annotations
 
@@ -8,14 +9,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.tiling import (
+    CPU_PIXELS,
+    CUDA_MEMORY_CAP,
+    CUDA_PIXELS,
     HANN_FLOOR,
     TileError,
     TileMemoryError,
+    auto_batch,
+    batch_bound,
+    merge_plan,
     run_tiles,
     tile_forward,
     tile_grid,
     window_1d,
 )
+
+GIB = 2**30
 
 
 class TinyFCN(nn.Module):
@@ -175,3 +184,109 @@ def test_image_smaller_than_tile_and_batched_input(model: nn.Module) -> None:
     with torch.no_grad():
         out = tile_forward(model, lr, 128, 64, "hann", margin=2)
         torch.testing.assert_close(out, model(lr), atol=1e-5, rtol=0)
+
+
+def test_batch_rule_bounds_pixels_per_forward() -> None:
+    # The H100's best eager point: 4 tiles x 8 ways x 128^2 = 524k LR pixels per forward.
+    assert CUDA_PIXELS == 4 * 8 * 128 * 128
+    assert batch_bound(49, 8, (128, 128), CUDA_PIXELS) == 4
+    assert batch_bound(49, 1, (128, 128), CUDA_PIXELS) == 32  # no ensemble: 8x the tiles
+    assert batch_bound(3, 8, (32, 32), CUDA_PIXELS) == 3  # never more than the image's tiles
+    assert batch_bound(49, 8, (512, 512), CUDA_PIXELS) == 1  # never less than one
+    assert batch_bound(49, 8, (32, 32), CPU_PIXELS) == 4
+    # The memory bound wins when one tile's measured peak x the batch would pass the budget.
+    assert batch_bound(49, 8, (128, 128), CUDA_PIXELS, per_tile_bytes=3 * GIB, budget_bytes=8 * GIB) == 2
+    assert batch_bound(49, 8, (128, 128), CUDA_PIXELS, per_tile_bytes=9 * GIB, budget_bytes=8 * GIB) == 1
+
+
+def test_auto_batch_on_cuda_takes_the_smaller_of_pixels_and_probed_memory() -> None:
+    """A fake probe stands for the CUDA measurement: (peak bytes of one tile, free bytes)."""
+    cuda = torch.device("cuda")
+    seen: list[tuple] = []
+
+    def probe_with(per_tile: int, free: int):
+        def probe(fn, channels, shape, device):  # noqa: ANN001, ANN202
+            seen.append((channels, shape, device))
+            return per_tile, free
+        return probe
+
+    # RRDB-like: 1.3 GiB per tile on an 80 GB card. The old rule (60% of free) chose 36 tiles here.
+    assert auto_batch(lambda x: x, 3, (128, 128), cuda, 49, ways=8, probe=probe_with(int(1.3 * GIB), 80 * GIB)) == 4
+    assert seen == [(3, (128, 128), cuda)]
+    # 3 GiB per tile: the 8 GiB cap allows 2.
+    assert CUDA_MEMORY_CAP == 8 * GIB
+    assert auto_batch(lambda x: x, 3, (128, 128), cuda, 49, ways=8, probe=probe_with(3 * GIB, 80 * GIB)) == 2
+    # A busy card with 6 GiB free: half of it, 3 GiB, allows 3 tiles of 1 GiB.
+    assert auto_batch(lambda x: x, 3, (128, 128), cuda, 49, ways=8, probe=probe_with(GIB, 6 * GIB)) == 3
+    # No ensemble, small tiles: the pixel bound allows 128, memory 16, the image has 49.
+    assert auto_batch(lambda x: x, 3, (64, 64), cuda, 49, ways=1, probe=probe_with(GIB // 2, 80 * GIB)) == 16
+
+
+def test_auto_batch_on_the_cpu_does_not_probe() -> None:
+    def never(*_args):  # noqa: ANN002, ANN202
+        raise AssertionError("the CPU rule must not run a probe")
+
+    assert auto_batch(lambda x: x, 3, (32, 32), torch.device("cpu"), 49, ways=8, probe=never) == 4
+    assert auto_batch(lambda x: x, 3, (32, 32), torch.device("cpu"), 49, ways=1, probe=never) == 32
+
+
+@pytest.mark.parametrize("blend", ["mean", "hann"])
+def test_fixed_batch_pads_the_last_batch_and_drops_the_padding(model: nn.Module, blend: str) -> None:
+    calls: list[int] = []
+
+    def spy(x: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return model(x)
+
+    lr = torch.rand(3, 40, 40)  # 16 tiles of 16 / stride 8: batches of 5 leave 1 for the last call
+    with torch.no_grad():
+        padded, report = run_tiles(spy, lr, 16, 8, blend, batch=5, margin=2, fixed_batch=True)
+        assert calls == [5, 5, 5, 5] and report.tiles == 16
+        calls.clear()
+        plain = tile_forward(spy, lr, 16, 8, blend, batch=5, margin=2)
+        assert calls == [5, 5, 5, 1]
+    torch.testing.assert_close(padded, plain, atol=1e-6, rtol=0)  # convolutions may round per batch size
+
+
+def test_merge_weights_are_built_once_per_geometry(model: nn.Module) -> None:
+    lr = torch.rand(3, 36, 44)
+    merge_plan.cache_clear()
+    with torch.no_grad():
+        first = tile_forward(model, lr, 16, 8, "hann", margin=2)
+        second = tile_forward(model, lr.flip(-1), 16, 8, "hann", margin=2)
+    info = merge_plan.cache_info()
+    assert info.misses == 1 and info.hits == 1
+    assert not torch.equal(first, second)  # a cached plan, not a cached result
+    plan = merge_plan(36, 44, 16, 8, "hann", 2, 4, torch.device("cpu"))
+    assert plan.maps.shape[0] == 9  # corner, edge and interior tiles: 3 x 3 distinct weight maps
+    assert plan.index.shape == (len(tile_grid(36, 44, 16, 8)),)
+
+
+class Wide(nn.Module):
+    """Nearest x4 through a 64-fold wider intermediate: ~50 MB of activations per 64x64 tile in fp32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        up = F.interpolate(x, scale_factor=4, mode="nearest")  # (N,3,h,w) -> (N,3,4h,4w)
+        wide = torch.cat([up] * 64, dim=1)  # (N,3,4h,4w) -> (N,192,4h,4w)
+        return wide.unflatten(1, (64, 3)).mean(1)  # (N,192,4h,4w) -> (N,64,3,4h,4w) -> (N,3,4h,4w)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: it provokes a real CUDA OOM")
+def test_real_cuda_out_of_memory_halves_the_batch() -> None:
+    device = torch.device("cuda")
+    lr = torch.rand(3, 160, 160, device=device)  # 16 tiles of 64 / stride 32
+    with torch.no_grad():
+        ref = tile_forward(Wide(), lr, 64, 32, "hann", batch=1)
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(device).total_memory
+    # Allow ~300 MiB above what is reserved now: 16 or 8 tiles (~800 / ~400 MB) fail, 4 fit.
+    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved(device) + 300 * 2**20) / total, device)
+    try:
+        with torch.no_grad():
+            out, report = run_tiles(Wide(), lr, 64, 32, "hann", batch=16)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        torch.cuda.empty_cache()
+    assert report.batch in (2, 4) and report.tiles == 16
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
