@@ -86,7 +86,13 @@ class TrainConfig:
     grad_clip: float = opt(0.0, "clip the gradient norm to this; 0 = off")
     ema_decay: float = opt(0.999, "EMA decay of the weights; 0 = no EMA")
     precision: Precision = opt(
-        "auto", "autocast dtype; auto = bf16 on CUDA/bf16-capable CPUs, fp32 elsewhere")
+        "auto", "autocast dtype; auto = on CUDA bf16 when a step holds >= 131072 LR pixels per GPU "
+        "(batch x crop^2, e.g. 16 x 128^2), else fp32 with TF32 (small steps are launch-bound); on a CPU "
+        "bf16 only with native bf16 (AMX / AVX-512 BF16), else fp32")
+    compile: Literal["auto", "off", "default", "reduce-overhead"] = opt(
+        "auto", "torch.compile the training step for its fixed patch shape; reduce-overhead adds CUDA graphs; "
+        "auto = reduce-overhead on CUDA when >= 10 min of training are left after 20 eager steps (the run's "
+        "max_minutes / max_steps at the measured pace; no limit counts as long), else off")
     channels_last: bool = opt(True, "NHWC memory format for convolutions")
     max_steps: int = opt(0, "stop after this many optimizer steps; 0 = no limit")
     max_epochs: int = opt(0, "stop after this many epochs; 0 = no limit")
@@ -101,8 +107,12 @@ class TrainConfig:
         "auto", "auto = resume when models/<run>/last.pth exists; force = fail if it does not")
     deterministic: bool = opt(
         False, "deterministic algorithms, for bit-exact resumes (the data order always depends on seed and epoch only)")
-    workers: int = opt(2, "data loader workers per process")
+    workers: int = opt(2, "data loader workers per process (started once per run, kept across epochs)")
+    prefetch: int = opt(4, "batches each loader worker prepares ahead")
     log_every: int = opt(20, "log scalars every this many steps")
+    profile_steps: int = opt(
+        0, "torch.profiler over this many steps (after the warm-up): models/<run>/profile/ gets trace.json, "
+        "ops.txt, phases.txt; 0 = off")
 
 
 @dataclass(frozen=True)

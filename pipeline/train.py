@@ -14,6 +14,7 @@ the run folder pipeline/train_io.py.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from timm.scheduler.scheduler import Scheduler
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from pipeline import train_io
 from pipeline.checkpoint import CheckpointError, load_checkpoint, load_weights
@@ -32,7 +33,15 @@ from pipeline.config import Config, TrainConfig, save_config
 from pipeline.dataset import EpochBatches, PairAugment, PatchDataset, read_pair, training_patches, validation_images
 from pipeline.errors import UserError
 from pipeline.models import build_model, count_parameters, model_kwargs
-from pipeline.runtime import autocast_dtype, peak_memory, pick_device, precision_name, seed_everything
+from pipeline.runtime import (
+    enable_tf32,
+    optimizer_flags,
+    peak_memory,
+    pick_device,
+    precision_name,
+    seed_everything,
+    train_autocast_dtype,
+)
 from pipeline.train_loop import Trainer
 
 
@@ -59,9 +68,12 @@ def _init_distributed(deterministic: bool) -> Dist:
 
 
 def _check(t: TrainConfig) -> None:
-    for key in ("batch_size", "val_every", "save_every", "log_every"):
+    for key in ("batch_size", "val_every", "save_every", "log_every", "prefetch"):
         if getattr(t, key) < 1:
             raise UserError(f"train.{key}={getattr(t, key)} must be >= 1")
+    for key in ("workers", "profile_steps"):
+        if getattr(t, key) < 0:
+            raise UserError(f"train.{key}={getattr(t, key)} must be >= 0")
     if t.precision == "fp16" and not torch.cuda.is_available():
         raise UserError("train.precision=fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
 
@@ -95,6 +107,32 @@ def _make_scheduler(t: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_
     return None
 
 
+def build_optimizer(t: TrainConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """Adam / AdamW with this device's update kernel (runtime.optimizer_flags: fused on CUDA)."""
+    optimizer_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[t.optimizer]
+    return optimizer_cls(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay,
+                         **optimizer_flags(device))
+
+
+class RunBatches(Sampler[list[tuple[int, int]]]):
+    """EpochBatches' batches from its current position on, epoch after epoch, without end.
+
+    One loader iterator then serves a whole training session: its workers start once, keep
+    prefetching across epoch ends, and stop when the loop drops the iterator. The order is still
+    EpochBatches' (a function of seed, epoch and step), so resumes stay exact.
+    """
+
+    def __init__(self, epochs: EpochBatches) -> None:
+        self.epochs = epochs
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, start = self.epochs.epoch, self.epochs.start
+        while True:
+            self.epochs.set_position(epoch, start)
+            yield from iter(self.epochs)
+            epoch, start = epoch + 1, 0
+
+
 def _own_process_group(_worker_id: int) -> None:
     # Ctrl-C (and `kill -- -PGID`) signal the terminal's whole process group. Loader workers leave
     # it, so only the main process hears the signal: it saves, then stops them. They keep the
@@ -102,7 +140,8 @@ def _own_process_group(_worker_id: int) -> None:
     os.setpgid(0, 0)
 
 
-def _loader(cfg: Config, d: Dist) -> tuple[DataLoader, EpochBatches]:
+def _loader(cfg: Config, d: Dist) -> tuple[DataLoader, EpochBatches, int]:
+    """The training loader, its epoch order, and the LR side of a training sample (crop or patch)."""
     t = cfg.train
     pairs = training_patches(cfg.data.dir, cfg.data.val_fold)
     side = min(read_pair(pairs[0], cfg.data.scale)[0].shape[:2])
@@ -113,11 +152,12 @@ def _loader(cfg: Config, d: Dist) -> tuple[DataLoader, EpochBatches]:
     batches = EpochBatches(len(pairs), t.batch_size, cfg.seed, d.rank, d.world)
     # The loader's own generator keeps it off the global torch RNG (which a resume restores and
     # drop-path layers use); the data order comes from `batches` alone, whatever the worker count.
-    # Workers are not persistent: the loop drops each epoch's iterator, which shuts them down
-    # cleanly, also when a run stops mid-epoch.
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=t.workers, pin_memory=d.device.type == "cuda",
-                        worker_init_fn=_own_process_group, generator=torch.Generator())
-    return loader, batches
+    # The sampler never ends (RunBatches), so the loop's one iterator keeps its workers for the
+    # session; pinned batches let the copy to the GPU run asynchronously.
+    loader = DataLoader(dataset, batch_sampler=RunBatches(batches), num_workers=t.workers,
+                        pin_memory=d.device.type == "cuda", worker_init_fn=_own_process_group,
+                        prefetch_factor=t.prefetch if t.workers else None, generator=torch.Generator())
+    return loader, batches, t.crop or side
 
 
 def _ddp(model: nn.Module, d: Dist) -> nn.Module:
@@ -155,7 +195,8 @@ def main(cfg: Config) -> None:
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         run_dir = Path(cfg.paths.models) / cfg.run
-        dtype = autocast_dtype(d.device, t.precision)
+        if d.device.type == "cuda":
+            enable_tf32()  # fp32 steps (precision auto on small steps, or fp32) run on the tensor cores
         if t.deterministic:
             # warn_only: a GPU op without a deterministic kernel (nearest upsampling's backward)
             # names itself in a warning instead of killing the run at its first step.
@@ -163,15 +204,14 @@ def main(cfg: Config) -> None:
             torch.backends.cudnn.benchmark = False
         elif d.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # one patch size: autotuned kernels pay off
-            torch.set_float32_matmul_precision("high")
         seed_everything(cfg.seed)  # the same initial weights on every rank
         model = build_trainable(cfg).to(d.device)
         if t.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        loader, batches = _loader(cfg, d)
+        loader, batches, side = _loader(cfg, d)
+        dtype = train_autocast_dtype(d.device, t.precision, t.batch_size // d.world * side**2)
         val_pairs = validation_images(cfg.data.dir, cfg.data.val_fold)
-        optimizer_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[t.optimizer]
-        optimizer = optimizer_cls(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
+        optimizer = build_optimizer(t, model, d.device)
         limits = [n for n in (t.max_steps, t.max_epochs * batches.steps_per_epoch) if n > 0]
         total_steps = min(limits) if limits else 0
         scheduler = _make_scheduler(t, optimizer, batches.steps_per_epoch, total_steps)
@@ -188,8 +228,11 @@ def main(cfg: Config) -> None:
             total_steps=total_steps, arch=cfg.model.name, kwargs=model_kwargs(cfg.model.name))
         if state is not None:
             trainer.load_state(state, run_dir / "last.pth")
+        fp32 = "fp32 (TF32)" if d.device.type == "cuda" else "fp32"
+        update = "fused" if optimizer.defaults.get("fused") else "foreach"
         trainer.say(f"train {cfg.model.name} ({count_parameters(model) / 1e6:.3f}M parameters) on {d.device} "
-                    f"x{d.world}, {precision_name(dtype)}, {batches.n} patches, {batches.steps_per_epoch} "
+                    f"x{d.world}, {precision_name(dtype) if dtype else fp32}, {update} {t.optimizer}, compile "
+                    f"{t.compile}, {batches.n} patches of LR {side} px, {batches.steps_per_epoch} "
                     f"steps/epoch, global batch {t.batch_size}"
                     + (f"; resuming {run_dir / 'last.pth'} at step {trainer.step}" if state else ""))
         with peak_memory(d.device) as memory:
