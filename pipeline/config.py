@@ -194,6 +194,8 @@ def _check(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and value not in choices:
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off (train.compile=off) as a boolean
         if value not in choices:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
         return value

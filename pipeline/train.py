@@ -52,6 +52,7 @@ class Dist:
     rank: int
     world: int
     device: torch.device
+    distributed: bool = False  # a process group (and DistributedDataParallel): any torchrun launch
 
 
 def _init_distributed(deterministic: bool) -> Dist:
@@ -60,11 +61,14 @@ def _init_distributed(deterministic: bool) -> Dist:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = pick_device()  # the LOCAL_RANK-th GPU under torchrun
-    if world > 1 and not dist.is_initialized():
+    # Under torchrun even one process joins a group, so one GPU runs the code path of many.
+    if (world > 1 or dist.is_torchelastic_launched()) and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(dist.get_rank() if world > 1 else 0, world, device)
+    if not dist.is_initialized():
+        return Dist(0, 1, device)
+    return Dist(dist.get_rank(), dist.get_world_size(), device, distributed=True)
 
 
 def _check(t: TrainConfig) -> None:
@@ -223,16 +227,17 @@ def main(cfg: Config) -> None:
 
         trainer = Trainer(
             cfg=cfg, rank=d.rank, world=d.world, device=d.device, dtype=dtype, run_dir=run_dir, raw=model,
-            model=_ddp(model, d) if d.world > 1 else model, ema=ema, optimizer=optimizer,
+            model=_ddp(model, d) if d.distributed else model, ema=ema, optimizer=optimizer,
             scheduler=scheduler, scaler=scaler, loader=loader, batches=batches, val_pairs=val_pairs,
             total_steps=total_steps, arch=cfg.model.name, kwargs=model_kwargs(cfg.model.name))
         if state is not None:
             trainer.load_state(state, run_dir / "last.pth")
         fp32 = "fp32 (TF32)" if d.device.type == "cuda" else "fp32"
         update = "fused" if optimizer.defaults.get("fused") else "foreach"
+        group = f" (DDP, {dist.get_backend()})" if d.distributed else ""
         trainer.say(f"train {cfg.model.name} ({count_parameters(model) / 1e6:.3f}M parameters) on {d.device} "
-                    f"x{d.world}, {precision_name(dtype) if dtype else fp32}, {update} {t.optimizer}, compile "
-                    f"{t.compile}, {batches.n} patches of LR {side} px, {batches.steps_per_epoch} "
+                    f"x{d.world}{group}, {precision_name(dtype) if dtype else fp32}, {update} {t.optimizer}, "
+                    f"compile {t.compile}, {batches.n} patches of LR {side} px, {batches.steps_per_epoch} "
                     f"steps/epoch, global batch {t.batch_size}"
                     + (f"; resuming {run_dir / 'last.pth'} at step {trainer.step}" if state else ""))
         with peak_memory(d.device) as memory:
@@ -240,5 +245,5 @@ def main(cfg: Config) -> None:
         trainer.say(f"peak memory {memory['peak_mib']:.0f} MiB")
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
-        if d.world > 1 and dist.is_initialized():
+        if d.distributed and dist.is_initialized():
             dist.destroy_process_group()
