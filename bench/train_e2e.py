@@ -30,7 +30,7 @@ import torch
 from bench.common import RESULTS, machine, measure, pick, table, write_csv
 from bench.train_speed import our_trainer
 from pipeline.cli import main as cli
-from pipeline.config import load_config
+from pipeline.config import Config, load_config
 from pipeline.dataset import read_pair, training_patches
 from pipeline.models import build_model
 
@@ -44,17 +44,26 @@ def demo_dataset(root: Path, patch: int) -> Path:
     return data
 
 
+def stage_config(data: Path, models: Path, args: argparse.Namespace, workers: int) -> Config:
+    return load_config(args.config, [f"data.dir={data}", f"paths.models={models}", f"run=e2e_w{workers}",
+                                     f"model.name={args.model}", f"train.batch_size={args.batch}",
+                                     f"train.crop={args.crop}", f"train.max_steps={args.steps}",
+                                     f"train.workers={workers}", "train.resume=never", *args.overrides])
+
+
+def lr_side(cfg: Config) -> int:
+    """The LR side of a training sample: the crop, or the patches' side."""
+    pair = training_patches(cfg.data.dir, cfg.data.val_fold)[0]
+    return cfg.train.crop or min(read_pair(pair, cfg.data.scale)[0].shape[:2])
+
+
 def stage_run(data: Path, models: Path, args: argparse.Namespace, workers: int) -> dict:
     """One fresh train run of ``args.steps`` steps; rates from its log.jsonl."""
     from pipeline import train
 
-    run = f"e2e_w{workers}"
-    cfg = load_config(args.config, [f"data.dir={data}", f"paths.models={models}", f"run={run}",
-                                    f"model.name={args.model}", f"train.batch_size={args.batch}",
-                                    f"train.crop={args.crop}", f"train.max_steps={args.steps}",
-                                    f"train.workers={workers}", "train.resume=never", *args.overrides])
+    cfg = stage_config(data, models, args, workers)
     train.main(cfg)
-    log = [json.loads(line) for line in (models / run / "log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (models / cfg.run / "log.jsonl").read_text().splitlines()]
     warm = max([e["step"] for e in log if e["kind"] == "compile"], default=0)  # compiled from here on
     logged = [e for e in log if e["kind"] == "train" and e["step"] > warm]
     first, last = logged[0], logged[-1]
@@ -63,16 +72,14 @@ def stage_run(data: Path, models: Path, args: argparse.Namespace, workers: int) 
     val_s = sum(e["val/seconds"] for e in span)
     wall = last["time_s"] - first["time_s"]
     samples = (last["step"] - first["step"]) * args.batch
-    pair = training_patches(data, cfg.data.val_fold)[0]
-    side = args.crop or min(read_pair(pair, cfg.data.scale)[0].shape[:2])
     return {"workers": workers, "steps": last["step"] - first["step"], "stage": samples / wall,
             "train_only": samples / max(wall - val_s, 1e-9), "validations": len(span),
-            "val_share_pct": 100 * val_s / wall, "lr_side": side, "cfg": cfg}
+            "val_share_pct": 100 * val_s / wall, "lr_side": lr_side(cfg), "cfg": cfg}
 
 
-def step_only(cfg, device: torch.device, side: int, steps: int) -> float:
+def step_only(cfg: Config, device: torch.device, steps: int) -> float:
     """bench.train_speed's step on pre-made uint8 batches: samples/s over ``steps`` steps after warm-up."""
-    t = cfg.train
+    t, side = cfg.train, lr_side(cfg)
     torch.manual_seed(0)
     init = copy.deepcopy(build_model(cfg.model.name).state_dict())
     trainer = our_trainer(cfg.model.name, init, device, cfg, steps + 5, side)
@@ -101,7 +108,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200, help="steps of each stage run")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="train.workers settings to run")
     p.add_argument("--csv", type=Path, default=None, help="default bench/results/train_e2e_<device>.csv")
-    p.add_argument("overrides", nargs="*", help="more key=value settings for the stage (e.g. train.val_every=50)")
+    p.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="more settings for the stage (e.g. --set train.val_every=50)")
     args = p.parse_args()
     device = pick(args.device)
     if device.type == "cpu":
@@ -110,8 +118,13 @@ def main() -> None:
         data = args.data or demo_dataset(Path(tmp), args.patch)
         rows = []
         for workers in args.workers:
+            # The step alone is measured right before and right after the stage run, so a shared
+            # machine's load drifts hit both sides; the spread says how much it drifted.
+            before = step_only(stage_config(data, Path(tmp) / "models", args, workers), device, args.steps // 2)
             row = stage_run(data, Path(tmp) / "models", args, workers)
-            row["step_only"] = step_only(row.pop("cfg"), device, row["lr_side"], row["steps"])
+            after = step_only(row.pop("cfg"), device, args.steps // 2)
+            row["step_only"] = (before + after) / 2
+            row["step_only_spread_pct"] = 100 * abs(before - after) / row["step_only"]
             row.update({"model": args.model, "batch": args.batch, "stage_vs_step": row["stage"] / row["step_only"],
                         "train_only_vs_step": row["train_only"] / row["step_only"]})
             rows.append(row)
@@ -124,7 +137,7 @@ def main() -> None:
     print(f"\nwrote {path}\n{info}\nstage = samples/s of the train stage between its first and last log point "
           "(validations and checkpoints included); train only = without the validations' time")
     print(table(rows, ["model", "batch", "lr_side", "workers", "steps", "stage", "train_only", "step_only",
-                       "stage_vs_step", "train_only_vs_step", "validations", "val_share_pct"]))
+                       "step_only_spread_pct", "stage_vs_step", "train_only_vs_step", "validations", "val_share_pct"]))
 
 
 if __name__ == "__main__":

@@ -87,12 +87,12 @@ class TrainConfig:
     ema_decay: float = opt(0.999, "EMA decay of the weights; 0 = no EMA")
     precision: Precision = opt(
         "auto", "autocast dtype; auto = on CUDA bf16 when a step holds >= 131072 LR pixels per GPU "
-        "(batch x crop^2, e.g. 16 x 128^2), else fp32 with TF32 (small steps are launch-bound); on a CPU "
+        "(batch x LR sample side^2, e.g. 16 x 128^2), else fp32 with TF32 (small steps are launch-bound); on a CPU "
         "bf16 only with native bf16 (AMX / AVX-512 BF16), else fp32")
     compile: Literal["auto", "off", "default", "reduce-overhead"] = opt(
         "auto", "torch.compile the training step for its fixed patch shape; reduce-overhead adds CUDA graphs; "
-        "auto = reduce-overhead on CUDA when >= 10 min of training are left after 20 eager steps (the run's "
-        "max_minutes / max_steps at the measured pace; no limit counts as long), else off")
+        "auto = reduce-overhead on CUDA when, at the first log point, >= 10 min of training are left (by "
+        "max_minutes, or max_steps at the pace so far; no limit counts as long), else off (~2-3 min warm-up)")
     channels_last: bool = opt(True, "NHWC memory format for convolutions")
     max_steps: int = opt(0, "stop after this many optimizer steps; 0 = no limit")
     max_epochs: int = opt(0, "stop after this many epochs; 0 = no limit")
