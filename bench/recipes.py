@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import RESULTS, machine, pick, table, write_csv
+from bench.common import save_rows, table
+from bench.train_e2e import add_stage_options, stage_device
 from pipeline.cli import main as cli
 
 CPU_RECIPES = ("defaults:-:patch.size=128", "gpu-quick:configs/gpu-quick.yaml:", "demo:configs/demo.yaml:")
@@ -87,18 +87,14 @@ def run_recipe(recipe: Recipe, source: Path, work: Path, args: argparse.Namespac
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="auto", help="auto (CUDA when present) or cpu")
+    add_stage_options(p, "every recipe's train stage")
     p.add_argument("--data", type=Path, default=None, help="a dataset in the contest layout (default: demo data)")
     p.add_argument("--model", default="edsr-tiny", help="the model every recipe trains")
     p.add_argument("--minutes", type=float, default=3.0, help="training budget per recipe (train.max_minutes)")
     p.add_argument("--recipes", nargs="+", default=list(CPU_RECIPES), help="NAME:CONFIG:key=value,...")
     p.add_argument("--csv", type=Path, default=None, help="default bench/results/recipes_<device>.csv")
-    p.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="settings for every recipe's train stage (e.g. --set train.val_every=100)")
     args = p.parse_args()
-    device = pick(args.device)
-    if device.type == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the stages pick CUDA whenever they see one
+    device = stage_device(args.device)
     recipes = [Recipe.parse(r) for r in args.recipes]
     rows = []
     with tempfile.TemporaryDirectory(prefix="recipes_") as tmp:
@@ -110,10 +106,7 @@ def main() -> None:
         for recipe in recipes:
             rows.append(run_recipe(recipe, source.resolve(), Path(tmp), args))
             print(f"  {recipe.name}: {rows[-1]['best_gain_db']:+.3f} dB best over bicubic", flush=True)
-    info = machine(device)
-    for r in rows:
-        r["machine"] = info
-    path = write_csv(rows, args.csv or RESULTS / f"recipes_{device.type}.csv")
+    path, info = save_rows(rows, device, "recipes", args.csv)
     print(f"\nwrote {path}\n{info}\n{args.model}, {args.minutes:g} min of training per recipe; gain = validation "
           "PSNR (held-out fold, whole images, EMA, no ensemble) - bicubic")
     print(table(rows, ["recipe", "settings", "patches", "steps", "samples_per_s", "bicubic_db", "best_gain_db",

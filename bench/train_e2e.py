@@ -27,12 +27,27 @@ from pathlib import Path
 
 import torch
 
-from bench.common import RESULTS, machine, measure, pick, table, write_csv
+from bench.common import measure, pick, save_rows, table
 from bench.train_speed import our_trainer
 from pipeline.cli import main as cli
 from pipeline.config import Config, load_config
 from pipeline.dataset import read_pair, training_patches
 from pipeline.models import build_model
+
+
+def add_stage_options(p: argparse.ArgumentParser, what: str) -> None:
+    """--device, --set: where the train stage runs and settings for it (shared with bench.recipes)."""
+    p.add_argument("--device", default="auto", help="auto (CUDA when present) or cpu: where the stage trains")
+    p.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                   help=f"settings for {what} (e.g. --set train.val_every=50)")
+
+
+def stage_device(name: str) -> torch.device:
+    """The device of ``--device``; for the CPU, CUDA is hidden, since the stages pick it whenever they see it."""
+    device = pick(name)
+    if device.type == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    return device
 
 
 def demo_dataset(root: Path, patch: int) -> Path:
@@ -98,7 +113,7 @@ def step_only(cfg: Config, device: torch.device, steps: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="auto", help="auto (CUDA when present) or cpu: where the stage trains")
+    add_stage_options(p, "the stage")
     p.add_argument("--data", type=Path, default=None, help="a prepared + patchified dataset (default: demo data)")
     p.add_argument("--patch", type=int, default=128, help="HR patch size when building the demo data")
     p.add_argument("--config", default=None, help="YAML settings for the stage (then the flags below)")
@@ -108,12 +123,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200, help="steps of each stage run")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="train.workers settings to run")
     p.add_argument("--csv", type=Path, default=None, help="default bench/results/train_e2e_<device>.csv")
-    p.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="more settings for the stage (e.g. --set train.val_every=50)")
     args = p.parse_args()
-    device = pick(args.device)
-    if device.type == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the stage picks CUDA whenever it sees one
+    device = stage_device(args.device)
     with tempfile.TemporaryDirectory(prefix="train_e2e_") as tmp:
         data = args.data or demo_dataset(Path(tmp), args.patch)
         rows = []
@@ -130,10 +141,7 @@ def main() -> None:
             rows.append(row)
             print(f"  workers {workers}: stage {row['stage']:.1f} samples/s, step only {row['step_only']:.1f} "
                   f"({row['stage_vs_step']:.2f}x)", flush=True)
-    info = machine(device)
-    for r in rows:
-        r["machine"] = info
-    path = write_csv(rows, args.csv or RESULTS / f"train_e2e_{device.type}.csv")
+    path, info = save_rows(rows, device, "train_e2e", args.csv)
     print(f"\nwrote {path}\n{info}\nstage = samples/s of the train stage between its first and last log point "
           "(validations and checkpoints included); train only = without the validations' time")
     print(table(rows, ["model", "batch", "lr_side", "workers", "steps", "stage", "train_only", "step_only",

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pipeline.compat  # noqa: F401  (installs the torchvision shim before any other basicsr import)
-from bench.common import RESULTS, interleaved, machine, measure, median, pick, table, write_csv
+from bench.common import interleaved, machine, measure, median, pick, save_rows, table
 from bench.flops import count_flops, peak_tflops, utilisation
 from pipeline.config import Config, with_overrides
 from pipeline.models import MODELS, build_model, model_kwargs
@@ -311,9 +311,7 @@ def main() -> None:
     rows = []
     for name, lr_patch in cases:
         rows += run_case(name, lr_patch, device, args, labels, peak)
-    for r in rows:
-        r["machine"] = info
-    path = write_csv(rows, args.csv or RESULTS / f"train_speed_{device.type}.csv")
+    path, info = save_rows(rows, device, "train_speed", args.csv)
     print(f"\nwrote {path}\n{info}\nsamples/s: median over {args.rounds} interleaved blocks of {args.steps} steps "
           f"after {args.warmup} warm-up steps; batch {args.batch}; tflops = counted FLOPs of a step / its time")
     print(table(rows, ["model", "trainer", "precision", "lr_patch", "samples_per_s", "vs_basicsr", "gflop_per_step",

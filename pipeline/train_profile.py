@@ -39,14 +39,15 @@ class StepProfiler:
         self.enabled = enabled and steps > 0
         self.summary = ""
         self._prof: profile | None = None
+        self._calls = 0  # step() calls since start(): the first is the profiler's warm-up step
 
     def start(self) -> None:
         """Begin recording (called once the session's warm-up is over)."""
         if not self.enabled or self._prof is not None:
             return
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
-        self._prof = profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=self.steps, repeat=1),
-                             on_trace_ready=self._write)
+        self._prof = profile(activities=activities, on_trace_ready=self._write,
+                             schedule=schedule(wait=0, warmup=1, active=self.steps, repeat=1))
         self._prof.start()
 
     def phase(self, name: str) -> contextlib.AbstractContextManager:
@@ -54,10 +55,11 @@ class StepProfiler:
 
     def step(self) -> None:
         if self._prof is not None:
-            self._prof.step()
+            self._calls += 1
+            self._prof.step()  # after the last active step this writes the files (self._write)
 
     def stop(self) -> None:
-        """End recording early (a run that stops before the profile is complete writes what it has)."""
+        """End recording; a run that stops before the profile is complete writes the steps it has."""
         if self._prof is not None:
             prof, self._prof = self._prof, None
             prof.stop()
@@ -71,12 +73,11 @@ class StepProfiler:
         ops = events.table(sort_by="self_device_time_total" if on_gpu else "self_cpu_time_total", row_limit=25)
         with atomic_write(self.out / "ops.txt") as tmp:
             tmp.write_text(ops + "\n")
-        self.summary = phase_table(events, self.steps, on_gpu)
+        self.summary = phase_table(events, max(1, min(self.steps, self._calls - 1)), on_gpu)
         with atomic_write(self.out / "phases.txt") as tmp:
             tmp.write_text(self.summary + "\n")
         self.enabled = False  # one profile per session
-        # The profiler stops itself after its active steps; the loop's later step() calls are no-ops.
-        self._prof = None
+        self._prof = None  # later phases and steps are plain again (the profiler has stopped itself)
 
 
 def phase_table(events: list, steps: int, on_gpu: bool) -> str:
