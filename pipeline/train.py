@@ -7,8 +7,12 @@ the weights inference will use (EMA when enabled). ``last.pth`` holds the full t
 run killed at any moment resumes from its last save; with train.deterministic on the CPU the resumed
 run ends with exactly the weights of an uninterrupted one (tests/test_train.py checks with SIGKILL).
 
+On a GPU the setup follows measured rules (pipeline/runtime.py): a fused Adam update, TF32 for fp32,
+bf16 only for steps large enough to be arithmetic-bound, torch.compile where the run is long enough
+(train.compile, applied by the loop); the loader's workers live for the whole session (RunBatches).
+
 This module is the setup; the loop is pipeline/train_loop.py, the data order pipeline/dataset.py,
-the run folder pipeline/train_io.py.
+the run folder pipeline/train_io.py, validation pipeline/validation.py, profiling pipeline/train_profile.py.
 """
 
 from __future__ import annotations

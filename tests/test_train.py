@@ -292,14 +292,20 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(data: Path, tmp_pat
 
 
 def test_torchrun_two_processes_match_one(data: Path, tmp_path: Path) -> None:
+    # Both runs on the CPU (gloo), also on a GPU machine: two ranks need two GPUs, and a CUDA run
+    # would be compared with a CPU one. NCCL has its own test below.
     extra = ("train.max_steps=4", "train.deterministic=true", "train.val_every=2")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    with (tmp_path / "ddp.log").open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                 "-m", "pipeline", *train_args(data, tmp_path, "ddp", *extra)],
-                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    assert cli(train_args(data, tmp_path, "single", *extra)) == 0  # meanwhile, the same in one process
-    assert proc.wait(timeout=300) == 0, (tmp_path / "ddp.log").read_text()[-3000:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    procs = []
+    for run, launcher in (("ddp", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]),
+                          ("single", [])):  # the same in one process, meanwhile
+        log = (tmp_path / f"{run}.log").open("wb")
+        procs.append((subprocess.Popen([sys.executable, *launcher, "-m", "pipeline",
+                                        *train_args(data, tmp_path, run, *extra)],
+                                       cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log, run))
+    for proc, log, run in procs:
+        assert proc.wait(timeout=300) == 0, (tmp_path / f"{run}.log").read_text()[-3000:]
+        log.close()
     ddp, single = load(tmp_path / "ddp" / "last.pth"), load(tmp_path / "single" / "last.pth")
     assert ddp["step"] == single["step"] == 4
     seed_everything(0)  # the initial weights of both runs
@@ -356,7 +362,7 @@ def test_one_loader_iterator_serves_every_epoch_in_order(data: Path) -> None:
     assert side == 4 and batches.steps_per_epoch == 4
     batches.set_position(0, 3)  # a resume at step 3: the last step of epoch 0, then epochs 1 and 2
     iterator = iter(loader)
-    workers = [w.pid for w in iterator._workers]  # noqa: SLF001  (the processes behind this iterator)
+    workers = [w.pid for w in iterator._workers]  # the processes behind this iterator (private attribute)
     got = [next(iterator) for _ in range(9)]
     assert [w.pid for w in iterator._workers] == workers and all(w.is_alive() for w in iterator._workers)
     processes = list(iterator._workers)
