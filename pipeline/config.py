@@ -99,6 +99,10 @@ class TrainConfig:
     max_minutes: float = opt(
         0.0, "wall-clock budget of the run, summed over resumes; then validate, save and exit; 0 = none")
     val_every: int = opt(200, "validate every this many steps")
+    val_share: float = opt(
+        0.1, "at most this share of the time validating: a validation slower than that moves the next ones "
+        "to a multiple of val_every steps (large validation folds); 0 = always every val_every; off when "
+        "deterministic")
     patience: int = opt(0, "stop after this many validations without improvement; 0 = never")
     save_every: int = opt(500, "write the last checkpoint every this many steps")
     save_minutes: float = opt(10.0, "and at least every this many minutes")

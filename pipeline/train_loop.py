@@ -101,6 +101,9 @@ class Trainer:
     _compile_pending: bool = False  # train.compile=auto waits for the first log point to decide
     _warmup: tuple[float, int] | None = None  # (clock, step) when compilation began, until it is timed
     _profile_from: int = -1  # the step at which the profiler starts; -1 = not yet known
+    _next_val: int = 0  # the step of the next validation
+    _val_every: int = 0  # steps between validations: train.val_every, or a multiple (train.val_share)
+    _since_val: tuple[float, int] = (0.0, 0)  # (clock, step) at the end of the last validation
 
     def __post_init__(self) -> None:
         if self.step_model is None:
@@ -188,7 +191,9 @@ class Trainer:
         self.profiler = StepProfiler(self.run_dir, self.cfg.train.profile_steps, self.device, self.main)
         try:
             self.raw.train()
-            self._session = self._speed = (time.perf_counter(), self.step)
+            self._session = self._speed = self._since_val = (time.perf_counter(), self.step)
+            self._val_every = self.cfg.train.val_every
+            self._next_val = (self.step // self._val_every + 1) * self._val_every
             self._start_compile()
             reason = self._stop_reason()
             spe = self.batches.steps_per_epoch
@@ -319,8 +324,8 @@ class Trainer:
         t = self.cfg.train
         if self.step % t.log_every == 0:
             self._log_train()
-        if self.step % t.val_every == 0:
-            self._validate()
+        if self.step >= self._next_val:
+            self._plan_validations(self._validate())
         if self.step % t.save_every == 0:
             self.save(history=True)
         elif t.save_minutes > 0 and time.monotonic() - self._saved >= t.save_minutes * 60:
@@ -352,13 +357,15 @@ class Trainer:
         self.bar.set_postfix(loss=f"{values['loss/total']:.4f}", psnr=f"{self.last_psnr:.2f}",
                              samples_s=f"{values['samples_per_s']:.1f}", refresh=False)
 
-    def _validate(self) -> None:
+    def _validate(self) -> float:
+        """Validate (EMA weights when enabled), keep best.pth, log; returns the validation's seconds."""
         start = time.perf_counter()
         self.raw.eval()
         model = self.ema.module if self.ema is not None else self.raw  # the weights inference will use
         psnr = validate_model(model, self.val_pairs, self.cfg.data.scale, self.device, self.dtype,
                               self.cfg.train.channels_last, self.rank, self.world)
         self.raw.train()
+        seconds = time.perf_counter() - start
         self.last_psnr, self.val_step = psnr, self.step
         if psnr > self.best_psnr:
             self.best_psnr, self.bad_validations = psnr, 0
@@ -368,11 +375,34 @@ class Trainer:
             self.bad_validations += 1
         self.log.write(self.step, "val", {"val/psnr": psnr, "val/best_psnr": self.best_psnr,
                                           "val/bicubic_psnr": self.bicubic,
-                                          "val/seconds": time.perf_counter() - start})
+                                          "val/seconds": seconds})
         self.log.plot()
         self.say(f"step {self.step}: validation PSNR {psnr:.3f} dB (best {self.best_psnr:.3f}, "
                  f"bicubic {self.bicubic:.3f})")
         self._speed = (time.perf_counter(), self.step)  # samples/s counts training time only
+        return seconds
+
+    def _plan_validations(self, seconds: float) -> None:
+        """Keep validation under train.val_share of the time: if this one (``seconds``) took more next
+        to the training since the last, validate every k * val_every steps with the smallest k that
+        fits; the ranks agree on the largest k. Deterministic runs keep the fixed cadence."""
+        t = self.cfg.train
+        clock, step = self._since_val
+        train_seconds = max(time.perf_counter() - seconds - clock, 1e-9)  # (plots, logs: training's side)
+        self._since_val = (time.perf_counter(), self.step)
+        every = t.val_every
+        if t.val_share > 0 and not t.deterministic and self.step > step:
+            step_seconds = train_seconds / (self.step - step)
+            every *= max(1, math.ceil(seconds * (1 - t.val_share) / (t.val_share * t.val_every * step_seconds)))
+        if self.world > 1:
+            shared = torch.tensor([every], dtype=torch.float64, device=self.device)
+            dist.all_reduce(shared, op=dist.ReduceOp.MAX)
+            every = int(shared.item())
+        if every != self._val_every:
+            self.say(f"step {self.step}: a validation takes {seconds:.1f} s; validating every {every} steps "
+                     f"keeps it under train.val_share={t.val_share:g} of the time")
+        self._val_every = every
+        self._next_val = self.step + every
 
     def _stop_reason(self) -> str | None:
         t = self.cfg.train

@@ -76,10 +76,11 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def train_args(data: Path, models: Path, run: str, *extra: str) -> list[str]:
-    """16 training patches, batch 4: 4 steps per epoch; validation on 2 whole images."""
+    """16 training patches, batch 4: 4 steps per epoch; validation on 2 whole images every 5 steps
+    (validation's time share does not stretch the cadence: train.val_share=0)."""
     return ["train", "--data", str(data), f"run={run}", f"paths.models={models}", "model.name=edsr-nano",
             "train.batch_size=4", "train.workers=0", "train.val_every=5", "train.log_every=5",
-            "train.save_every=5", "train.learning_rate=5e-3", *extra]
+            "train.save_every=5", "train.learning_rate=5e-3", "train.val_share=0", *extra]
 
 
 def load(path: Path) -> dict:
@@ -377,6 +378,19 @@ def test_one_loader_iterator_serves_every_epoch_in_order(data: Path) -> None:
         expected = [dataset[(int(perm[i]), int(seeds[i]))] for i in range(4 * step, 4 * step + 4)]
         assert torch.equal(lr, torch.stack([x for x, _ in expected]))
         assert torch.equal(hr, torch.stack([y for _, y in expected]))
+
+
+def test_slow_validation_is_spaced_out_unless_deterministic(data: Path, tmp_path: Path) -> None:
+    # Validating after every step would take most of the time (2 images against a step of 4 patches):
+    # with a 1% share the next validation moves past the run's end; deterministic runs keep the cadence.
+    extra = ("train.max_steps=12", "train.val_every=1", "train.val_share=0.01", "train.log_every=4",
+             "train.save_every=100")
+    for run, deterministic in (("spaced", "false"), ("fixed", "true")):
+        assert cli(train_args(data, tmp_path, run, *extra, f"train.deterministic={deterministic}")) == 0
+    steps = {run: [e["step"] for e in log_entries(tmp_path / run) if e["kind"] == "val"] for run in ("spaced", "fixed")}
+    assert steps["fixed"] == list(range(1, 13))
+    assert steps["spaced"][0] == 1 and steps["spaced"][-1] == 12 and len(steps["spaced"]) < 6
+    assert all(e["val/seconds"] > 0 for e in log_entries(tmp_path / "spaced") if e["kind"] == "val")
 
 
 def test_profile_steps_writes_trace_ops_and_phases(data: Path, tmp_path: Path) -> None:
