@@ -5,9 +5,8 @@ SIGTERM, the pace of a time-budgeted cosine schedule, train.compile=auto) are ta
 where the ranks agree through one all-reduce, so they always stop (and compile) at the same step.
 Only rank 0 writes files.
 
-The step may run compiled (train.compile): torch.compile wraps what the step calls (the DDP
-wrapper included) and nothing else, so EMA, validation and checkpoints use the eager module and
-its plain state-dict keys; the fp32 loss, gradient clipping, the scaler and the optimizer stay eager.
+The step may run compiled (train.compile, pipeline/train_compile.py); EMA, validation and
+checkpoints always use the eager module.
 """
 
 from __future__ import annotations
@@ -36,12 +35,10 @@ from pipeline.config import Config, to_dict
 from pipeline.dataset import EpochBatches, Pair
 from pipeline.errors import UserError
 from pipeline.runtime import autocast, compile_mode
+from pipeline.train_compile import StepCompiler
 from pipeline.train_profile import StepProfiler
-from pipeline.validation import bicubic, validate_model
+from pipeline.validation import bicubic, spaced_interval, validate_model
 
-# Steps after torch.compile until the step runs at speed: the first call compiles the forward and
-# backward graphs; with CUDA graphs the second records them and the third replays them.
-COMPILE_WARMUP_STEPS = 3
 PROFILE_AFTER = 5  # steps of the session (after any compile warm-up) before train.profile_steps begins
 _NO_PHASE = contextlib.nullcontext()
 
@@ -94,20 +91,21 @@ class Trainer:
     _speed: tuple[float, int] = (0.0, 0)
     log: Any = None  # train_io.RunLog, opened by fit
     bar: Any = None  # tqdm progress bar, opened by fit
-    step_model: nn.Module | None = None  # what the step calls: `model`, or `model` compiled (use_compile)
-    compiled: str = "off"  # the torch.compile mode in use
+    compiler: StepCompiler = field(init=False)  # what the step calls: `model`, eager or compiled (use_compile)
     profiler: StepProfiler | None = None
     _session: tuple[float, int] = (0.0, 0)  # (clock, step) when this session's loop began
     _compile_pending: bool = False  # train.compile=auto waits for the first log point to decide
-    _warmup: tuple[float, int] | None = None  # (clock, step) when compilation began, until it is timed
     _profile_from: int = -1  # the step at which the profiler starts; -1 = not yet known
     _next_val: int = 0  # the step of the next validation
     _val_every: int = 0  # steps between validations: train.val_every, or a multiple (train.val_share)
     _since_val: tuple[float, int] = (0.0, 0)  # (clock, step) at the end of the last validation
 
     def __post_init__(self) -> None:
-        if self.step_model is None:
-            self.step_model = self.model
+        self.compiler = StepCompiler(self.model)
+
+    @property
+    def compiled(self) -> str:
+        return self.compiler.mode
 
     @property
     def main(self) -> bool:
@@ -246,10 +244,9 @@ class Trainer:
             lr, hr = self._to_device(lr_u8), self._to_device(hr_u8)
         if self.scheduler is not None:
             self.scheduler.step_update(self.step)  # the learning rate of update number `step`
-        if self.compiled == "reduce-overhead":
-            torch.compiler.cudagraph_mark_step_begin()  # a new iteration: last step's graph outputs are dead
+        self.compiler.begin_step()
         with self._phase("forward"), autocast(self.device, self.dtype):
-            sr = self.step_model(lr)  # (b,3,h,w) -> (b,3,4h,4w)
+            sr = self.compiler.call(lr)  # (b,3,h,w) -> (b,3,4h,4w)
         with self._phase("loss"):
             losses = contest_loss(sr.float(), hr, t.loss_l1, t.loss_mse)  # fp32 loss whatever the autocast
         with self._phase("backward"):
@@ -269,20 +266,20 @@ class Trainer:
                 self.ema.update(self.raw, step=self.step)
         self._window.append(torch.stack([v.detach() for v in losses.values()]))
         self.bar.update(1)
-        if self._warmup is not None and self.step - self._warmup[1] >= COMPILE_WARMUP_STEPS:
-            self._end_warmup()
+        warmup = self.compiler.warmed_up(self.step, self.device)
+        if warmup is not None:
+            self.log.write(self.step, "compile", {"compile/warmup_seconds": warmup[0]})
+            self.say(f"step {self.step}: compiled step (mode={self.compiled}) warmed up in {warmup[0]:.1f} s "
+                     f"over {warmup[1]} steps")
+            self._speed = (time.perf_counter(), self.step)  # samples/s counts the compiled steps only
 
     # -- compilation ------------------------------------------------------------------------------
 
     def use_compile(self, mode: str) -> None:
         """From the next step on, call ``model`` through torch.compile(mode) ('off' = eager) for the
-        fixed batch shape; the warm-up is timed over the next COMPILE_WARMUP_STEPS steps."""
-        if mode == "off":
-            return
-        self.step_model = torch.compile(self.model, mode=mode, dynamic=False)
-        self.compiled = mode
-        self._warmup = (time.perf_counter(), self.step)
-        self.say(f"step {self.step}: compiling the training step (torch.compile mode={mode})")
+        fixed batch shape; the warm-up is timed and logged (kind `compile`)."""
+        if self.compiler.use(mode, self.step):
+            self.say(f"step {self.step}: compiling the training step (torch.compile mode={mode})")
 
     def _start_compile(self) -> None:
         """Explicit modes (and `auto` off CUDA, where it is always off) decide now; `auto` on CUDA
@@ -295,7 +292,7 @@ class Trainer:
 
     def _steady_step(self) -> int:
         """The first step the profiler may record: after the compile warm-up and a few more steps."""
-        return self.step + (COMPILE_WARMUP_STEPS if self.compiled != "off" else 0) + PROFILE_AFTER
+        return self.compiler.steady_from(self.step) + PROFILE_AFTER
 
     def _seconds_left(self) -> float:
         """Training time still ahead: the time budget's rest, or the steps left at this session's pace."""
@@ -308,17 +305,6 @@ class Trainer:
             pace = (time.perf_counter() - start) / max(self.step - start_step, 1)
             left.append((self.total_steps - self.step) * pace)
         return min(left)
-
-    def _end_warmup(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        start, start_step = self._warmup  # type: ignore[misc]
-        seconds = time.perf_counter() - start
-        self._warmup = None
-        self.log.write(self.step, "compile", {"compile/warmup_seconds": seconds})
-        self.say(f"step {self.step}: compiled step (mode={self.compiled}) warmed up in {seconds:.1f} s "
-                 f"over {self.step - start_step} steps")
-        self._speed = (time.perf_counter(), self.step)  # samples/s counts the compiled steps only
 
     def _after_step(self) -> str | None:
         t = self.cfg.train
@@ -391,9 +377,8 @@ class Trainer:
         train_seconds = max(time.perf_counter() - seconds - clock, 1e-9)  # (plots, logs: training's side)
         self._since_val = (time.perf_counter(), self.step)
         every = t.val_every
-        if t.val_share > 0 and not t.deterministic and self.step > step:
-            step_seconds = train_seconds / (self.step - step)
-            every *= max(1, math.ceil(seconds * (1 - t.val_share) / (t.val_share * t.val_every * step_seconds)))
+        if not t.deterministic and self.step > step:
+            every = spaced_interval(seconds, train_seconds / (self.step - step), t.val_every, t.val_share)
         if self.world > 1:
             shared = torch.tensor([every], dtype=torch.float64, device=self.device)
             dist.all_reduce(shared, op=dist.ReduceOp.MAX)

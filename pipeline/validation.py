@@ -49,6 +49,14 @@ def validate_model(model: nn.Module, pairs: list[Pair], scale: int, device: torc
     return (totals[0] / totals[1]).item()
 
 
+def spaced_interval(val_seconds: float, step_seconds: float, val_every: int, share: float) -> int:
+    """Steps between validations so that validating takes at most ``share`` of the time: the smallest
+    multiple k * val_every with val_seconds <= share * (val_seconds + k * val_every * step_seconds)."""
+    if share <= 0:
+        return val_every
+    return val_every * max(1, math.ceil(val_seconds * (1 - share) / (share * val_every * step_seconds)))
+
+
 def read_ahead(pairs: list[Pair], scale: int, ahead: int = 4) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """``read_pair`` of each pair in order, decoded by two threads up to ``ahead`` images early, so the
     device does not wait for PNG decoding (OpenCV releases the GIL) and memory holds few images."""
