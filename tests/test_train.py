@@ -337,6 +337,11 @@ def test_update_kernel_precision_and_compile_rules() -> None:
     assert compile_mode("auto", cuda, AUTO_COMPILE_MIN_SECONDS) == compile_mode("auto", cuda, math.inf) == \
         "reduce-overhead"
     assert compile_mode("default", cpu, 0.0) == "default"
+    from pipeline.validation import spaced_interval
+
+    # 1 s validations against 10 ms steps, at most 10%: every 900 steps; fast ones keep val_every.
+    assert spaced_interval(1.0, 0.01, 5, 0.1) == 900 and spaced_interval(1.0, 0.01, 5, 0.0) == 5
+    assert spaced_interval(0.001, 0.01, 5, 0.1) == 5
 
 
 def test_compiled_step_trains_like_eager_and_saves_plain_keys(data: Path, tmp_path: Path) -> None:
