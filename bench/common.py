@@ -167,3 +167,11 @@ def pick(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def save_rows(rows: list[dict[str, Any]], device: torch.device, name: str, csv_path: Path | None) -> tuple[Path, str]:
+    """Stamp every row with the machine line and write the CSV (default bench/results/<name>_<device>.csv)."""
+    info = machine(device)
+    for r in rows:
+        r["machine"] = info
+    return write_csv(rows, csv_path or RESULTS / f"{name}_{device.type}.csv"), info

@@ -93,13 +93,23 @@ class TrainConfig:
     grad_clip: float = opt(0.0, "clip the gradient norm to this; 0 = off", ge=0)
     ema_decay: float = opt(0.999, "EMA decay of the weights; 0 = no EMA", ge=0, le=0.99999)
     precision: Precision = opt(
-        "auto", "autocast dtype; auto = bf16 on CUDA/bf16-capable CPUs, fp32 elsewhere")
+        "auto", "autocast dtype; auto = on CUDA bf16 when a step holds >= 131072 LR pixels per GPU "
+        "(batch x LR sample side^2, e.g. 16 x 128^2), else fp32 with TF32 (small steps are launch-bound); on a CPU "
+        "bf16 only with native bf16 (AMX / AVX-512 BF16), else fp32")
+    compile: Literal["auto", "off", "default", "reduce-overhead"] = opt(
+        "auto", "torch.compile the training step for its fixed patch shape; reduce-overhead adds CUDA graphs; "
+        "auto = reduce-overhead on CUDA when, at the first log point, >= 10 min of training are left (by "
+        "max_minutes, or max_steps at the pace so far; no limit counts as long), else off (~2-3 min warm-up)")
     channels_last: bool = opt(True, "NHWC memory format for convolutions")
     max_steps: int = opt(0, "stop after this many optimizer steps; 0 = no limit", ge=0)
     max_epochs: int = opt(0, "stop after this many epochs; 0 = no limit", ge=0)
     max_minutes: float = opt(
         0.0, "wall-clock budget of the run, summed over resumes; then validate, save and exit; 0 = none", ge=0)
     val_every: int = opt(200, "validate every this many steps", ge=1)
+    val_share: float = opt(
+        0.1, "at most this share of the time validating: a validation slower than that moves the next ones "
+        "to a multiple of val_every steps (large validation folds); 0 = always every val_every; off when "
+        "deterministic", ge=0, le=1)
     patience: int = opt(0, "stop after this many validations without improvement; 0 = never", ge=0)
     save_every: int = opt(500, "write the last checkpoint every this many steps", ge=1)
     save_minutes: float = opt(10.0, "and at least every this many minutes", ge=0)
@@ -108,8 +118,12 @@ class TrainConfig:
         "auto", "auto = resume when models/<run>/last.pth exists; force = fail if it does not")
     deterministic: bool = opt(
         False, "deterministic algorithms, for bit-exact resumes (the data order always depends on seed and epoch only)")
-    workers: int = opt(2, "data loader workers per process", ge=0)
+    workers: int = opt(2, "data loader workers per process (started once per run, kept across epochs)", ge=0)
+    prefetch: int = opt(4, "batches each loader worker prepares ahead", ge=1)
     log_every: int = opt(20, "log scalars every this many steps", ge=1)
+    profile_steps: int = opt(
+        0, "torch.profiler over this many steps (after the warm-up): models/<run>/profile/ gets trace.json, "
+        "ops.txt, phases.txt; 0 = off", ge=0)
 
 
 @dataclass(frozen=True)
@@ -274,6 +288,8 @@ def _check(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and value not in choices:
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off (train.compile=off) as a boolean
         if value not in choices:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
         return value

@@ -25,6 +25,7 @@ class Dist:
     rank: int
     world: int
     device: torch.device
+    distributed: bool = False  # a process group exists (any torchrun launch, even of one process)
 
     @property
     def main(self) -> bool:
@@ -38,20 +39,23 @@ def init_distributed(deterministic: bool = False) -> Dist:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = pick_device()  # the LOCAL_RANK-th GPU under torchrun
-    if world > 1 and not dist.is_initialized():
+    # Under torchrun even one process joins a group, so one GPU runs the code path of many.
+    if (world > 1 or dist.is_torchelastic_launched()) and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(dist.get_rank() if world > 1 else 0, world, device)
+    if not dist.is_initialized():
+        return Dist(0, 1, device)
+    return Dist(dist.get_rank(), dist.get_world_size(), device, distributed=True)
 
 
 def shutdown(d: Dist) -> None:
-    if d.world > 1 and dist.is_initialized():
+    if d.distributed and dist.is_initialized():
         dist.destroy_process_group()
 
 
 def barrier(d: Dist) -> None:
-    if d.world > 1:
+    if d.distributed:
         dist.barrier()
 
 

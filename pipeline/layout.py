@@ -7,7 +7,7 @@
         splits.csv  prepare.yaml                            prepare
         patches/  manifest.csv fingerprint.yaml config.yaml lr/ hr/ done/   PatchLayout (patchify)
     models/<run>/                     RunLayout(models_root, run)
-        config.yaml last.pth best.pth history/step_00000500.pth log.jsonl curves.png tb/
+        config.yaml last.pth best.pth history/step_00000500.pth log.jsonl curves.png tb/ profile/
     submit/<run>/                     OutputLayout(submit_root, run)
         pred/ val_pred/ (whole folders, swapped in complete)  submission.zip|csv  ablation.csv|png
     submit/leaderboard.csv
@@ -325,6 +325,7 @@ class RunLayout:
     log = property(lambda self: self.dir / "log.jsonl")
     curves = property(lambda self: self.dir / "curves.png")
     tb = property(lambda self: self.dir / "tb")
+    profile = property(lambda self: self.dir / "profile")  # train.profile_steps: trace.json, ops.txt, phases.txt
 
     def checkpoint(self, which: str) -> Path:
         """``best`` or ``last``."""

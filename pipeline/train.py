@@ -7,8 +7,12 @@ the weights inference will use (EMA when enabled). ``last.pth`` holds the full t
 run killed at any moment resumes from its last save; with train.deterministic on the CPU the resumed
 run ends with exactly the weights of an uninterrupted one (tests/test_train.py checks with SIGKILL).
 
+On a GPU the setup follows measured rules (pipeline/runtime.py): a fused Adam update, TF32 for fp32,
+bf16 only for steps large enough to be arithmetic-bound, torch.compile where the run is long enough
+(train.compile, applied by the loop); the loader's workers live for the whole session (RunBatches).
+
 This module is the setup; the loop is pipeline/train_loop.py, the data order pipeline/dataset.py,
-the run folder pipeline/train_io.py.
+the run folder pipeline/train_io.py, validation pipeline/validation.py, profiling pipeline/train_profile.py.
 """
 
 from __future__ import annotations
@@ -16,15 +20,17 @@ from __future__ import annotations
 import math
 import os
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from timm.scheduler import CosineLRScheduler, StepLRScheduler
 from timm.scheduler.scheduler import Scheduler
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from pipeline import train_io
 from pipeline.checkpoint import CheckpointError, load_checkpoint, load_weights
@@ -35,7 +41,14 @@ from pipeline.errors import Interrupted, UserError
 from pipeline.files import clean_stale
 from pipeline.layout import DataLayout, RunLayout
 from pipeline.models import build_model, count_parameters, model_kwargs
-from pipeline.runtime import autocast_dtype, peak_memory, precision_name, seed_everything
+from pipeline.runtime import (
+    enable_tf32,
+    optimizer_flags,
+    peak_memory,
+    precision_name,
+    seed_everything,
+    train_autocast_dtype,
+)
 from pipeline.train_loop import Trainer
 
 
@@ -74,6 +87,32 @@ def _make_scheduler(t: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_
     return None
 
 
+def build_optimizer(t: TrainConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """Adam / AdamW with this device's update kernel (runtime.optimizer_flags: fused on CUDA)."""
+    optimizer_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[t.optimizer]
+    return optimizer_cls(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay,
+                         **optimizer_flags(device))
+
+
+class RunBatches(Sampler[list[tuple[int, int]]]):
+    """EpochBatches' batches from its current position on, epoch after epoch, without end.
+
+    One loader iterator then serves a whole training session: its workers start once, keep
+    prefetching across epoch ends, and stop when the loop drops the iterator. The order is still
+    EpochBatches' (a function of seed, epoch and step), so resumes stay exact.
+    """
+
+    def __init__(self, epochs: EpochBatches) -> None:
+        self.epochs = epochs
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, start = self.epochs.epoch, self.epochs.start
+        while True:
+            self.epochs.set_position(epoch, start)
+            yield from iter(self.epochs)
+            epoch, start = epoch + 1, 0
+
+
 def _own_process_group(_worker_id: int) -> None:
     # Ctrl-C (and `kill -- -PGID`) signal the terminal's whole process group. Loader workers leave
     # it, so only the main process hears the signal: it saves, then stops them. They keep the
@@ -81,7 +120,8 @@ def _own_process_group(_worker_id: int) -> None:
     os.setpgid(0, 0)
 
 
-def _loader(cfg: Config, d: Dist) -> tuple[DataLoader, EpochBatches]:
+def _loader(cfg: Config, d: Dist) -> tuple[DataLoader, EpochBatches, int]:
+    """The training loader, its epoch order, and the LR side of a training sample (crop or patch)."""
     t = cfg.train
     pairs = DataLayout(Path(cfg.data.dir)).patches.training_pairs(cfg.data.val_fold)
     side = min(read_pair(pairs[0], cfg.data.scale)[0].shape[:2])
@@ -92,11 +132,12 @@ def _loader(cfg: Config, d: Dist) -> tuple[DataLoader, EpochBatches]:
     batches = EpochBatches(len(pairs), t.batch_size, cfg.seed, d.rank, d.world)
     # The loader's own generator keeps it off the global torch RNG (which a resume restores and
     # drop-path layers use); the data order comes from `batches` alone, whatever the worker count.
-    # Workers are not persistent: the loop drops each epoch's iterator, which shuts them down
-    # cleanly, also when a run stops mid-epoch.
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=t.workers, pin_memory=d.device.type == "cuda",
-                        worker_init_fn=_own_process_group, generator=torch.Generator())
-    return loader, batches
+    # The sampler never ends (RunBatches), so the loop's one iterator keeps its workers for the
+    # session; pinned batches let the copy to the GPU run asynchronously.
+    loader = DataLoader(dataset, batch_sampler=RunBatches(batches), num_workers=t.workers,
+                        pin_memory=d.device.type == "cuda", worker_init_fn=_own_process_group,
+                        prefetch_factor=t.prefetch if t.workers else None, generator=torch.Generator())
+    return loader, batches, t.crop or side
 
 
 def _ddp(model: nn.Module, d: Dist) -> nn.Module:
@@ -131,8 +172,7 @@ def _resume_from(cfg: Config, d: Dist, run: RunLayout) -> tuple[dict | None, flo
                                   f"{cfg.model.name}; use another run name, or train.resume=never to start over "
                                   "(the old run is moved aside, not deleted)")
         floor = float(best.get("psnr", best.get("best_psnr", -math.inf)))
-    if d.world > 1:
-        barrier(d)  # no rank reads the folder while rank 0 may be moving it
+    barrier(d)  # no rank reads the folder while rank 0 may be moving it
     return state, floor
 
 
@@ -144,7 +184,8 @@ def main(cfg: Config) -> None:
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         run = RunLayout(Path(cfg.paths.models), cfg.run)
-        dtype = autocast_dtype(d.device, t.precision)
+        if d.device.type == "cuda":
+            enable_tf32()  # fp32 steps (precision auto on small steps, or fp32) run on the tensor cores
         if t.deterministic:
             # warn_only: a GPU op without a deterministic kernel (nearest upsampling's backward)
             # names itself in a warning instead of killing the run at its first step.
@@ -152,15 +193,14 @@ def main(cfg: Config) -> None:
             torch.backends.cudnn.benchmark = False
         elif d.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # one patch size: autotuned kernels pay off
-            torch.set_float32_matmul_precision("high")
         seed_everything(cfg.seed)  # the same initial weights on every rank
         model = build_trainable(cfg).to(d.device)
         if t.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        loader, batches = _loader(cfg, d)
+        loader, batches, side = _loader(cfg, d)
+        dtype = train_autocast_dtype(d.device, t.precision, t.batch_size // d.world * side**2)
         val_pairs = DataLayout(Path(cfg.data.dir)).validation_pairs(cfg.data.val_fold)
-        optimizer_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[t.optimizer]
-        optimizer = optimizer_cls(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
+        optimizer = build_optimizer(t, model, d.device)
         limits = [n for n in (t.max_steps, t.max_epochs * batches.steps_per_epoch) if n > 0]
         total_steps = min(limits) if limits else 0
         scheduler = _make_scheduler(t, optimizer, batches.steps_per_epoch, total_steps)
@@ -172,7 +212,7 @@ def main(cfg: Config) -> None:
 
         trainer = Trainer(
             cfg=cfg, rank=d.rank, world=d.world, device=d.device, dtype=dtype, run=run, raw=model,
-            model=_ddp(model, d) if d.world > 1 else model, ema=ema, optimizer=optimizer,
+            model=_ddp(model, d) if d.distributed else model, ema=ema, optimizer=optimizer,
             scheduler=scheduler, scaler=scaler, loader=loader, batches=batches, val_pairs=val_pairs,
             total_steps=total_steps, arch=cfg.model.name, kwargs=model_kwargs(cfg.model.name))
         trainer.best_floor = best_floor
@@ -182,8 +222,12 @@ def main(cfg: Config) -> None:
             save_config(cfg, run.config)
             for folder in (run.dir, run.history_dir):
                 clean_stale(folder)  # temporary checkpoint files of a killed earlier session
+        fp32 = "fp32 (TF32)" if d.device.type == "cuda" else "fp32"
+        update = "fused" if optimizer.defaults.get("fused") else "foreach"
+        group = f" (DDP, {dist.get_backend()})" if d.distributed else ""
         trainer.say(f"train {cfg.model.name} ({count_parameters(model) / 1e6:.3f}M parameters) on {d.device} "
-                    f"x{d.world}, {precision_name(dtype)}, {batches.n} patches, {batches.steps_per_epoch} "
+                    f"x{d.world}{group}, {precision_name(dtype) if dtype else fp32}, {update} {t.optimizer}, "
+                    f"compile {t.compile}, {batches.n} patches of LR {side} px, {batches.steps_per_epoch} "
                     f"steps/epoch, global batch {t.batch_size}"
                     + (f"; resuming {run.last} at step {trainer.step}" if state else ""))
         with peak_memory(d.device) as memory:

@@ -1,12 +1,17 @@
 """The training loop of the train stage: steps, validation, checkpoints, stopping. Setup is in train.py.
 
 Every rank runs the same loop. Decisions that depend on the clock or on a signal (time budget,
-SIGTERM, the pace of a time-budgeted cosine schedule) are taken at log points, where the ranks
-agree through one all-reduce, so they always stop at the same step. Only rank 0 writes files.
+SIGTERM, the pace of a time-budgeted cosine schedule, train.compile=auto) are taken at log points,
+where the ranks agree through one all-reduce, so they always stop (and compile) at the same step.
+Only rank 0 writes files.
+
+The step may run compiled (train.compile, pipeline/train_compile.py); EMA, validation and
+checkpoints always use the eager module.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import threading
@@ -27,10 +32,16 @@ from tqdm import tqdm
 from pipeline import train_io
 from pipeline.checkpoint import CheckpointError, save_checkpoint
 from pipeline.config import Config, to_dict
-from pipeline.dataset import EpochBatches, read_pair
+from pipeline.dataset import EpochBatches
 from pipeline.errors import UserError
 from pipeline.layout import Pair, RunLayout
-from pipeline.runtime import autocast
+from pipeline.runtime import autocast, compile_mode
+from pipeline.train_compile import StepCompiler
+from pipeline.train_profile import StepProfiler
+from pipeline.validation import bicubic, spaced_interval, validate_model
+
+PROFILE_AFTER = 5  # steps of the session (after any compile warm-up) before train.profile_steps begins
+_NO_PHASE = contextlib.nullcontext()
 
 
 class TrainingDiverged(UserError):
@@ -41,36 +52,6 @@ def contest_loss(sr: torch.Tensor, hr: torch.Tensor, w_l1: float, w_mse: float) 
     """w_l1 * L1 + w_mse * MSE on [0,1] pixels (2:1 by default: L1 for sharpness, MSE is the metric)."""
     l1, mse = F.l1_loss(sr, hr), F.mse_loss(sr, hr)
     return {"loss/total": w_l1 * l1 + w_mse * mse, "loss/l1": l1, "loss/mse": mse}
-
-
-def contest_psnr(sr: torch.Tensor, hr: torch.Tensor) -> float:
-    """The contest metric of one image: ``sr`` (3,H,W) float in [0,1], ``hr`` (3,H,W) uint8.
-
-    The prediction is rounded to uint8 once, as a PNG submission would be, then
-    PSNR = 10 log10(255^2 / MSE) over all pixels and channels.
-    """
-    pred = sr.float().clamp(0, 1).mul(255).round().double()
-    mse = (pred - hr.double()).pow(2).mean().item()
-    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
-
-
-@torch.inference_mode()
-def validate_model(model: nn.Module, pairs: list[Pair], scale: int, device: torch.device, dtype: torch.dtype | None,
-                   channels_last: bool, rank: int = 0, world: int = 1) -> float:
-    """Mean contest PSNR over whole images; ranks take every world-th image and pool their sums."""
-    totals = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of PSNR, images)
-    for pair in pairs[rank::world]:
-        lr, hr = read_pair(pair, scale)
-        x = torch.from_numpy(lr).to(device).permute(2, 0, 1)[None].float().div(255)  # (h,w,3) -> (1,3,h,w)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, dtype):
-            sr = model(x)  # (1,3,h,w) -> (1,3,4h,4w)
-        hr_t = torch.from_numpy(hr).to(device).permute(2, 0, 1)  # (H,W,3) -> (3,H,W)
-        totals += torch.tensor([contest_psnr(sr[0], hr_t), 1.0], dtype=torch.float64, device=device)
-    if world > 1:
-        dist.all_reduce(totals)
-    return (totals[0] / totals[1]).item()
 
 
 @dataclass
@@ -112,6 +93,21 @@ class Trainer:
     _speed: tuple[float, int] = (0.0, 0)
     log: Any = None  # train_io.RunLog, opened by fit
     bar: Any = None  # tqdm progress bar, opened by fit
+    compiler: StepCompiler = field(init=False)  # what the step calls: `model`, eager or compiled (use_compile)
+    profiler: StepProfiler | None = None
+    _session: tuple[float, int] = (0.0, 0)  # (clock, step) when this session's loop began
+    _compile_pending: bool = False  # train.compile=auto waits for the first log point to decide
+    _profile_from: int = -1  # the step at which the profiler starts; -1 = not yet known
+    _next_val: int = 0  # the step of the next validation
+    _val_every: int = 0  # steps between validations: train.val_every, or a multiple (train.val_share)
+    _since_val: tuple[float, int] = (0.0, 0)  # (clock, step) at the end of the last validation
+
+    def __post_init__(self) -> None:
+        self.compiler = StepCompiler(self.model)
+
+    @property
+    def compiled(self) -> str:
+        return self.compiler.mode
 
     @property
     def main(self) -> bool:
@@ -148,7 +144,12 @@ class Trainer:
             self.raw.load_state_dict(state["params"])
             if self.ema is not None:
                 self.ema.module.load_state_dict(state.get("params_ema", state["params"]))
-            self.optimizer.load_state_dict(state["optimizer"])
+            # Saved param groups replace the current ones, flags included: keep this device's fused /
+            # foreach choice (a run may resume on another device), which also places Adam's step counts.
+            flags = {k: self.optimizer.defaults[k] for k in ("fused", "foreach") if k in self.optimizer.defaults}
+            optimizer = state["optimizer"]
+            self.optimizer.load_state_dict({**optimizer, "param_groups": [{**g, **flags}
+                                                                          for g in optimizer["param_groups"]]})
         except (KeyError, RuntimeError, ValueError) as exc:
             raise CheckpointError(f"{path}: does not fit this run's model/optimizer: {str(exc)[:300]}") from None
         if self.scheduler is not None and state["scheduler"]:
@@ -178,7 +179,7 @@ class Trainer:
 
     def fit(self) -> None:
         """Train until a limit, the time budget, early stopping or a signal; then validate and save."""
-        self.bicubic = validate_model(_bicubic(self.device), self.val_pairs, self.cfg.data.scale, self.device,
+        self.bicubic = validate_model(bicubic(self.device), self.val_pairs, self.cfg.data.scale, self.device,
                                       None, False, self.rank, self.world)
         self.say(f"bicubic validation PSNR {self.bicubic:.3f} dB on {len(self.val_pairs)} images")
         self.log = train_io.RunLog(self.run, self.step, self.main)
@@ -187,20 +188,33 @@ class Trainer:
         # Python lets only the main thread set handlers; elsewhere (a notebook's worker) Ctrl-C is plain.
         signals = (signal.SIGTERM, signal.SIGINT) if threading.current_thread() is threading.main_thread() else ()
         handlers = {s: signal.signal(s, self._on_signal) for s in signals}
+        self.profiler = StepProfiler(self.run.profile, self.cfg.train.profile_steps, self.device, self.main)
         try:
             self.raw.train()
-            self._speed = (time.perf_counter(), self.step)
+            self._session = self._speed = self._since_val = (time.perf_counter(), self.step)
+            self._val_every = self.cfg.train.val_every
+            self._next_val = (self.step // self._val_every + 1) * self._val_every
+            self._start_compile()
             reason = self._stop_reason()
-            while reason is None:
-                spe = self.batches.steps_per_epoch
-                self.batches.set_position(self.step // spe, self.step % spe)
-                epoch = iter(self.loader)
-                for lr_u8, hr_u8 in epoch:
+            spe = self.batches.steps_per_epoch
+            self.batches.set_position(self.step // spe, self.step % spe)
+            # One iterator for the whole session: its workers start once and run on across epochs
+            # (the loader's sampler chains them, train.RunBatches), prefetching over epoch ends.
+            batches = iter(self.loader)
+            try:
+                while reason is None:
+                    with self.profiler.phase("data"):
+                        lr_u8, hr_u8 = next(batches)
                     self._train_step(lr_u8, hr_u8)
-                    reason = self._after_step()
-                    if reason:
-                        break
-                del epoch  # shuts its loader workers down now, not at interpreter exit
+                    with self.profiler.phase("after_step"):
+                        reason = self._after_step()
+                    self.profiler.step()
+            finally:
+                del batches  # shuts the loader workers down now (also on an error), not at interpreter exit
+                self.profiler.stop()
+            if self.profiler.summary:
+                self.say(f"profile of {self.cfg.train.profile_steps} steps in {self.profiler.out}:\n"
+                         f"{self.profiler.summary}")
             if reason != "signal" and self.val_step != self.step:
                 self._validate()  # a signal leaves little time (a scheduler's grace period): save only
             self.save(history=reason != "signal")
@@ -223,37 +237,89 @@ class Trainer:
         x = x.to(self.device, non_blocking=True).float().div_(255)  # (b,3,h,w) uint8 -> float in [0,1]
         return x.contiguous(memory_format=torch.channels_last) if self.cfg.train.channels_last else x
 
+    def _phase(self, name: str) -> contextlib.AbstractContextManager:
+        return self.profiler.phase(name) if self.profiler is not None else _NO_PHASE
+
     def _train_step(self, lr_u8: torch.Tensor, hr_u8: torch.Tensor) -> None:
         t = self.cfg.train
-        lr, hr = self._to_device(lr_u8), self._to_device(hr_u8)
+        with self._phase("to_device"):
+            lr, hr = self._to_device(lr_u8), self._to_device(hr_u8)
         if self.scheduler is not None:
             self.scheduler.step_update(self.step)  # the learning rate of update number `step`
-        with autocast(self.device, self.dtype):
-            sr = self.model(lr)  # (b,3,h,w) -> (b,3,4h,4w)
-        losses = contest_loss(sr.float(), hr, t.loss_l1, t.loss_mse)  # fp32 loss whatever the autocast
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(losses["loss/total"]).backward()
+        self.compiler.begin_step()
+        with self._phase("forward"), autocast(self.device, self.dtype):
+            sr = self.compiler.call(lr)  # (b,3,h,w) -> (b,3,4h,4w)
+        with self._phase("loss"):
+            losses = contest_loss(sr.float(), hr, t.loss_l1, t.loss_mse)  # fp32 loss whatever the autocast
+        with self._phase("backward"):
+            self.scaler.scale(losses["loss/total"]).backward()
         if t.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)  # clip the true gradient, not the fp16-scaled one
-            nn.utils.clip_grad_norm_(self.raw.parameters(), t.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+            with self._phase("clip"):
+                self.scaler.unscale_(self.optimizer)  # clip the true gradient, not the fp16-scaled one
+                nn.utils.clip_grad_norm_(self.raw.parameters(), t.grad_clip)
+        with self._phase("optimizer"):
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            # Gradients die with the step that made them: CUDA graphs reuse their memory next step.
+            self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         if self.ema is not None:
-            self.ema.update(self.raw, step=self.step)
+            with self._phase("ema"):
+                self.ema.update(self.raw, step=self.step)
         self._window.append(torch.stack([v.detach() for v in losses.values()]))
         self.bar.update(1)
+        warmup = self.compiler.warmed_up(self.step, self.device)
+        if warmup is not None:
+            self.log.write(self.step, "compile", {"compile/warmup_seconds": warmup[0]})
+            self.say(f"step {self.step}: compiled step (mode={self.compiled}) warmed up in {warmup[0]:.1f} s "
+                     f"over {warmup[1]} steps")
+            self._speed = (time.perf_counter(), self.step)  # samples/s counts the compiled steps only
+
+    # -- compilation ------------------------------------------------------------------------------
+
+    def use_compile(self, mode: str) -> None:
+        """From the next step on, call ``model`` through torch.compile(mode) ('off' = eager) for the
+        fixed batch shape; the warm-up is timed and logged (kind `compile`)."""
+        if self.compiler.use(mode, self.step):
+            self.say(f"step {self.step}: compiling the training step (torch.compile mode={mode})")
+
+    def _start_compile(self) -> None:
+        """Explicit modes (and `auto` off CUDA, where it is always off) decide now; `auto` on CUDA
+        decides at the first log point, from the time left at the pace measured so far."""
+        setting = self.cfg.train.compile
+        self._compile_pending = setting == "auto" and self.device.type == "cuda"
+        if not self._compile_pending:
+            self.use_compile(compile_mode(setting, self.device, math.inf))
+        self._profile_from = -1 if self._compile_pending else self._steady_step()
+
+    def _steady_step(self) -> int:
+        """The first step the profiler may record: after the compile warm-up and a few more steps."""
+        return self.compiler.steady_from(self.step) + PROFILE_AFTER
+
+    def _seconds_left(self) -> float:
+        """Training time still ahead: the time budget's rest, or the steps left at this session's pace."""
+        t = self.cfg.train
+        left = [math.inf]
+        if t.max_minutes > 0:
+            left.append(t.max_minutes * 60 - self.elapsed())
+        if self.total_steps:
+            start, start_step = self._session
+            pace = (time.perf_counter() - start) / max(self.step - start_step, 1)
+            left.append((self.total_steps - self.step) * pace)
+        return min(left)
 
     def _after_step(self) -> str | None:
         t = self.cfg.train
         if self.step % t.log_every == 0:
             self._log_train()
-        if self.step % t.val_every == 0:
-            self._validate()
+        if self.step >= self._next_val:
+            self._plan_validations(self._validate())
         if self.step % t.save_every == 0:
             self.save(history=True)
         elif t.save_minutes > 0 and time.monotonic() - self._saved >= t.save_minutes * 60:
             self.save(history=False)
+        if self.step == self._profile_from:
+            self.profiler.start()  # type: ignore[union-attr]
         return self._stop_reason()
 
     def _log_train(self) -> None:
@@ -273,17 +339,21 @@ class Trainer:
         now = time.perf_counter()
         values["samples_per_s"] = (self.step - start_step) * self.cfg.train.batch_size / max(now - start, 1e-9)
         values["learning_rate"] = self.optimizer.param_groups[0]["lr"]
+        values["time_s"] = self.elapsed()  # training clock of the run (validations included)
         self._speed = (now, self.step)
         self.log.write(self.step, "train", values)
         self.bar.set_postfix(loss=f"{values['loss/total']:.4f}", psnr=f"{self.last_psnr:.2f}",
                              samples_s=f"{values['samples_per_s']:.1f}", refresh=False)
 
-    def _validate(self) -> None:
+    def _validate(self) -> float:
+        """Validate (EMA weights when enabled), keep best.pth, log; returns the validation's seconds."""
+        start = time.perf_counter()
         self.raw.eval()
         model = self.ema.module if self.ema is not None else self.raw  # the weights inference will use
         psnr = validate_model(model, self.val_pairs, self.cfg.data.scale, self.device, self.dtype,
                               self.cfg.train.channels_last, self.rank, self.world)
         self.raw.train()
+        seconds = time.perf_counter() - start
         self.last_psnr, self.val_step = psnr, self.step
         if psnr > self.best_psnr:
             self.best_psnr, self.bad_validations = psnr, 0
@@ -294,11 +364,34 @@ class Trainer:
         else:
             self.bad_validations += 1
         self.log.write(self.step, "val", {"val/psnr": psnr, "val/best_psnr": self.best_psnr,
-                                          "val/bicubic_psnr": self.bicubic})
+                                          "val/bicubic_psnr": self.bicubic,
+                                          "val/seconds": seconds})
         self.log.plot()
         self.say(f"step {self.step}: validation PSNR {psnr:.3f} dB (best {self.best_psnr:.3f}, "
                  f"bicubic {self.bicubic:.3f})")
         self._speed = (time.perf_counter(), self.step)  # samples/s counts training time only
+        return seconds
+
+    def _plan_validations(self, seconds: float) -> None:
+        """Keep validation under train.val_share of the time: if this one (``seconds``) took more next
+        to the training since the last, validate every k * val_every steps with the smallest k that
+        fits; the ranks agree on the largest k. Deterministic runs keep the fixed cadence."""
+        t = self.cfg.train
+        clock, step = self._since_val
+        train_seconds = max(time.perf_counter() - seconds - clock, 1e-9)  # (plots, logs: training's side)
+        self._since_val = (time.perf_counter(), self.step)
+        every = t.val_every
+        if not t.deterministic and self.step > step:
+            every = spaced_interval(seconds, train_seconds / (self.step - step), t.val_every, t.val_share)
+        if self.world > 1:
+            shared = torch.tensor([every], dtype=torch.float64, device=self.device)
+            dist.all_reduce(shared, op=dist.ReduceOp.MAX)
+            every = int(shared.item())
+        if every != self._val_every:
+            self.say(f"step {self.step}: a validation takes {seconds:.1f} s; validating every {every} steps "
+                     f"keeps it under train.val_share={t.val_share:g} of the time")
+        self._val_every = every
+        self._next_val = self.step + every
 
     def _stop_reason(self) -> str | None:
         t = self.cfg.train
@@ -308,14 +401,20 @@ class Trainer:
             return f"no improvement in {t.patience} validations"
         if self.world > 1 and self.step % t.log_every:
             return None  # clock and signal decisions wait for the next point where ranks agree
+        decide = self._compile_pending and self.step % t.log_every == 0 and self.step > self._session[1]
         flags = [float(bool(self.stop_signal)), float(t.max_minutes > 0 and self.elapsed() >= t.max_minutes * 60),
-                 self._pace()]
+                 self._pace(), float(decide and self.main and compile_mode("auto", self.device,
+                                                                           self._seconds_left()) != "off")]
         if self.world > 1:
             shared = torch.tensor(flags, dtype=torch.float64, device=self.device)
             dist.all_reduce(shared, op=dist.ReduceOp.MAX)  # any rank's signal stops all; rank 0's pace rules
             flags = shared.tolist()
         if flags[2] > 0:
             self.scheduler.t_initial = int(flags[2])  # type: ignore[union-attr]
+        if decide:  # every rank reaches this step together, and follows rank 0's vote
+            self._compile_pending = False
+            self.use_compile("reduce-overhead" if flags[3] else "off")
+            self._profile_from = self._steady_step()
         if flags[0]:
             return "signal"
         if flags[1]:
@@ -332,8 +431,3 @@ class Trainer:
             return 0.0
         return float(max(self.step + 1, t.warmup_steps + 1, round(self.step * t.max_minutes * 60 / self.elapsed())))
 
-
-def _bicubic(device: torch.device) -> nn.Module:
-    from pipeline.models import Bicubic
-
-    return Bicubic().to(device)

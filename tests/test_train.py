@@ -76,10 +76,11 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def train_args(data: Path, models: Path, run: str, *extra: str) -> list[str]:
-    """16 training patches, batch 4: 4 steps per epoch; validation on 2 whole images."""
+    """16 training patches, batch 4: 4 steps per epoch; validation on 2 whole images every 5 steps
+    (validation's time share does not stretch the cadence: train.val_share=0)."""
     return ["train", "--data", str(data), f"run={run}", f"paths.models={models}", "model.name=edsr-nano",
             "train.batch_size=4", "train.workers=0", "train.val_every=5", "train.log_every=5",
-            "train.save_every=5", "train.learning_rate=5e-3", *extra]
+            "train.save_every=5", "train.learning_rate=5e-3", "train.val_share=0", *extra]
 
 
 def load(path: Path) -> dict:
@@ -294,14 +295,20 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(data: Path, tmp_pat
 
 
 def test_torchrun_two_processes_match_one(data: Path, tmp_path: Path) -> None:
+    # Both runs on the CPU (gloo), also on a GPU machine: two ranks need two GPUs, and a CUDA run
+    # would be compared with a CPU one. NCCL has its own test below.
     extra = ("train.max_steps=4", "train.deterministic=true", "train.val_every=2")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    with (tmp_path / "ddp.log").open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                 "-m", "pipeline", *train_args(data, tmp_path, "ddp", *extra)],
-                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    assert cli(train_args(data, tmp_path, "single", *extra)) == 0  # meanwhile, the same in one process
-    assert proc.wait(timeout=300) == 0, (tmp_path / "ddp.log").read_text()[-3000:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    procs = []
+    for run, launcher in (("ddp", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]),
+                          ("single", [])):  # the same in one process, meanwhile
+        log = (tmp_path / f"{run}.log").open("wb")
+        procs.append((subprocess.Popen([sys.executable, *launcher, "-m", "pipeline",
+                                        *train_args(data, tmp_path, run, *extra)],
+                                       cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log, run))
+    for proc, log, run in procs:
+        assert proc.wait(timeout=300) == 0, (tmp_path / f"{run}.log").read_text()[-3000:]
+        log.close()
     ddp, single = load(tmp_path / "ddp" / "last.pth"), load(tmp_path / "single" / "last.pth")
     assert ddp["step"] == single["step"] == 4
     seed_everything(0)  # the initial weights of both runs
@@ -311,3 +318,152 @@ def test_torchrun_two_processes_match_one(data: Path, tmp_path: Path) -> None:
         torch.testing.assert_close(ddp["params_ema"][name], single["params_ema"][name], rtol=1e-4, atol=1e-6)
     assert any(not torch.equal(single["params"][k], v) for k, v in start.items())  # training moved them
     assert ddp["best_psnr"] == pytest.approx(single["best_psnr"], abs=1e-3)
+
+
+# -- the GPU path, checked on the CPU (and on a GPU where one is present) ----------------------------
+
+
+def test_update_kernel_precision_and_compile_rules() -> None:
+    from pipeline.runtime import AUTO_COMPILE_MIN_SECONDS, compile_mode, cpu_has_fast_bf16, optimizer_flags
+    from pipeline.runtime import train_autocast_dtype as dtype_for
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert optimizer_flags(cuda) == {"fused": True, "foreach": False}
+    optimizer = train.build_optimizer(load_config(None, []).train, build_model("edsr-nano"), cpu)
+    assert optimizer.defaults["foreach"] is True and not optimizer.defaults["fused"]
+    # auto on CUDA: fp32 (TF32) for launch-bound steps; explicit settings are honoured at any size.
+    assert dtype_for(cuda, "auto", 16 * 64**2) is None and dtype_for(cuda, "bf16", 16) is torch.bfloat16
+    assert dtype_for(cpu, "auto", 16 * 128**2) is (torch.bfloat16 if cpu_has_fast_bf16() else None)
+    assert compile_mode("auto", cpu, math.inf) == "off"
+    assert compile_mode("auto", cuda, AUTO_COMPILE_MIN_SECONDS - 1) == "off"
+    assert compile_mode("auto", cuda, AUTO_COMPILE_MIN_SECONDS) == compile_mode("auto", cuda, math.inf) == \
+        "reduce-overhead"
+    assert compile_mode("default", cpu, 0.0) == "default"
+    from pipeline.validation import spaced_interval
+
+    # 1 s validations against 10 ms steps, at most 10%: every 900 steps; fast ones keep val_every.
+    assert spaced_interval(1.0, 0.01, 5, 0.1) == 900 and spaced_interval(1.0, 0.01, 5, 0.0) == 5
+    assert spaced_interval(0.001, 0.01, 5, 0.1) == 5
+
+
+def test_compiled_step_trains_like_eager_and_saves_plain_keys(data: Path, tmp_path: Path) -> None:
+    extra = ("train.max_steps=10", "train.deterministic=true", "train.grad_clip=1.0")
+    assert cli(train_args(data, tmp_path, "eager", *extra, "train.compile=off")) == 0
+    assert cli(train_args(data, tmp_path, "compiled", *extra, "train.compile=default")) == 0
+    eager, compiled = log_entries(tmp_path / "eager"), log_entries(tmp_path / "compiled")
+    warmup = [e for e in compiled if e["kind"] == "compile"]
+    assert len(warmup) == 1 and warmup[0]["step"] == 3 and warmup[0]["compile/warmup_seconds"] > 0
+    assert not any(e["kind"] == "compile" for e in eager)
+    losses = [[e["loss/total"] for e in log if e["kind"] == "train"] for log in (eager, compiled)]
+    assert len(losses[0]) == 2 and losses[0] != losses[0][:1] * 2  # two log points, the loss moved
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-4)
+    a, b = load(tmp_path / "eager" / "last.pth"), load(tmp_path / "compiled" / "last.pth")
+    for key in ("params", "params_ema"):
+        assert list(b[key]) == list(a[key])  # plain keys: no `_orig_mod.` from the compiled wrapper
+        for name, value in a[key].items():
+            torch.testing.assert_close(b[key][name], value, rtol=1e-4, atol=1e-5)
+
+
+def test_one_loader_iterator_serves_every_epoch_in_order(data: Path) -> None:
+    cfg = load_config(None, [f"data.dir={data}", "train.batch_size=4", "train.workers=2", "train.prefetch=2"])
+    loader, batches, side = train._loader(cfg, train.Dist(0, 1, torch.device("cpu")))
+    assert side == 4 and batches.steps_per_epoch == 4
+    batches.set_position(0, 3)  # a resume at step 3: the last step of epoch 0, then epochs 1 and 2
+    iterator = iter(loader)
+    workers = [w.pid for w in iterator._workers]  # the processes behind this iterator (private attribute)
+    got = [next(iterator) for _ in range(9)]
+    assert [w.pid for w in iterator._workers] == workers and all(w.is_alive() for w in iterator._workers)
+    processes = list(iterator._workers)
+    del iterator  # what the loop does when it stops: the workers end now
+    for p in processes:
+        p.join(timeout=30)
+        assert not p.is_alive()
+    dataset = loader.dataset
+    for n, (lr, hr) in enumerate(got):
+        epoch, step = divmod(3 + n, 4)
+        perm, seeds = batches.order(epoch)
+        expected = [dataset[(int(perm[i]), int(seeds[i]))] for i in range(4 * step, 4 * step + 4)]
+        assert torch.equal(lr, torch.stack([x for x, _ in expected]))
+        assert torch.equal(hr, torch.stack([y for _, y in expected]))
+
+
+def test_slow_validation_is_spaced_out_unless_deterministic(data: Path, tmp_path: Path) -> None:
+    # Validating after every step would take most of the time (2 images against a step of 4 patches):
+    # with a 1% share the next validation moves past the run's end; deterministic runs keep the cadence.
+    extra = ("train.max_steps=12", "train.val_every=1", "train.val_share=0.01", "train.log_every=4",
+             "train.save_every=100")
+    for run, deterministic in (("spaced", "false"), ("fixed", "true")):
+        assert cli(train_args(data, tmp_path, run, *extra, f"train.deterministic={deterministic}")) == 0
+    steps = {run: [e["step"] for e in log_entries(tmp_path / run) if e["kind"] == "val"] for run in ("spaced", "fixed")}
+    assert steps["fixed"] == list(range(1, 13))
+    assert steps["spaced"][0] == 1 and steps["spaced"][-1] == 12 and len(steps["spaced"]) < 6
+    assert all(e["val/seconds"] > 0 for e in log_entries(tmp_path / "spaced") if e["kind"] == "val")
+
+
+def test_profile_steps_writes_trace_ops_and_phases(data: Path, tmp_path: Path) -> None:
+    assert cli(train_args(data, tmp_path, "prof", "train.max_steps=12", "train.profile_steps=3",
+                          "train.grad_clip=1.0")) == 0
+    out = tmp_path / "prof" / "profile"
+    trace = json.loads((out / "trace.json").read_text())
+    names = {e.get("name") for e in trace["traceEvents"]}
+    assert {"train/data", "train/forward", "train/backward", "train/optimizer", "train/ema"} <= names
+    phases = (out / "phases.txt").read_text()
+    assert phases.startswith("3 profiled steps")
+    for phase in ("data", "to_device", "forward", "loss", "backward", "clip", "optimizer", "ema", "after_step"):
+        assert f"\n{phase} " in phases, phase
+    assert "convolution" in (out / "ops.txt").read_text()
+
+
+def test_albumentations_does_not_call_home() -> None:
+    # Every URL opened is recorded (and fails, as offline). Importing the pipeline's data module
+    # (albumentations' first importer) must open none; albumentations' own update check, called
+    # afterwards, shows that the hook would have seen one.
+    script = """
+import urllib.request, warnings
+calls = []
+def fake_open(self, url, *args, **kwargs):
+    calls.append(url)
+    raise OSError("offline")
+urllib.request.OpenerDirector.open = fake_open
+import pipeline.dataset
+at_import = len(calls)
+from albumentations.check_version import check_for_updates
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    check_for_updates()
+print(at_import, len(calls))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-2:] == ["0", "1"], out.stdout + out.stderr
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@CUDA
+def test_bf16_and_compiled_training_steps_on_cuda(data: Path, tmp_path: Path) -> None:
+    assert cli(train_args(data, tmp_path, "bf16", "train.max_steps=8", "train.precision=bf16")) == 0
+    assert math.isfinite(load(tmp_path / "bf16" / "last.pth")["best_psnr"])
+    assert cli(train_args(data, tmp_path, "graphs", "train.max_steps=8", "train.compile=reduce-overhead",
+                          "train.grad_clip=1.0")) == 0
+    state = load(tmp_path / "graphs" / "last.pth")
+    assert state["step"] == 8 and not any(k.startswith("_orig_mod") for k in state["params"])
+    assert all(torch.isfinite(v).all() for v in state["params"].values())
+
+
+@CUDA
+def test_ddp_over_nccl_with_one_process(data: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    extra = ("train.max_steps=4", "train.deterministic=true", "train.val_every=2")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                          "-m", "pipeline", *train_args(data, tmp_path, "nccl", *extra)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "(DDP, nccl)" in out.stdout + out.stderr
+    assert cli(train_args(data, tmp_path, "plain", *extra)) == 0
+    ddp, plain = load(tmp_path / "nccl" / "last.pth"), load(tmp_path / "plain" / "last.pth")
+    assert ddp["step"] == plain["step"] == 4
+    for name, value in plain["params"].items():
+        torch.testing.assert_close(ddp["params"][name], value, rtol=1e-4, atol=1e-6)
