@@ -56,7 +56,7 @@ def report(pred_dirs: dict[str, Path], hr_dir: Path, out: Path, crop: int = 128)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pipeline.evaluate import score_pair
+    from pipeline.metrics import score_pair
 
     names = sorted(p.stem for p in hr_dir.glob("*.png"))
     cols = [*pred_dirs, "HR"]
