@@ -21,7 +21,7 @@ from pipeline.config import Config, MriConfig
 from pipeline.errors import UserError
 from pipeline.files import atomic_write
 from pipeline.layout import VolumeLayout
-from pipeline.mri.degrade import crop_to_multiple
+from pipeline.mri.data import hr_reference
 from pipeline.mri.lrset import read_record
 from pipeline.mri.metrics import foreground_mask, score_volume
 from pipeline.mri.predict import grid_factors, interpolate
@@ -29,11 +29,6 @@ from pipeline.mri.splits import read_splits
 from pipeline.mri.volumes import Volume, list_volumes, read_volume, to_stored, volume_stem
 
 COLUMNS = ["method", "item", "psnr", "ssim", "nrmse"]
-
-
-def hr_reference(hr: np.ndarray, mri: MriConfig) -> np.ndarray:
-    """The HR an SR volume is scored against: whole thick slices only for thick-slice LR."""
-    return crop_to_multiple(hr, mri.thick_factor, mri.thick_axis) if mri.degradation == "thick" else hr
 
 
 def as_written(data: np.ndarray, like: Volume) -> np.ndarray:
