@@ -75,6 +75,8 @@ def main(cfg: Config) -> None:
     root = Path(cfg.mri.dir)
     layout = VolumeLayout(root)
     sr_dir = Path(cfg.mri_eval.sr) if cfg.mri_eval.sr else layout.sr_dir(cfg.run)
+    if not cfg.mri_eval.sr and not sr_dir.is_dir():
+        raise UserError(f"{sr_dir}: not found; run `mri-infer run={cfg.run}` first, or name a folder with --sr")
     sr_files = {volume_stem(p): p for p in list_volumes(sr_dir)}
     mri = read_record(root)
     table = with_means(score_items(root, sr_files, sr_dir.name, cfg.mri_eval.baselines, mri))
