@@ -290,6 +290,7 @@ def run_tiles(fn: Forward, lr: torch.Tensor, tile: Size, stride: Size, blend: st
     if blend not in BLENDS:
         raise ValueError(f"unknown blend {blend!r}; choose from {', '.join(BLENDS)}")
     dims = x.dim() - 2
+    tile, stride = (v if isinstance(v, int) else tuple(v) for v in (tile, stride))  # hashable: merge_plan's cache key
     pads, margins = per_axis(pad, dims, "pad"), per_axis(margin, dims, "margin")
     tiles_asked = per_axis(tile, dims, "tile")
     if min(pads) < 0 or min(margins) < 0 or batch < 0 or min(tiles_asked) < 0:
