@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from pipeline.checkpoint import _TRAINING_STATE, CheckpointError, load_checkpoint, state_dict_from
+from pipeline.checkpoint import CheckpointError, load_checkpoint, load_state_into
 from pipeline.errors import UserError
 from pipeline.mri.archs import MDCSRN, ConvCritic, SRResCycGAN
 
@@ -114,10 +114,5 @@ def volume_model_from_checkpoint(path: str | Path, weights: str = "ema") -> tupl
     except UserError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     model = VOLUME_MODELS[name].builder(**{k: tuple(v) if isinstance(v, list) else v for k, v in full.items()})
-    prefer = "params_ema" if weights == "ema" else "params"
-    try:
-        model.load_state_dict(state_dict_from(state, path, prefer), strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit {name}: {' '.join(str(exc).split())[:300]}") from None
-    meta = {k: v for k, v in state.items() if k not in _TRAINING_STATE}
+    meta = load_state_into(model, state, path, weights)
     return model.eval(), name, meta
