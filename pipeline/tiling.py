@@ -306,26 +306,29 @@ def run_tiles(fn: Forward, lr: torch.Tensor, tile: Size, stride: Size, blend: st
     out: torch.Tensor | None = None
     plan: MergePlan | None = None
     scales: tuple[int, ...] = (1,) * dims
-    names, kind = AXES[dims], KIND[dims]
+    cuts = [(slice(None), slice(None), *_box(corner, sides, (1,) * dims)) for corner in corners]  # input slices
+    boxes: list[tuple[slice, ...]] = []  # output slices of every tile, once the scale is known
+
+    def where(i: int, count: int) -> str:  # built only for a message: the loop stays as lean as the 2-D one was
+        at = " ".join(f"{a}={c}" for a, c in zip(AXES[dims], corners[i]))
+        return (f"tiles {i}..{i + count - 1} of {n} ({'x'.join(map(str, sides))} LR, first at {at}) of a "
+                f"{'x'.join(map(str, size_in))} {KIND[dims]} padded to {'x'.join(map(str, padded))}")
+
     i = 0
     while i < n:
-        chunk = corners[i:i + size]
-        tiles = torch.cat([x[(slice(None), slice(None), *(slice(c, c + t) for c, t in zip(corner, sides)))]
-                           for corner in chunk])  # (N,C,*tile)
-        if fixed_batch and len(chunk) < size:  # (N,C,*tile) -> (size,C,*tile): one shape for every call
-            tiles = torch.cat([tiles, tiles[-1:].expand(size - len(chunk), *tiles.shape[1:])])
-        at = " ".join(f"{a}={c}" for a, c in zip(names, chunk[0]))
-        where = (f"tiles {i}..{i + len(chunk) - 1} of {n} ({'x'.join(map(str, sides))} LR, first at {at}) of a "
-                 f"{'x'.join(map(str, size_in))} {kind} padded to {'x'.join(map(str, padded))}")
+        count = min(size, n - i)
+        tiles = torch.cat([x[cut] for cut in cuts[i:i + count]])  # (N,C,*tile)
+        if fixed_batch and count < size:  # (N,C,*tile) -> (size,C,*tile): one shape for every call
+            tiles = torch.cat([tiles, tiles[-1:].expand(size - count, *tiles.shape[1:])])
         try:
-            pred = fn(tiles).float()[:len(chunk)]  # padding rows, if any, dropped: (N,C,*(s*tile))
+            pred = fn(tiles).float()[:count]  # padding rows, if any, dropped: (N,C,*(s*tile))
         except Exception as exc:
             if not is_oom(exc):
-                raise TileError(f"{where}: {type(exc).__name__}: {exc}") from exc
+                raise TileError(f"{where(i, count)}: {type(exc).__name__}: {exc}") from exc
             del tiles
             _free_cache(x.device)
             if size == 1:
-                raise TileMemoryError(f"out of memory on a single tile ({where}, device {x.device}); "
+                raise TileMemoryError(f"out of memory on a single tile ({where(i, count)}, device {x.device}); "
                                       f"lower {TILE_SETTING[dims]} or use a smaller model") from exc
             size //= 2  # retry the same tiles: nothing from this batch was accumulated
             continue
@@ -335,15 +338,16 @@ def run_tiles(fn: Forward, lr: torch.Tensor, tile: Size, stride: Size, blend: st
                               dtype=torch.float32, device=pred.device)
             plan = merge_plan(*padded[-2:], tile, stride, blend, margins, scales, pred.device,
                               depth=padded[0] if dims == 3 else 0)
+            boxes = [(0, slice(None), *_box(corner, sides, scales)) for corner in corners]
         assert plan is not None
-        expected = (len(chunk), out.shape[1], *(t * s for t, s in zip(sides, scales)))
+        expected = (count, out.shape[1], *(t * s for t, s in zip(sides, scales)))
         if tuple(pred.shape) != expected:
-            raise TileError(f"{where}: the model returned {tuple(pred.shape)}, expected {expected}")
-        weighted = pred * plan.maps[plan.index[i:i + len(chunk)]]  # (N,C,*st) x (N,1,*st)
-        for k, corner in enumerate(chunk):
-            out[(0, slice(None), *_box(corner, sides, scales))] += weighted[k]
+            raise TileError(f"{where(i, count)}: the model returned {tuple(pred.shape)}, expected {expected}")
+        weighted = pred * plan.maps[plan.index[i:i + count]]  # (N,C,*st) x (N,1,*st)
+        for k in range(count):
+            out[boxes[i + k]] += weighted[k]
         del pred, tiles, weighted  # free this batch before the next forward allocates its own
-        i += len(chunk)
+        i += count
     assert out is not None and plan is not None
     out = out / plan.wsum
     crop = tuple(slice(p * s, (p + m) * s) for p, m, s in zip(pads, size_in, scales))
