@@ -81,10 +81,15 @@ def model_from_checkpoint(path: str | Path, weights: str = "ema") -> tuple[nn.Mo
     if "arch" not in state:
         raise CheckpointError(f"{path}: no 'arch' entry; load bare weights with model.pretrained instead")
     model = build_model(state["arch"], **state.get("kwargs", {}))
+    return model.eval(), load_state_into(model, state, path, weights)
+
+
+def load_state_into(model: nn.Module, state: dict[str, Any], path: str | Path, weights: str = "ema",
+                    ) -> dict[str, Any]:
+    """Load a checkpoint dict's weights into ``model`` (EMA first when asked); returns its other entries."""
     prefer = "params_ema" if weights == "ema" else "params"
     try:
         model.load_state_dict(state_dict_from(state, path, prefer), strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit {state['arch']}: {str(exc)[:300]}") from None
-    meta = {k: v for k, v in state.items() if k not in _TRAINING_STATE}
-    return model.eval(), meta
+        raise CheckpointError(f"{path}: weights do not fit {state.get('arch')}: {str(exc)[:300]}") from None
+    return {k: v for k, v in state.items() if k not in _TRAINING_STATE}

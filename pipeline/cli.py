@@ -23,12 +23,19 @@ from pipeline.images import set_max_pixels
 
 REPO = Path(__file__).resolve().parent.parent
 DATA_FLAG = {"--data": ("data.dir", "dataset root in the contest layout")}
+VOLUMES_FLAG = {"--volumes": ("mri.dir", "folder of HR volumes (mri_splits.csv, lr/, sr/ inside)")}
 
 
 def _model_names() -> str:
     from pipeline.models import MODELS
 
     return "models: " + ", ".join(sorted(MODELS))
+
+
+def _volume_model_names() -> str:
+    from pipeline.mri.models import VOLUME_MODELS
+
+    return "volume models: " + ", ".join(sorted(VOLUME_MODELS)) + "; baselines: nearest, trilinear, tricubic"
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,22 @@ STAGES: dict[str, Stage] = {
          "--hr": ("evaluate.hr", "folder of ground-truth images"),
          "--protocol": ("evaluate.protocol", "competition or paper"),
          "--csv": ("evaluate.csv", "per-image CSV to write")}),
+    "mri-prepare": Stage(
+        "pipeline.mri.prepare", "volumes: mri_splits.csv (folds by subject) and LR volumes by mri.degradation",
+        ("mri",), VOLUMES_FLAG),
+    "mri-infer": Stage(
+        "pipeline.mri.infer", "volumes: super-resolve LR volumes (a volume checkpoint, or trilinear/tricubic)",
+        ("mri", "mri_infer", "paths"),
+        {**VOLUMES_FLAG, "--input": ("mri_infer.input", "folder of LR volumes"),
+         "--output": ("mri_infer.output", "folder for the SR volumes")}, _volume_model_names),
+    "mri-evaluate": Stage(
+        "pipeline.mri.evaluate", "volumes: masked PSNR / SSIM / NRMSE of SR volumes, baselines as rows",
+        ("mri", "mri_eval"),
+        {**VOLUMES_FLAG, "--sr": ("mri_eval.sr", "folder of SR volumes"),
+         "--csv": ("mri_eval.csv", "table to write")}),
+    "demo-mri-data": Stage(
+        "pipeline.mri.demo_data", "volumes: build data/demo-mri from the MRI scans bundled in dipy and nibabel",
+        ("demo_mri", "mri"), {"--out": ("demo_mri.out", "where to write the volume folder")}),
     "ablate": Stage(
         "pipeline.ablate", "grid over inference settings on the validation fold -> CSV + plot",
         ("data", "model", "ablate", "infer", "paths"), DATA_FLAG),

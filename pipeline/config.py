@@ -234,6 +234,66 @@ class MriConfig:
 
 
 @dataclass(frozen=True)
+class DemoMriConfig:
+    out: str = opt("data/demo-mri", "where demo-mri-data writes the volume folder (--out)")
+
+
+@dataclass(frozen=True)
+class MriInferConfig:
+    """mri-infer: volumes in, volumes out (pipeline/mri/predict.py)."""
+
+    model: str = opt(
+        "", "'' = the run's checkpoint (mri_infer.checkpoint); trilinear / tricubic / nearest = interpolation "
+        "baselines; a volume model name (pipeline/mri/models.py) = that model with mri_infer.pretrained weights")
+    checkpoint: str = opt("best", "best or last of models/<run>, or the path of a volume checkpoint file")
+    pretrained: str = opt("", "bare weights (params_ema / params / state dict) for mri_infer.model")
+    weights: Literal["ema", "params"] = opt("ema", "prefer EMA weights (falls back to params)")
+    tile: int = opt(64, "tile side in voxels, per axis (an axis shorter than it is taken whole); 0 = whole volume",
+                    ge=0)
+    stride: int = opt(48, "voxels between tiles", ge=1)
+    margin: int = opt(
+        0, "voxels at tile sides facing another tile given weight 0; the model's receptive radius (mdcsrn 17, "
+        "mdcsrn-tiny 5) makes tiled == whole-volume inference; needs 2 x margin <= tile - stride", ge=0)
+    pad: int = opt(0, "voxels of reflection added on every side (then cropped)", ge=0, le=MAX_PAD)
+    blend: Literal["mean", "hann"] = opt("hann", "tile weights, as infer.blend (hann: per-axis window with a floor)")
+    batch: int = opt(0, "tiles per forward pass; 0 = sized to the device", ge=0)
+    interp: Literal["nearest", "linear", "cubic"] = opt(
+        "cubic", "thick slices: how LR is brought to the HR grid before a same-grid model (mdcsrn)")
+    slice_axis: int = opt(2, "slice models (srrescycgan): the axis the volume is cut along; the other two are "
+                             "upscaled", ge=0, le=2)
+    split: Literal["val", "all"] = opt("val", "items of <mri.dir>/lr to infer: the validation fold or all")
+    input: str = opt("", "folder of LR volumes (--input); default: <mri.dir>/lr, made by mri-prepare")
+    output: str = opt("", "folder for the SR volumes (--output); default: <mri.dir>/sr/<run, or the baseline>")
+
+
+@dataclass(frozen=True)
+class MriEvalConfig:
+    """mri-evaluate: masked PSNR / SSIM / NRMSE per volume (pipeline/mri/metrics.py)."""
+
+    sr: str = opt("", "folder of SR volumes (--sr); default: <mri.dir>/sr/<run>")
+    baselines: tuple[str, ...] = opt(
+        ("trilinear", "tricubic"), "interpolations of <mri.dir>/lr scored as rows beside it (nearest, trilinear, "
+        "tricubic)")
+    csv: str = opt("", "table to write (--csv); default: <mri.dir>/scores/<SR folder name>.csv")
+
+
+@dataclass(frozen=True)
+class CycleGanConfig:
+    """SRResCycGAN on slices (pipeline/mri/cycle.py): the write-up's loss weights and schedule."""
+
+    perceptual: float = opt(1.0, "weight of the VGG19 feature loss (needs loss.vgg_weights)", ge=0)
+    adversarial: float = opt(1.0, "weight of the adversarial terms (both discriminators)", ge=0)
+    tv: float = opt(1.0, "weight of the total variation of the SR slice", ge=0)
+    l1: float = opt(5.0, "weight of the L1 content term", ge=0)
+    cycle: float = opt(10.0, "weight of the cycle terms (LR -> HR -> LR and HR -> LR -> HR)", ge=0)
+    adversarial_loss: Literal["vanilla", "relativistic", "wgan-gp"] = opt(
+        "vanilla", "adversarial kind for both discriminators (pipeline/losses.py)")
+    learning_rate: float = opt(1e-4, "Adam learning rate of all four networks", ge=0)
+    halve_every: int = opt(10000, "optimizer steps between halvings of the learning rate", ge=1)
+    hr_size: int = opt(320, "HR slice side (fastMRI knee: 320); the LR slice is hr_size / 4 (80)", ge=4)
+
+
+@dataclass(frozen=True)
 class LossConfig:
     """Generator loss terms beside the pixel loss (train.loss_l1, train.loss_mse); see pipeline/losses.py."""
 
@@ -275,6 +335,10 @@ class Config:
     extra: ExtraConfig = field(default_factory=ExtraConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     mri: MriConfig = field(default_factory=MriConfig)
+    mri_infer: MriInferConfig = field(default_factory=MriInferConfig)
+    demo_mri: DemoMriConfig = field(default_factory=DemoMriConfig)
+    mri_eval: MriEvalConfig = field(default_factory=MriEvalConfig)
+    cycgan: CycleGanConfig = field(default_factory=CycleGanConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     gan: GanConfig = field(default_factory=GanConfig)
 

@@ -11,8 +11,11 @@
     submit/<run>/                     OutputLayout(submit_root, run)
         pred/ val_pred/ (whole folders, swapped in complete)  submission.zip|csv  ablation.csv|png
     submit/leaderboard.csv
-    <volumes>/                        VolumeLayout(root): a folder of MRI volumes
-        *.nii *.nii.gz *.npy  subjects.csv (optional)  mri_splits.csv
+    <volumes>/                        VolumeLayout(root): a folder of MRI volumes (HR)
+        *.nii *.nii.gz *.npy  subjects.csv (optional)  mri_splits.csv  mri-prepare
+        lr/<item>.<suffix> lr/degradation.yaml          mri-prepare: LR volumes and how they were made
+        sr/<name>/<item>.<suffix> timing.json            mri-infer: one folder per run or baseline
+        scores/<name>.csv                               mri-evaluate
 
 Ids and run names become file and folder names, so they are checked here and nowhere else: a
 safe character set (letters, digits, ``_ . -``), starting with a letter, digit or ``_`` (no
@@ -378,3 +381,18 @@ class VolumeLayout:
 
     splits_csv = property(lambda self: self.root / "mri_splits.csv")
     subjects_csv = property(lambda self: self.root / "subjects.csv")  # optional: file -> subject
+    lr_dir = property(lambda self: self.root / "lr")  # LR volumes made by mri-prepare, one per item
+    lr_record = property(lambda self: self.lr_dir / "degradation.yaml")  # the mri settings that made them
+
+    def sr_dir(self, name: str) -> Path:
+        """``sr/<name>``: mri-infer's volumes of one run or baseline (a whole folder, swapped in complete)."""
+        return self.root / "sr" / check_run(name)
+
+    def scores_csv(self, name: str) -> Path:
+        """``scores/<name>.csv``: mri-evaluate's table for ``sr/<name>`` (with the baselines as rows)."""
+        return self.root / "scores" / f"{check_run(name)}.csv"
+
+    @staticmethod
+    def lr_name(item: str, suffix: str) -> str:
+        """The LR (and SR) file of an item: ``<item><suffix>`` with the HR file's suffix."""
+        return f"{check_id(item, 'mri_splits.csv', 'item')}{suffix}"

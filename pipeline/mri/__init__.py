@@ -1,8 +1,14 @@
-"""Medical volumes: NIfTI / NumPy IO, LR degradations, 3-D and slice networks, volume metrics.
+"""Medical volumes: NIfTI / NumPy IO, LR degradations, 3-D and slice networks, volume inference and metrics.
 
-Modules: ``volumes`` (read, normalise, write back), ``splits`` (folds by subject), ``degrade``
-(k-space truncation, thick slices, interpolation back to the HR grid), ``archs`` + ``models``
-(mDCSRN, the WGAN-GP critic, SRResCycGAN and their table), ``metrics`` (masked PSNR / SSIM /
-NRMSE and the interpolation baselines), ``losses`` (gradient penalty, total variation; any
-number of spatial dimensions).
+Core: ``volumes`` (read, normalise, write back), ``splits`` (folds by subject), ``degrade``
+(k-space truncation, thick slices, interpolation back to the HR grid, grid affines), ``archs`` +
+``models`` (mDCSRN, the WGAN-GP critic, SRResCycGAN, their table and checkpoints), ``metrics``
+(masked PSNR / SSIM / NRMSE and the interpolation baselines), ``losses`` (gradient penalty, total
+variation; any number of spatial dimensions), ``lrset`` (a prepared folder's LR volumes and their
+record), ``predict`` (a volume through a model, tiled in 3-D, or an interpolation baseline),
+``data`` (3-D foreground patches, validation), ``slices`` (unpaired LR / HR slices), ``cycle``
+(SRResCycGAN's losses and schedule), ``figures`` (orthogonal slices), ``bundled`` (scans shipped
+in dipy and nibabel).
+Stages: ``prepare`` (mri-prepare), ``infer`` (mri-infer), ``evaluate`` (mri-evaluate),
+``demo_data`` (demo-mri-data).
 """

@@ -85,13 +85,29 @@ def thick_slices(hr: np.ndarray, factor: int, axis: int = 2) -> np.ndarray:
     return np.moveaxis(lr, 0, axis).astype(np.float32)
 
 
+def _coarse_step(factors: Sequence[float]) -> np.ndarray:
+    """Coarse voxel index -> fine voxel index when every ``factors[a]`` fine voxels make one coarse voxel."""
+    # Coarse index i along an axis is centred on fine index f*i + (f-1)/2 (voxels are cells).
+    step = np.eye(4)
+    for axis, f in enumerate(factors):
+        step[axis, axis] = f
+        step[axis, 3] = (f - 1) / 2
+    return step
+
+
 def thick_affine(affine: np.ndarray, factor: int, axis: int = 2) -> np.ndarray:
     """The voxel -> world affine of ``thick_slices(hr, factor, axis)`` given HR's affine."""
-    # LR index i along the axis is centred on HR index factor*i + (factor-1)/2.
-    step = np.eye(4)
-    step[axis, axis] = factor
-    step[axis, 3] = (factor - 1) / 2
-    return np.asarray(affine, dtype=np.float64) @ step
+    factors = [1, 1, 1]
+    factors[axis] = factor
+    return np.asarray(affine, dtype=np.float64) @ _coarse_step(factors)
+
+
+def finer_affine(affine: np.ndarray, factors: Sequence[int]) -> np.ndarray:
+    """The affine of a grid ``factors[a]`` times finer per axis over the same field of view.
+
+    The inverse of ``thick_affine``: ``finer_affine(thick_affine(A, f, axis), f on axis) == A``.
+    """
+    return np.asarray(affine, dtype=np.float64) @ np.linalg.inv(_coarse_step(factors))
 
 
 def to_grid(lr: np.ndarray, shape: Sequence[int], order: int) -> np.ndarray:

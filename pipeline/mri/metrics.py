@@ -42,7 +42,7 @@ def foreground_mask(hr: np.ndarray, dilate: int = _MRI.mask_dilate) -> np.ndarra
         raise UserError(f"foreground mask: expected a 3-D volume, got shape {hr.shape}")
     if hr.min() == hr.max():
         raise UserError("foreground mask: HR is constant, there is no foreground to score")
-    mask = ndimage.binary_fill_holes(hr > threshold_otsu(hr))
+    mask = ndimage.binary_fill_holes(hr > threshold_otsu(hr.ravel()))  # 1-D: no guess that a last axis of 3 is RGB
     if dilate > 0:
         mask = ndimage.binary_dilation(mask, ndimage.generate_binary_structure(3, 1), iterations=dilate)
     return mask

@@ -6,16 +6,24 @@ volume SR model; ``critic``: a WGAN-GP critic; ``cycle``: SRResCycGAN's four net
 ``forward`` is the HR generator), ``dims`` the spatial axes of its input (3 = (B,1,D,H,W),
 2 = (B,1,H,W)), ``scale`` its output / input size per spatial axis (1 = same grid).
 ``build_volume_model(name, **overrides)`` rebuilds a model from a checkpoint's name and kwargs.
+
+Checkpoints: the project's one format (``pipeline.checkpoint``: ``params`` / ``params_ema``, plain
+types, ``weights_only`` loads) with ``arch`` a name of this table and ``kwargs`` its full keyword
+arguments (``checkpoint_state`` builds the dict, ``save_checkpoint`` writes it);
+``volume_model_from_checkpoint`` checks the name and the kwargs against the table before building.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from torch import nn
 
+from pipeline.checkpoint import CheckpointError, load_checkpoint, load_state_into
 from pipeline.errors import UserError
 from pipeline.mri.archs import MDCSRN, ConvCritic, SRResCycGAN
 
@@ -77,3 +85,34 @@ def build_volume_model(name: str, **overrides: Any) -> nn.Module:
     """Build a model from the table; ``overrides`` replace its keyword arguments."""
     kwargs = volume_model_kwargs(name, **overrides)  # checks the name and the overrides
     return VOLUME_MODELS[name].builder(**kwargs)
+
+
+def checkpoint_state(name: str, model: nn.Module, kwargs: dict[str, Any] | None = None,
+                     ema: dict[str, torch.Tensor] | None = None, **extra: Any) -> dict[str, Any]:
+    """The dict of a volume checkpoint: ``params`` (+ ``params_ema``), ``arch``, ``kwargs``, then ``extra``
+    (step, best_psnr, optimizer ... as the trainer keeps them). ``kwargs``: the overrides it was built with."""
+    full = volume_model_kwargs(name, **(kwargs or {}))
+    state: dict[str, Any] = {"params": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    if ema is not None:
+        state["params_ema"] = {k: v.detach().cpu() for k, v in ema.items()}
+    plain = {k: list(v) if isinstance(v, tuple) else v for k, v in full.items()}
+    return {**state, "arch": name, "kwargs": plain, **extra}
+
+
+def volume_model_from_checkpoint(path: str | Path, weights: str = "ema") -> tuple[nn.Module, str, dict[str, Any]]:
+    """(model in eval mode, its table name, the checkpoint's other entries) of a volume checkpoint."""
+    state = load_checkpoint(path)
+    name = state.get("arch")
+    if not isinstance(name, str) or name not in VOLUME_MODELS:
+        raise CheckpointError(f"{path}: arch {name!r} is not a volume model (known: {', '.join(sorted(VOLUME_MODELS))})"
+                              "; image checkpoints are for the infer stage")
+    kwargs = state.get("kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise CheckpointError(f"{path}: kwargs must be a dict, got {type(kwargs).__name__}")
+    try:
+        full = volume_model_kwargs(name, **kwargs)
+    except UserError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    model = VOLUME_MODELS[name].builder(**{k: tuple(v) if isinstance(v, list) else v for k, v in full.items()})
+    meta = load_state_into(model, state, path, weights)
+    return model.eval(), name, meta

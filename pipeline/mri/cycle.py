@@ -1,0 +1,130 @@
+"""SRResCycGAN's losses and schedule (Umer et al. 2020, the write-up's weights), ready for a training loop.
+
+The four networks (``archs.SRResCycGAN``): ``g_hr`` LR -> HR, ``g_lr`` HR -> LR, ``d_hr``, ``d_lr``.
+For an LR batch ``lr`` (B,1,h,w) and an HR batch ``hr`` (B,1,4h,4w), normalised slices:
+
+    sr = g_hr(lr),       lr_cycle = g_lr(sr)         LR -> HR -> LR
+    fake_lr = g_lr(hr),  hr_cycle = g_hr(fake_lr)    HR -> LR -> HR
+
+``generator_loss``: ``loss/total`` = perceptual * P + adversarial * A + tv * TV + l1 * L1 + cycle * C
+(``cycgan.*``: 1, 1, 1, 5, 10 as in the write-up), each term also returned as ``loss/<name>``:
+- A = adv(d_hr(sr)) + adv(d_lr(fake_lr)), the generator side of ``cycgan.adversarial_loss``
+  (``pipeline.losses.generator_adversarial``; relativistic also scores the real batch);
+- C = |lr_cycle - lr|_1 + |hr_cycle - hr|_1; TV = ``losses.total_variation(sr)``;
+- L1 and P compare with a target where there is one. Paired batches (``paired=True``: ``hr`` is
+  the HR of ``lr``): |sr - hr|_1 and P(sr, hr), the write-up's supervised form. Unpaired (the
+  default): sr has no target, so L1 = |avg4(sr) - lr|_1 + |fake_lr - avg4(hr)|_1 (each generator
+  stays consistent with the fixed 4x4 average its global skip starts from: content is kept while
+  the adversarial terms make it realistic) and P = P(hr_cycle, hr).
+``discriminator_loss``: ``pipeline.losses.discriminator_loss`` on each side (real hr vs sr, real lr
+vs fake_lr), summed into ``loss/d_total``.
+Schedule (``optimizers``): Adam at ``cycgan.learning_rate`` (1e-4) for the two generators together and
+for the two discriminators together, both halved every ``cycgan.halve_every`` (10,000) steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import CycleGanConfig
+from pipeline.losses import discriminator_loss as side_loss
+from pipeline.losses import generator_adversarial
+from pipeline.mri.archs import SRResCycGAN
+from pipeline.mri.losses import total_variation
+
+Perceptual = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (pred, target) -> scalar
+SCALE = 4
+_DEFAULTS = CycleGanConfig()  # the defaults live in the config schema, one place
+
+
+@dataclass(frozen=True)
+class CycleWeights:
+    """Weights of the generator terms (``cycgan.*``); 0 switches a term off (it is then not computed)."""
+
+    perceptual: float = _DEFAULTS.perceptual
+    adversarial: float = _DEFAULTS.adversarial
+    tv: float = _DEFAULTS.tv
+    l1: float = _DEFAULTS.l1
+    cycle: float = _DEFAULTS.cycle
+
+    @classmethod
+    def from_config(cls, c: CycleGanConfig) -> CycleWeights:
+        return cls(c.perceptual, c.adversarial, c.tv, c.l1, c.cycle)
+
+
+def vgg_perceptual(vgg: torch.nn.Module, criterion: str = "l1") -> Perceptual:
+    """P for single-channel slices through ``perceptual.VGGFeatures``: the channel repeated to RGB."""
+    distance = {"l1": F.l1_loss, "mse": F.mse_loss}[criterion]
+
+    def perceptual(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        rgb = pred.expand(-1, 3, -1, -1)  # (B,1,H,W) -> (B,3,H,W)
+        with torch.no_grad():
+            want = vgg(target.expand(-1, 3, -1, -1))
+        got = vgg(rgb)
+        return torch.stack([distance(got[k], want[k]) for k in got]).sum()
+    return perceptual
+
+
+def _down(x: torch.Tensor) -> torch.Tensor:
+    return F.avg_pool2d(x, SCALE)  # (B,1,4h,4w) -> (B,1,h,w)
+
+
+def generator_loss(net: SRResCycGAN, lr: torch.Tensor, hr: torch.Tensor, weights: CycleWeights = CycleWeights(),
+                   kind: str = _DEFAULTS.adversarial_loss, perceptual: Perceptual | None = None,
+                   paired: bool = False) -> dict[str, torch.Tensor]:
+    """The generators' loss terms and ``loss/total`` (module docstring); also ``sr`` and ``fake_lr`` for the critics."""
+    if hr.shape[-2:] != (lr.shape[-2] * SCALE, lr.shape[-1] * SCALE):
+        raise ValueError(f"hr {tuple(hr.shape)} must be {SCALE}x lr {tuple(lr.shape)} per side")
+    if weights.perceptual > 0 and perceptual is None:
+        raise ValueError("a positive perceptual weight needs the perceptual function (vgg_perceptual)")
+    w = weights
+    sr = net.g_hr(lr)  # (B,1,h,w) -> (B,1,4h,4w)
+    fake_lr = net.g_lr(hr)  # (B,1,4h,4w) -> (B,1,h,w)
+    terms: dict[str, torch.Tensor] = {}
+    weighted: list[tuple[float, str]] = []
+    if w.cycle > 0:
+        terms["loss/cycle"] = F.l1_loss(net.g_lr(sr), lr) + F.l1_loss(net.g_hr(fake_lr), hr)
+        weighted.append((w.cycle, "loss/cycle"))
+    if w.l1 > 0:
+        terms["loss/l1"] = (F.l1_loss(sr, hr) if paired
+                            else F.l1_loss(_down(sr), lr) + F.l1_loss(fake_lr, _down(hr)))
+        weighted.append((w.l1, "loss/l1"))
+    if w.perceptual > 0:
+        assert perceptual is not None
+        terms["loss/perceptual"] = perceptual(sr, hr) if paired else perceptual(net.g_hr(fake_lr), hr)
+        weighted.append((w.perceptual, "loss/perceptual"))
+    if w.tv > 0:
+        terms["loss/tv"] = total_variation(sr)
+        weighted.append((w.tv, "loss/tv"))
+    if w.adversarial > 0:
+        real_hr = net.d_hr(hr) if kind == "relativistic" else None
+        real_lr = net.d_lr(lr) if kind == "relativistic" else None
+        terms["loss/adversarial"] = (generator_adversarial(kind, net.d_hr(sr), real_hr)
+                                     + generator_adversarial(kind, net.d_lr(fake_lr), real_lr))
+        weighted.append((w.adversarial, "loss/adversarial"))
+    total = sum((weight * terms[key] for weight, key in weighted), start=sr.new_zeros(()))
+    return {"loss/total": total, **terms, "sr": sr, "fake_lr": fake_lr}
+
+
+def discriminator_loss(net: SRResCycGAN, lr: torch.Tensor, hr: torch.Tensor, sr: torch.Tensor,
+                       fake_lr: torch.Tensor, kind: str = _DEFAULTS.adversarial_loss, gp_weight: float = 10.0,
+                       ) -> dict[str, torch.Tensor]:
+    """Both discriminators' losses: real ``hr`` vs ``sr`` on the HR side, real ``lr`` vs ``fake_lr`` on the LR side."""
+    hr_side = side_loss(kind, net.d_hr, hr, sr, gp_weight)
+    lr_side = side_loss(kind, net.d_lr, lr, fake_lr, gp_weight)
+    return {"loss/d_total": hr_side["loss/d_total"] + lr_side["loss/d_total"],
+            "loss/d_hr": hr_side["loss/d_total"], "loss/d_lr": lr_side["loss/d_total"]}
+
+
+def optimizers(net: SRResCycGAN, c: CycleGanConfig = _DEFAULTS,
+               ) -> tuple[torch.optim.Adam, torch.optim.Adam, list[torch.optim.lr_scheduler.StepLR]]:
+    """(generators' Adam, discriminators' Adam, their schedulers): the learning rate halved every
+    ``c.halve_every`` scheduler steps (call ``step()`` once per optimizer step)."""
+    g_opt = torch.optim.Adam(net.generators(), lr=c.learning_rate)
+    d_opt = torch.optim.Adam(net.discriminators(), lr=c.learning_rate)
+    schedules = [torch.optim.lr_scheduler.StepLR(o, step_size=c.halve_every, gamma=0.5) for o in (g_opt, d_opt)]
+    return g_opt, d_opt, schedules

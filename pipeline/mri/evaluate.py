@@ -1,0 +1,90 @@
+"""``mri-evaluate``: masked PSNR / SSIM / NRMSE of SR volumes against their HR, with the baselines as rows.
+
+For every volume of the SR folder (``--sr``, default ``<mri.dir>/sr/<run>``), named like its item:
+the HR is the item's volume in ``mri_splits.csv`` (cropped to whole thick slices for thick-slice LR,
+``degrade.crop_to_multiple``), the foreground mask and data range come from it
+(``metrics.foreground_mask``, ``mri.mask_dilate``), and the SR and each baseline of
+``mri_eval.baselines`` (the item's LR in ``<mri.dir>/lr`` interpolated onto the HR grid, rounded to
+the LR file's dtype as a written SR volume is) are scored by ``metrics.score_volume``. Rows: one per
+method and item, then one mean per method; written to ``--csv`` (default
+``<mri.dir>/scores/<SR folder name>.csv``). The last line is ``PSNR <mean> SSIM <mean>`` of the SR.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.config import Config, MriConfig
+from pipeline.errors import UserError
+from pipeline.files import atomic_write
+from pipeline.layout import VolumeLayout
+from pipeline.mri.data import hr_reference
+from pipeline.mri.lrset import read_record
+from pipeline.mri.metrics import foreground_mask, score_volume
+from pipeline.mri.predict import grid_factors, interpolate
+from pipeline.mri.splits import read_splits
+from pipeline.mri.volumes import Volume, list_volumes, read_volume, to_stored, volume_stem
+
+COLUMNS = ["method", "item", "psnr", "ssim", "nrmse"]
+
+
+def as_written(data: np.ndarray, like: Volume) -> np.ndarray:
+    """``data`` rounded and clipped to ``like``'s stored dtype and back: what a written volume holds."""
+    return to_stored(data, like.dtype, like.slope, like.inter).astype(np.float64) * like.slope + like.inter
+
+
+def score_items(root: Path, sr_files: dict[str, Path], method: str, baselines: tuple[str, ...], mri: MriConfig,
+                ) -> pd.DataFrame:
+    """Rows (method, item, psnr, ssim, nrmse) of every SR volume and of the baselines on the same items."""
+    layout = VolumeLayout(root)
+    baselines = tuple(b for b in baselines if b != method)  # sr/tricubic is its own row already
+    splits = read_splits(root).set_index("item")
+    lr_files = {volume_stem(p): p for p in list_volumes(layout.lr_dir)} if baselines else {}
+    rows = []
+    for item, sr_path in sorted(sr_files.items()):
+        if item not in splits.index:
+            raise UserError(f"{sr_path}: {item!r} is not an item of {layout.splits_csv}")
+        row = splits.loc[item]
+        hr = hr_reference(read_volume(root / row["path"], int(row["volume"]), mri.max_voxels).data, mri)
+        sr = read_volume(sr_path, max_voxels=mri.max_voxels).data
+        if sr.shape != hr.shape:
+            raise UserError(f"{sr_path}: SR is {sr.shape} but its HR {row['path']} is {hr.shape} (after the LR "
+                            f"grid's crop); was it made from this folder's LR?")
+        mask = foreground_mask(hr, mri.mask_dilate)
+        rows.append({"method": method, "item": item, **score_volume(sr, hr, mask)})
+        for name in baselines:
+            if item not in lr_files:
+                raise UserError(f"{layout.lr_dir}: no LR volume for {item!r}; run mri-prepare again")
+            lr = read_volume(lr_files[item], max_voxels=mri.max_voxels)
+            base = as_written(interpolate(lr, grid_factors(mri), name).data, lr)
+            rows.append({"method": name, "item": item, **score_volume(base, hr, mask)})
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def with_means(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` followed by one row per method: item 'mean', the mean of each score."""
+    means = table.groupby("method", sort=False)[["psnr", "ssim", "nrmse"]].mean().reset_index()
+    means.insert(1, "item", "mean")
+    return pd.concat([table, means], ignore_index=True)
+
+
+def main(cfg: Config) -> None:
+    root = Path(cfg.mri.dir)
+    layout = VolumeLayout(root)
+    sr_dir = Path(cfg.mri_eval.sr) if cfg.mri_eval.sr else layout.sr_dir(cfg.run)
+    if not cfg.mri_eval.sr and not sr_dir.is_dir():
+        raise UserError(f"{sr_dir}: not found; run `mri-infer run={cfg.run}` first, or name a folder with --sr")
+    sr_files = {volume_stem(p): p for p in list_volumes(sr_dir)}
+    mri = read_record(root)
+    table = with_means(score_items(root, sr_files, sr_dir.name, cfg.mri_eval.baselines, mri))
+    csv = Path(cfg.mri_eval.csv) if cfg.mri_eval.csv else layout.scores_csv(sr_dir.name)
+    with atomic_write(csv) as tmp:
+        table.to_csv(tmp, index=False, float_format="%.6f")
+    print(f"{len(sr_files)} volume(s) of {sr_dir}, masked (Otsu foreground dilated {mri.mask_dilate} voxels)")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(f"scores -> {csv}")
+    mine = table[(table["method"] == sr_dir.name) & (table["item"] == "mean")].iloc[0]
+    print(f"PSNR {mine['psnr']:.4f} SSIM {mine['ssim']:.4f}")

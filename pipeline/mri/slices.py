@@ -1,0 +1,97 @@
+"""Unpaired LR / HR slices for SRResCycGAN: 2-D crops cut from volumes, the LR by in-plane k-space cropping.
+
+- ``slice_crops(volume, axis, size)``: the volume normalised with its own ``IntensityStats``, cut into
+  slices along ``axis``, each slice into ``size`` x ``size`` crops on a grid flush with its edges
+  (``tiling.tile_corners``; a slice smaller than ``size`` is zero-padded: MRI background is ~0);
+  crops whose share of foreground (the volume's Otsu mask) is below ``min_foreground`` are dropped.
+  The write-up's fastMRI knee slices are 320 x 320: one crop each.
+- ``kspace_downsample(hr, scale)``: the LR of a crop as a scanner with fewer phase and frequency
+  encodes sees it: the central 1/scale of the 2-D spectrum kept per axis, inverse transformed
+  (magnitude, divided by scale^2 so intensities keep their level): 320 -> 80 as in the write-up.
+- ``UnpairedSlices``: item i = (LR crop i, HR crop perm[i]) with a permutation drawn per epoch
+  (``set_epoch``, seeded), so the generators never see which HR belongs to an LR. ``unpaired_slices``
+  builds one from volumes: subjects alternate between the LR side and the HR side (no subject on
+  both), as an unpaired study has LR and HR scans of different people.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from pipeline.errors import UserError
+from pipeline.mri.metrics import foreground_mask
+from pipeline.mri.volumes import Volume, intensity_stats
+from pipeline.tiling import tile_corners
+
+MIN_FOREGROUND = 0.25  # share of a crop's pixels inside the anatomy for it to be a training sample
+
+
+def slice_crops(volume: Volume, axis: int, size: int, min_foreground: float = MIN_FOREGROUND) -> np.ndarray:
+    """(n, size, size) float32 normalised crops of every slice of ``volume`` along ``axis``."""
+    data = intensity_stats(volume.data, path=volume.path).normalise(volume.data)
+    mask = foreground_mask(volume.data, dilate=0)
+    data, mask = np.moveaxis(data, axis, 0), np.moveaxis(mask, axis, 0)  # (X,Y,Z) -> (S,h,w): slices first
+    s, h, w = data.shape
+    ph, pw = max(0, size - h), max(0, size - w)
+    if ph or pw:  # (S,h,w) -> (S,max(h,size),max(w,size)), zeros after the anatomy
+        data = np.pad(data, ((0, 0), (0, ph), (0, pw)))
+        mask = np.pad(mask, ((0, 0), (0, ph), (0, pw)))
+    crops = []
+    for y, x in tile_corners(data.shape[1:], size, size):
+        keep = mask[:, y:y + size, x:x + size].mean(axis=(1, 2)) >= min_foreground
+        crops.append(data[keep, y:y + size, x:x + size])
+    return np.concatenate(crops).astype(np.float32)
+
+
+def kspace_downsample(hr: np.ndarray, scale: int) -> np.ndarray:
+    """(..., H, W) -> (..., H/scale, W/scale): the central part of the 2-D spectrum, magnitude / scale^2."""
+    h, w = hr.shape[-2:]
+    if h % scale or w % scale:
+        raise UserError(f"slice {h}x{w} does not divide by the scale {scale}")
+    spectrum = np.fft.fftshift(np.fft.fft2(hr.astype(np.float64)), axes=(-2, -1))  # DC in the centre
+    lh, lw = h // scale, w // scale
+    top, left = h // 2 - lh // 2, w // 2 - lw // 2  # DC (index n//2 after the shift) lands on index l//2
+    centre = spectrum[..., top:top + lh, left:left + lw]  # (..., H, W) -> (..., H/s, W/s)
+    lr = np.fft.ifft2(np.fft.ifftshift(centre, axes=(-2, -1)))
+    return (np.abs(lr) / scale**2).astype(np.float32)
+
+
+class UnpairedSlices(Dataset):
+    """``{"lr": (1,h,w), "hr": (1,sh,sw)}`` float32 tensors; the HR partner of an LR changes every epoch."""
+
+    def __init__(self, lr: np.ndarray, hr: np.ndarray, seed: int = 0) -> None:
+        if len(lr) == 0 or len(hr) == 0:
+            raise UserError(f"unpaired slices need crops on both sides, got {len(lr)} LR and {len(hr)} HR")
+        self.lr, self.hr, self.seed = lr, hr, seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the HR partner of every item for ``epoch`` (same seed and epoch: same pairs, any process)."""
+        rng = np.random.default_rng((self.seed, epoch))
+        self.partner = rng.permutation(max(len(self.lr), len(self.hr))) % len(self.hr)
+
+    def __len__(self) -> int:
+        return max(len(self.lr), len(self.hr))
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        lr = self.lr[i % len(self.lr)]
+        hr = self.hr[self.partner[i]]
+        return {"lr": torch.from_numpy(np.ascontiguousarray(lr))[None],  # (h,w) -> (1,h,w)
+                "hr": torch.from_numpy(np.ascontiguousarray(hr))[None]}
+
+
+def unpaired_slices(volumes: Sequence[tuple[str, Volume]], size: int, scale: int = 4, axis: int = 2,
+                    seed: int = 0, min_foreground: float = MIN_FOREGROUND) -> UnpairedSlices:
+    """``UnpairedSlices`` from (subject, HR volume) pairs: subjects alternate LR side / HR side, in sorted order."""
+    subjects = sorted({s for s, _ in volumes})
+    if len(subjects) < 2:
+        raise UserError(f"unpaired slices need at least two subjects (one per side), got {subjects}")
+    lr_side = set(subjects[0::2])
+    lr_crops = [slice_crops(v, axis, size, min_foreground) for s, v in volumes if s in lr_side]
+    hr_crops = [slice_crops(v, axis, size, min_foreground) for s, v in volumes if s not in lr_side]
+    lr = kspace_downsample(np.concatenate(lr_crops), scale)
+    return UnpairedSlices(lr, np.concatenate(hr_crops), seed)
