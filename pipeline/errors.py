@@ -7,3 +7,7 @@ class UserError(ValueError):
 
 class DataError(UserError):
     """A dataset, manifest or split that does not match what the stage expects."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint or weights file that is missing, unreadable or does not fit the model."""

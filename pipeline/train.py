@@ -27,11 +27,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from pipeline import train_io
-from pipeline.checkpoint import CheckpointError, load_checkpoint, load_weights
+from pipeline.checkpoint import CheckpointError, load_checkpoint, load_weights_file, save_model_card
 from pipeline.config import Config, TrainConfig, save_config
 from pipeline.dataset import EpochBatches, PairAugment, PatchDataset, read_pair, training_patches, validation_images
 from pipeline.errors import UserError
-from pipeline.models import build_model, count_parameters, model_kwargs
+from pipeline.models import autocast_cap, build_model, card_of, count_parameters
 from pipeline.runtime import autocast_dtype, peak_memory, pick_device, precision_name, seed_everything
 from pipeline.train_loop import Trainer
 
@@ -67,13 +67,13 @@ def _check(t: TrainConfig) -> None:
 
 
 def build_trainable(cfg: Config) -> nn.Module:
-    """The table's model, loaded from ``model.pretrained`` when given; parameter-free models are refused."""
+    """The table's model, or the one in ``model.pretrained`` (detected when it is not model.name)."""
+    if cfg.model.pretrained:
+        return load_weights_file(cfg.model.pretrained, cfg.model.name)
     model = build_model(cfg.model.name)
     if count_parameters(model) == 0:
         raise UserError(f"model.name={cfg.model.name} has no parameters to train; it is a baseline: "
                         f"use it directly, e.g. `infer model.name={cfg.model.name}`")
-    if cfg.model.pretrained:
-        load_weights(model, cfg.model.pretrained)
     return model
 
 
@@ -125,7 +125,7 @@ def _ddp(model: nn.Module, d: Dist) -> nn.Module:
     return DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
 
 
-def _resume_from(cfg: Config, d: Dist, run_dir: Path) -> dict | None:
+def _resume_from(cfg: Config, d: Dist, run_dir: Path, model: nn.Module) -> dict | None:
     """The state in models/<run>/last.pth when resuming; otherwise rank 0 clears the folder."""
     last = run_dir / "last.pth"
     if cfg.train.resume == "force" and not last.is_file():
@@ -136,13 +136,14 @@ def _resume_from(cfg: Config, d: Dist, run_dir: Path) -> dict | None:
         if not resume:
             train_io.clear_run(run_dir)
         save_config(cfg, run_dir / "config.yaml")
+        save_model_card(run_dir / "model.yaml", model, cfg.model.pretrained)
     if d.world > 1:
         dist.barrier()  # no rank reads the folder while rank 0 may be clearing it
     if not resume:
         return None
     state = load_checkpoint(last, map_location=d.device)
-    if state.get("arch") != cfg.model.name:
-        raise CheckpointError(f"{last}: a {state.get('arch')} run, but model.name={cfg.model.name}; "
+    if state.get("arch") != card_of(model).arch:
+        raise CheckpointError(f"{last}: a {state.get('arch')} run, but this start builds {card_of(model).arch}; "
                               "use another run name or train.resume=never")
     return state
 
@@ -166,6 +167,7 @@ def main(cfg: Config) -> None:
             torch.set_float32_matmul_precision("high")
         seed_everything(cfg.seed)  # the same initial weights on every rank
         model = build_trainable(cfg).to(d.device)
+        dtype = autocast_cap([model], dtype, d.device)  # fp16-unsafe architectures stay in bf16/fp32
         if t.channels_last:
             model = model.to(memory_format=torch.channels_last)
         loader, batches = _loader(cfg, d)
@@ -178,20 +180,21 @@ def main(cfg: Config) -> None:
         # EMA decay warms up (1 - (1+step)^-2/3, capped at train.ema_decay) so short runs get a useful average.
         ema = ModelEmaV3(model, decay=t.ema_decay, use_warmup=True) if t.ema_decay > 0 else None
         scaler = torch.amp.GradScaler(d.device.type, enabled=dtype is torch.float16)  # bf16 needs no scaling
-        state = _resume_from(cfg, d, run_dir)
+        state = _resume_from(cfg, d, run_dir, model)
         torch.manual_seed(cfg.seed + d.rank)  # ranks draw different drop-path masks
 
         trainer = Trainer(
             cfg=cfg, rank=d.rank, world=d.world, device=d.device, dtype=dtype, run_dir=run_dir, raw=model,
             model=_ddp(model, d) if d.world > 1 else model, ema=ema, optimizer=optimizer,
             scheduler=scheduler, scaler=scaler, loader=loader, batches=batches, val_pairs=val_pairs,
-            total_steps=total_steps, arch=cfg.model.name, kwargs=model_kwargs(cfg.model.name))
+            total_steps=total_steps, arch=card_of(model).arch, kwargs=card_of(model).kwargs)
         if state is not None:
             trainer.load_state(state, run_dir / "last.pth")
-        trainer.say(f"train {cfg.model.name} ({count_parameters(model) / 1e6:.3f}M parameters) on {d.device} "
+        trainer.say(f"train {card_of(model).arch} ({count_parameters(model) / 1e6:.3f}M parameters) on {d.device} "
                     f"x{d.world}, {precision_name(dtype)}, {batches.n} patches, {batches.steps_per_epoch} "
                     f"steps/epoch, global batch {t.batch_size}"
-                    + (f"; resuming {run_dir / 'last.pth'} at step {trainer.step}" if state else ""))
+                    + (f"; resuming {run_dir / 'last.pth'} at step {trainer.step}" if state else "")
+                    + (f"\n{card_of(model).note}" if card_of(model).note else ""))
         with peak_memory(d.device) as memory:
             trainer.fit()
         trainer.say(f"peak memory {memory['peak_mib']:.0f} MiB")
