@@ -280,3 +280,16 @@ def autocast_cap(models: Sequence[nn.Module], dtype: torch.dtype | None, device:
         return torch.bfloat16
     return None
 
+
+
+def markdown_table() -> str:
+    """The README's model table (``python -m pipeline.models``): every entry, its parameters and precisions."""
+    rows = ["| model | parameters | precisions | what it is |", "|---|---:|---|---|"]
+    for name, spec in MODELS.items():
+        params = count_parameters(build_model(name))
+        rows.append(f"| `{name}` | {params:,} | {' '.join(spec.precisions)} | {spec.summary} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
