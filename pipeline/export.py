@@ -51,7 +51,7 @@ def _model(cfg: Config) -> tuple[nn.Module, Path, str]:
     return model, run_dir / cfg.export.checkpoint, str(path)
 
 
-def test_image(path: str = "") -> np.ndarray:
+def check_image(path: str = "") -> np.ndarray:
     """(H,W,3) float LR image of the ONNX check: ``path``, or a 40x52 crop of scikit-image's astronaut photo."""
     if path:
         return read_float(path)
@@ -144,7 +144,7 @@ def main(cfg: Config) -> None:
         export_safetensors(model, out, source)
         print(f"{out}: {card_of(model).arch} weights ({len(model.state_dict())} tensors) from {source}")
     else:
-        image = test_image(e.image)
+        image = check_image(e.image)
         out = stem.with_suffix(".onnx")
         diff = export_onnx(model, out, e.opset, image)
         h, w = image.shape[:2]
