@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.cli import main as cli
 
@@ -26,3 +28,13 @@ def patched_demo(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     assert cli(["prepare", "--data", str(root)]) == 0
     assert cli(["patchify", "--data", str(root), "patch.size=128", "patch.workers=1"]) == 0
     return root
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """torch on one thread for the test: models of a few thousand weights run fastest so, and on a busy
+    machine OpenMP threads wait on each other (subprocesses get the same through OMP_NUM_THREADS)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

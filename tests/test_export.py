@@ -4,7 +4,6 @@ weights path reads back as the same model."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +27,7 @@ EXPORTABLE = ["edsr-nano", "rrdb-nano", "swinir-nano", "hat-nano", "drct-nano", 
               "omnisr-nano", "esrgan-nano"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _run(models: Path, name: str, arch: str, seed: int = 0) -> Path:
