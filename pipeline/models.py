@@ -214,7 +214,7 @@ register("omnisr-nano", zoo.OMNISR_FAMILY, "Omni-SR 1 group, 8 channels, window 
          **{**_OMNI, "num_feat": 8, "window_size": 4, "res_num": 1})
 register("esrgan", zoo.ESRGAN_FAMILY, "ESRGAN's RRDB as spandrel builds it (old-arch keys): 64 features, 23 blocks",
          num_filters=64, num_blocks=23)
-register("esrgan-tiny", zoo.ESRGAN_FAMILY, "ESRGAN RRDB 32 features, 3 blocks (CPU runs)", num_filters=32, num_blocks=3)
+register("esrgan-tiny", zoo.ESRGAN_FAMILY, "ESRGAN RRDB 24 features, 2 blocks (CPU runs)", num_filters=24, num_blocks=2)
 register("esrgan-nano", zoo.ESRGAN_FAMILY, "ESRGAN RRDB 8 features, 1 block (tests)", num_filters=8, num_blocks=1)
 
 
