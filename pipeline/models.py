@@ -24,9 +24,6 @@ from pipeline.compat import EDSR, RRDBNet, SwinIR
 from pipeline.errors import UserError
 from pipeline.zoo import ALL_PRECISIONS, plain
 
-__all__ = ["MODELS", "SCALE", "ModelCard", "ModelSpec", "autocast_cap", "build_model", "card_of",
-           "count_parameters", "model_kwargs", "register"]
-
 
 def _matlab_bicubic_matrix(n_in: int, scale: int) -> torch.Tensor:
     """(scale*n_in, n_in) matrix A with A @ x == MATLAB imresize of the 1-D signal x.
@@ -124,6 +121,17 @@ class ModelSpec:
 MODELS: dict[str, ModelSpec] = {}
 
 
+@dataclass(frozen=True)
+class ModelCard:
+    """What a built model is: how a checkpoint rebuilds it and which autocast dtypes it is safe in."""
+
+    arch: str  # table name, or "spandrel:<ArchId>" for a detected model outside the table
+    kwargs: dict[str, Any]  # plain types: what checkpoints store
+    precisions: tuple[str, ...]
+    note: str = ""  # how it was obtained when not built from the table (detected in a file ...)
+    detected: dict[str, Any] | None = None  # spandrel's findings (zoo.Detected.summary) for a weights file
+
+
 def register(name: str, builder: Callable[..., nn.Module], summary: str, *,
              precisions: tuple[str, ...] | None = None, **kwargs: Any) -> None:
     """Add a model to the table; a second registration of a name is a bug, so it raises.
@@ -218,17 +226,6 @@ register("esrgan-tiny", zoo.ESRGAN_FAMILY, "ESRGAN RRDB 24 features, 2 blocks (C
 register("esrgan-nano", zoo.ESRGAN_FAMILY, "ESRGAN RRDB 8 features, 1 block (tests)", num_filters=8, num_blocks=1)
 
 
-@dataclass(frozen=True)
-class ModelCard:
-    """What a built model is: how a checkpoint rebuilds it and which autocast dtypes it is safe in."""
-
-    arch: str  # table name, or "spandrel:<ArchId>" for a detected model outside the table
-    kwargs: dict[str, Any]  # plain types: what checkpoints store
-    precisions: tuple[str, ...]
-    note: str = ""  # how it was obtained when not built from the table (detected in a file ...)
-    detected: dict[str, Any] | None = None  # spandrel's findings (zoo.Detected.summary) for a weights file
-
-
 def build_model(name: str, **overrides: Any) -> nn.Module:
     """Build a model from the table; ``overrides`` replace its keyword arguments."""
     if name not in MODELS:
@@ -279,7 +276,6 @@ def autocast_cap(models: Sequence[nn.Module], dtype: torch.dtype | None, device:
     if "bf16" in allowed and (device.type != "cuda" or torch.cuda.is_bf16_supported()):
         return torch.bfloat16
     return None
-
 
 
 def markdown_table() -> str:
