@@ -31,7 +31,8 @@ from bench.common import measure, pick, save_rows, table
 from bench.train_speed import our_trainer
 from pipeline.cli import main as cli
 from pipeline.config import Config, load_config
-from pipeline.dataset import read_pair, training_patches
+from pipeline.dataset import read_pair
+from pipeline.layout import DataLayout
 from pipeline.models import build_model
 
 
@@ -68,7 +69,7 @@ def stage_config(data: Path, models: Path, args: argparse.Namespace, workers: in
 
 def lr_side(cfg: Config) -> int:
     """The LR side of a training sample: the crop, or the patches' side."""
-    pair = training_patches(cfg.data.dir, cfg.data.val_fold)[0]
+    pair = DataLayout(Path(cfg.data.dir)).patches.training_pairs(cfg.data.val_fold)[0]
     return cfg.train.crop or min(read_pair(pair, cfg.data.scale)[0].shape[:2])
 
 

@@ -1,31 +1,50 @@
-"""One checkpoint format, basicsr-compatible, plain types only, written atomically.
+"""Checkpoints and weights files: ours (.pth or .safetensors) and any published one, plain types only.
 
-A checkpoint is a dict:
+Our checkpoint (.pth) is a dict:
     params       model state dict (basicsr's key: other SR tools load it as is)
     params_ema   EMA state dict (inference prefers it), or absent
-    arch         model table name; kwargs: the builder's keyword arguments
+    arch         model table name, or ``spandrel:<ArchId>`` for a detected model outside the table
+    kwargs       the table's keyword arguments (or spandrel's detected hyper-parameters)
     step, epoch, best_psnr, and for training state: optimizer, scheduler, scaler, rng, config
 Everything is a tensor, number, string, list or dict, so ``torch.load(weights_only=True)`` works.
+Our .safetensors (``export export.format=safetensors``) holds one set of weights (EMA when
+present) with ``arch`` / ``kwargs`` (JSON) in its metadata.
+
+Any other weights file (.pth/.pt/.ckpt/.safetensors: basicsr ``params``/``params_ema``, KAIR and
+original repositories' bare state dicts, ``model``/``state_dict``/``net`` wrappers, ``module.`` /
+``netG.`` prefixes) is unwrapped with spandrel's ``canonicalize_state_dict`` and either fits the
+table model asked for, or its architecture and hyper-parameters are detected (``zoo.detect``).
+
+Checkpoint arguments are checked against the model table BEFORE anything is built: a file cannot
+make us allocate what the table does not describe.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from spandrel import MAIN_REGISTRY, canonicalize_state_dict
 from torch import nn
 
-from pipeline.errors import UserError
+from pipeline import zoo
+from pipeline.config import Config
+from pipeline.errors import CheckpointError
 from pipeline.files import atomic_write
-from pipeline.models import build_model
+from pipeline.models import MODELS, ModelCard, build_model, card_of, count_parameters
+from pipeline.zoo import SPANDREL_PREFIX, plain
 
-
-class CheckpointError(UserError):
-    """A checkpoint or weights file that is missing, unreadable or does not fit the model."""
-
+__all__ = ["CheckpointError", "check_table_kwargs", "load_checkpoint", "load_state_into", "load_weights",
+           "load_weights_file", "model_from_checkpoint", "save_checkpoint", "save_model_card", "save_safetensors",
+           "state_dict_from", "weights_file_models"]
 
 _TRAINING_STATE = ("params", "params_ema", "optimizer", "scheduler", "scaler", "rng")
+PRODUCER = "sr-pipeline"
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
@@ -35,61 +54,235 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     return Path(path)
 
 
+def save_safetensors(path: str | Path, weights: dict[str, torch.Tensor], arch: str, kwargs: dict[str, Any],
+                     **extra: str) -> Path:
+    """Weights only, atomically, with the model's table name and arguments in the metadata."""
+    # safetensors refuses views and tensors sharing storage: give it one contiguous copy of each.
+    tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in weights.items()}
+    metadata = {"producer": PRODUCER, "arch": arch, "kwargs": json.dumps(plain(kwargs)), **extra}
+    with atomic_write(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return Path(path)
+
+
+def _load_safetensors(path: Path, map_location: str | torch.device) -> dict[str, Any]:
+    """A .safetensors file as a checkpoint dict: ours -> params + arch/kwargs; foreign -> the bare tensors."""
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    tensors = load_file(str(path), device=str(map_location))
+    if metadata.get("producer") != PRODUCER or "arch" not in metadata:
+        return tensors
+    try:
+        kwargs = json.loads(metadata.get("kwargs", "{}"))
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path}: metadata 'kwargs' is not JSON") from None
+    return {"params": tensors, "arch": metadata["arch"], "kwargs": kwargs}
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load with ``weights_only=True`` (no code execution); errors name the file."""
+    """Load a .pth/.pt/.ckpt with ``weights_only=True`` (no code execution) or a .safetensors; errors name the file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        if path.suffix.lower() == ".safetensors":
+            state = _load_safetensors(path, map_location)
+        else:
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except CheckpointError:
+        raise
     except Exception as exc:  # torch raises several types for corrupt or foreign files
-        raise CheckpointError(f"{path}: cannot load checkpoint ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(f"{path}: cannot load checkpoint ({type(exc).__name__}: {str(exc)[:300]})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a dict, got {type(state).__name__}")
     return state
 
 
 def state_dict_from(state: dict[str, Any], path: str | Path, prefer: str = "params_ema") -> dict[str, torch.Tensor]:
-    """The weights in a basicsr-style file: ``prefer`` key, else ``params_ema``/``params``, else bare.
+    """The weights in a file: ``prefer``'s dict when present, else unwrapped as spandrel does.
 
-    ``module.`` prefixes left by DataParallel/DDP are stripped.
+    spandrel's ``canonicalize_state_dict`` looks for ``state_dict``, ``params_ema``, ``params``,
+    ``model``, ``net`` ... wrappers and strips ``module.`` (DataParallel/DDP) and ``netG.`` prefixes.
     """
-    for key in (prefer, "params_ema", "params"):
-        if isinstance(state.get(key), dict):
-            weights = state[key]
-            break
-    else:
-        weights = state
+    weights = state[prefer] if isinstance(state.get(prefer), dict) else canonicalize_state_dict(state)
+    weights = {k.removeprefix("module."): v for k, v in weights.items()}
     if not weights or not all(isinstance(v, torch.Tensor) for v in weights.values()):
-        raise CheckpointError(f"{path}: no state dict found (looked for {prefer}, params_ema, params, bare)")
-    return {k.removeprefix("module."): v for k, v in weights.items()}
+        raise CheckpointError(f"{path}: no state dict found (looked for {prefer}, params_ema, params, "
+                              "state_dict, model, bare tensors)")
+    return weights
 
 
-def load_weights(model: nn.Module, path: str | Path, prefer: str = "params_ema", strict: bool = True) -> None:
-    """Load a basicsr-format weights file into ``model``; a key or shape mismatch names the file."""
-    weights = state_dict_from(load_checkpoint(path), path, prefer)
+def _load_into(model: nn.Module, weights: dict[str, torch.Tensor], path: str | Path, what: str) -> None:
     try:
-        model.load_state_dict(weights, strict=strict)
+        model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        raise CheckpointError(f"{path}: weights do not fit the model: {' '.join(first[:3])[:400]}") from None
+        first = " ".join(str(exc).strip().splitlines()[:3])[:400]
+        raise CheckpointError(f"{path}: weights do not fit {what}: {first}") from None
+
+
+def load_weights(model: nn.Module, path: str | Path, prefer: str = "params_ema") -> None:
+    """Load a weights file (any layout above) into ``model``; a key or shape mismatch names the file."""
+    _load_into(model, state_dict_from(load_checkpoint(path), path, prefer), path, "the model")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_table_kwargs(path: str | Path, arch: Any, kwargs: Any) -> None:
+    """A checkpoint's (arch, kwargs) must be a table entry with exactly its preset's values.
+
+    Raised before anything is built, so a file claiming ``num_feat=4096`` allocates nothing.
+    """
+    if not isinstance(arch, str) or arch not in MODELS:
+        raise CheckpointError(f"{path}: arch {_short(arch)} is not in the model table (see `train --help`)")
+    if not isinstance(kwargs, dict):
+        raise CheckpointError(f"{path}: kwargs must be a mapping, got {type(kwargs).__name__}")
+    preset = MODELS[arch].kwargs
+    for key, value in kwargs.items():
+        if key not in preset:
+            raise CheckpointError(f"{path}: argument {_short(key)} is not an argument of {arch} "
+                                  f"(it takes {', '.join(sorted(preset)) or 'none'})")
+        if plain(value) != plain(preset[key]):
+            raise CheckpointError(f"{path}: argument {key}={_short(value)} differs from the {arch} preset "
+                                  f"({_short(plain(preset[key]))}); checkpoints hold the table's arguments")
+
+
+def _rebuild(state: dict[str, Any], path: str | Path, prefer: str) -> nn.Module:
+    """The model one of our checkpoints describes, with its weights (arguments checked first)."""
+    arch, kwargs = state["arch"], state.get("kwargs", {})
+    weights = state_dict_from(state, path, prefer)
+    if isinstance(arch, str) and arch.startswith(SPANDREL_PREFIX):
+        arch_id = arch.removeprefix(SPANDREL_PREFIX)
+        if arch_id not in MAIN_REGISTRY or not isinstance(kwargs, dict):
+            raise CheckpointError(f"{path}: arch {_short(arch)} is not an architecture spandrel knows")
+        found = zoo.detect(weights, path)  # rebuilt from the weights' own shapes, never from kwargs
+        if found.arch_id != arch_id:
+            raise CheckpointError(f"{path}: arch says {arch_id} but the weights are {found.arch_id}")
+        for key, value in kwargs.items():
+            if found.hyperparameters.get(key) != plain(value):
+                raise CheckpointError(f"{path}: argument {key}={_short(value)} does not match the weights "
+                                      f"({_short(found.hyperparameters.get(key))})")
+        found.model.card = ModelCard(arch, found.hyperparameters, found.precisions, detected=found.summary())
+        return found.model
+    check_table_kwargs(path, arch, kwargs)
+    model = build_model(arch)
+    _load_into(model, weights, path, arch)
+    return model
 
 
 def model_from_checkpoint(path: str | Path, weights: str = "ema") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model a checkpoint describes and load its weights (EMA first when asked)."""
+    """Rebuild the model one of our checkpoints describes and load its weights (EMA first when asked)."""
     state = load_checkpoint(path)
     if "arch" not in state:
-        raise CheckpointError(f"{path}: no 'arch' entry; load bare weights with model.pretrained instead")
-    model = build_model(state["arch"], **state.get("kwargs", {}))
-    return model.eval(), load_state_into(model, state, path, weights)
+        raise CheckpointError(f"{path}: no 'arch' entry; run a published weights file with --weights "
+                              "(architecture detected) or train from it with model.pretrained")
+    model = _rebuild(state, path, "params_ema" if weights == "ema" else "params")
+    meta = {k: v for k, v in state.items() if k not in _TRAINING_STATE}
+    return model.eval(), meta
+
+
+def _fitting_table_model(name: str, weights: dict[str, torch.Tensor]) -> nn.Module | None:
+    """Table model ``name`` when ``weights`` have exactly its keys and shapes, else None."""
+    try:
+        with torch.device("meta"):  # shapes without memory
+            model = build_model(name)
+    except RuntimeError:  # constructors that read tensor values (drop-path schedules) need real ones
+        model = build_model(name)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if not shapes or shapes != {k: tuple(v.shape) for k, v in weights.items()}:
+        return None
+    return build_model(name) if next(iter(model.state_dict().values())).is_meta else model
+
+
+def _table_entry(found: zoo.Detected) -> str | None:
+    """The table entry a detected model is (same family, every preset argument equal), if any."""
+    family = zoo.FAMILIES.get(found.arch_id)
+    for name, spec in MODELS.items():
+        if family is not None and spec.builder is family:
+            wanted = {**family.fixed, **spec.kwargs}
+            if all(found.hyperparameters.get(k) == plain(v) for k, v in wanted.items()):
+                return name
+    return None
+
+
+def load_weights_file(path: str | Path, name: str = "", weights: str = "ema") -> nn.Module:
+    """Any weights file -> a model holding its weights, with a card saying what it is and how it was found.
+
+    Our checkpoints rebuild themselves (``model.name`` is then ignored, said in the card's note);
+    a file that fits table model ``name`` loads into it as is; anything else is detected by
+    spandrel (refused unless x4 RGB super-resolution) and built as the matching table entry when
+    one has exactly its hyper-parameters, else as ``spandrel:<ArchId>``.
+    """
+    state = load_checkpoint(path)
+    prefer = "params_ema" if weights == "ema" else "params"
+    if "arch" in state:
+        model = _rebuild(state, path, prefer)
+        card = card_of(model)
+        if name and name != card.arch:
+            model.card = ModelCard(card.arch, card.kwargs, card.precisions,
+                                   f"{path} is a {card.arch} checkpoint: using it, not model.name={name}",
+                                   card.detected)
+        return model
+    tensors = state_dict_from(state, path, prefer)
+    model = _fitting_table_model(name, tensors) if name in MODELS else None
+    if model is not None:
+        _load_into(model, tensors, path, name)
+        return model
+    found = zoo.detect(tensors, path)
+    entry = _table_entry(found)
+    what = f"{found.arch_id} x{found.scale} ({found.parameters / 1e6:.3f}M parameters, detected by spandrel)"
+    note = f"{path} holds a {what}" + (f", not model.name={name}" if name else "")
+    if entry is not None:
+        model = build_model(entry)
+        _load_into(model, found.model.state_dict(), path, entry)
+        card = card_of(model)
+        model.card = ModelCard(entry, card.kwargs, card.precisions, f"{note}: using the table's {entry}",
+                               found.summary())
+        return model
+    arch = SPANDREL_PREFIX + found.arch_id
+    found.model.card = ModelCard(arch, found.hyperparameters, found.precisions, f"{note}: using it as {arch}",
+                                 found.summary())
+    return found.model
+
+
+def save_model_card(path: str | Path, model: nn.Module, pretrained: str = "") -> Path:
+    """``models/<run>/model.yaml``: the model a run trains and, with model.pretrained, what the file held."""
+    text = yaml.safe_dump(card_record(model, pretrained), sort_keys=False)
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def card_record(model: nn.Module, pretrained: str = "") -> dict[str, Any]:
+    """The model's card as plain data: arch, kwargs, parameters, precisions, pretrained file, detection."""
+    card = card_of(model)
+    record: dict[str, Any] = {"arch": card.arch, "kwargs": card.kwargs, "parameters": count_parameters(model),
+                              "precisions": list(card.precisions), "pretrained": pretrained or None}
+    if card.note:
+        record["note"] = card.note
+    if card.detected:
+        record["detected"] = card.detected
+    return record
+
+
+def weights_file_models(path: str | Path, cfg: Config) -> tuple[list[nn.Module], str]:
+    """What ``load_models`` runs for a weights file (infer --weights, or model.pretrained without a run):
+    the one model in it, and a description for tables. What was detected is printed."""
+    if cfg.model.weights and (cfg.infer.runs or cfg.infer.last_k):
+        raise CheckpointError(f"model.weights={path} runs that file alone; drop infer.runs / infer.last_k")
+    model = load_weights_file(path, cfg.model.name, cfg.infer.weights)
+    card = card_of(model)
+    if card.note:
+        print(card.note)
+    return [model.eval()], f"{card.arch} ({Path(path).name})"
 
 
 def load_state_into(model: nn.Module, state: dict[str, Any], path: str | Path, weights: str = "ema",
                     ) -> dict[str, Any]:
-    """Load a checkpoint dict's weights into ``model`` (EMA first when asked); returns its other entries."""
+    """Load a checkpoint dict's weights into an already built ``model`` (EMA first when asked); returns the
+    dict's other entries. For models of other tables (volume models) whose arguments their table checked."""
     prefer = "params_ema" if weights == "ema" else "params"
-    try:
-        model.load_state_dict(state_dict_from(state, path, prefer), strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit {state.get('arch')}: {str(exc)[:300]}") from None
+    _load_into(model, state_dict_from(state, path, prefer), path, str(state.get("arch")))
     return {k: v for k, v in state.items() if k not in _TRAINING_STATE}

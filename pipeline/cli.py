@@ -71,7 +71,9 @@ STAGES: dict[str, Stage] = {
         "pipeline.infer", "super-resolve the test set (or any folder) with tiles + self-ensemble",
         ("data", "model", "infer", "paths"),
         {**DATA_FLAG, "--input": ("infer.input", "folder of LR images"),
-         "--output": ("infer.output", "folder for the SR PNGs")}, _model_names),
+         "--output": ("infer.output", "folder for the SR PNGs"),
+         "--weights": ("model.weights", "a published or exported weights file to run as is (detected)")},
+        _model_names),
     "submit": Stage(
         "pipeline.submit", "write and validate submit/<run>/submission.zip (or --check a zip)",
         ("data", "submit", "paths"),
@@ -102,6 +104,10 @@ STAGES: dict[str, Stage] = {
     "ablate": Stage(
         "pipeline.ablate", "grid over inference settings on the validation fold -> CSV + plot",
         ("data", "model", "ablate", "infer", "paths"), DATA_FLAG),
+    "export": Stage(
+        "pipeline.export", "write models/<run>/<checkpoint>.onnx (checked with ONNX Runtime) or .safetensors",
+        ("model", "export", "paths"),
+        {"--weights": ("model.weights", "export this weights file instead of the run's checkpoint")}),
 }
 
 

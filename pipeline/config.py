@@ -71,7 +71,11 @@ class PatchConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = opt("edsr-tiny", "architecture from the model table (see `train --help`)")
-    pretrained: str = opt("", "basicsr-format weights to start from (params_ema/params/state dict)")
+    pretrained: str = opt(
+        "", "weights file to start from (.pth/.pt/.safetensors, any layout); a file that is not model.name "
+        "is detected (architecture + hyper-parameters) and used instead, recorded in models/<run>/model.yaml")
+    weights: str = opt(
+        "", "weights file infer/export run as is (--weights), architecture detected; replaces the run's checkpoint")
 
 
 @dataclass(frozen=True)
@@ -320,6 +324,17 @@ class GanConfig:
 
 
 @dataclass(frozen=True)
+class ExportConfig:
+    format: Literal["onnx", "safetensors"] = opt(
+        "onnx", "onnx (dynamic batch/height/width, checked against PyTorch with ONNX Runtime) or safetensors "
+        "(weights only, arch and kwargs in the metadata)")
+    opset: int = opt(17, "ONNX opset version", ge=7)
+    checkpoint: Literal["best", "last"] = opt("best", "which checkpoint of the run; the output is models/<run>/<it>.*")
+    weights: Literal["ema", "params"] = opt("ema", "prefer EMA weights (falls back to params)")
+    image: str = opt("", "LR image the ONNX check runs on; default: a 40x52 crop of a photo scikit-image ships")
+
+
+@dataclass(frozen=True)
 class Config:
     run: str = opt("default", "run name: checkpoints in models/<run>, outputs in submit/<run>")
     seed: int = opt(0, "global seed (splits, data order, initialisation)")
@@ -341,6 +356,7 @@ class Config:
     cycgan: CycleGanConfig = field(default_factory=CycleGanConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     gan: GanConfig = field(default_factory=GanConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,10 @@ class DataError(UserError):
     """A dataset, manifest or split that does not match what the stage expects."""
 
 
+class CheckpointError(UserError):
+    """A checkpoint or weights file that is missing, unreadable or does not fit the model."""
+
+
 class Interrupted(Exception):
     """A stage stopped early by a signal after saving its state; the CLI exits with 128 + the signal."""
 

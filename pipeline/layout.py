@@ -7,7 +7,8 @@
         splits.csv  prepare.yaml                            prepare
         patches/  manifest.csv fingerprint.yaml config.yaml lr/ hr/ done/   PatchLayout (patchify)
     models/<run>/                     RunLayout(models_root, run)
-        config.yaml last.pth best.pth history/step_00000500.pth log.jsonl curves.png tb/ profile/
+        config.yaml model.yaml last.pth best.pth history/step_00000500.pth log.jsonl curves.png tb/ profile/
+        best.onnx best.safetensors (export)
     submit/<run>/                     OutputLayout(submit_root, run)
         pred/ val_pred/ (whole folders, swapped in complete)  submission.zip|csv  ablation.csv|png
     submit/leaderboard.csv
@@ -322,6 +323,7 @@ class RunLayout:
 
     dir = property(lambda self: self.models_root / self.run)
     config = property(lambda self: self.dir / "config.yaml")
+    model_card = property(lambda self: self.dir / "model.yaml")  # what the run trains (and what a file held)
     last = property(lambda self: self.dir / "last.pth")
     best = property(lambda self: self.dir / "best.pth")
     history_dir = property(lambda self: self.dir / "history")

@@ -27,12 +27,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.checkpoint import load_weights, model_from_checkpoint
+from pipeline.checkpoint import model_from_checkpoint, weights_file_models
 from pipeline.config import Config, InferConfig
 from pipeline.ensemble import MERGES, average_models
 from pipeline.errors import UserError
 from pipeline.layout import RunLayout
-from pipeline.models import Bicubic, build_model
+from pipeline.models import Bicubic, autocast_cap, build_model
 from pipeline.runtime import autocast, autocast_dtype, peak_memory, pick_device, precision_name
 from pipeline.tiling import Forward, TileError, auto_batch, effective_tile, run_tiles, tile_grid
 
@@ -195,6 +195,7 @@ def iter_predict(models: Sequence[nn.Module], items: Iterable[tuple[str, np.ndar
     validate(settings)
     free = is_parameter_free(models)
     dtype = None if free else autocast_dtype(device, settings.precision)
+    dtype = autocast_cap(models, dtype, device)  # fp16-unsafe architectures stay in bf16/fp32
     timing.precision = precision_name(dtype)
     if total_images is None:
         total_images = len(items) if isinstance(items, Sized) else 1
@@ -296,13 +297,13 @@ def checkpoint_paths(cfg: Config) -> list[Path]:
 
 def load_models(cfg: Config) -> tuple[list[nn.Module], str]:
     """Models to average and a description for tables: bicubic, bare pretrained weights, or checkpoints."""
+    if cfg.model.weights:  # infer --weights FILE: that file alone, architecture detected
+        return weights_file_models(cfg.model.weights, cfg)
     if cfg.model.name == "bicubic":
         return [build_model("bicubic")], "bicubic"
     if cfg.model.pretrained and not cfg.infer.runs and cfg.infer.last_k == 0 and not RunLayout(
             Path(cfg.paths.models), cfg.run).checkpoint(cfg.infer.checkpoint).is_file():
-        model = build_model(cfg.model.name)
-        load_weights(model, cfg.model.pretrained, "params_ema" if cfg.infer.weights == "ema" else "params")
-        return [model.eval()], f"{cfg.model.name} ({Path(cfg.model.pretrained).name})"
+        return weights_file_models(cfg.model.pretrained, cfg)
     models, archs = [], []
     for path in checkpoint_paths(cfg):
         model, meta = model_from_checkpoint(path, cfg.infer.weights)

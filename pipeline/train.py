@@ -33,14 +33,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
 from pipeline import train_io
-from pipeline.checkpoint import CheckpointError, load_checkpoint, load_weights
+from pipeline.checkpoint import CheckpointError, load_checkpoint, load_weights_file, save_model_card
 from pipeline.config import Config, TrainConfig, save_config
 from pipeline.dataset import EpochBatches, PairAugment, PatchDataset, read_pair
 from pipeline.distributed import Dist, barrier, init_distributed, shutdown
 from pipeline.errors import Interrupted, UserError
 from pipeline.files import clean_stale
 from pipeline.layout import DataLayout, RunLayout
-from pipeline.models import build_model, count_parameters, model_kwargs
+from pipeline.models import autocast_cap, build_model, card_of, count_parameters
 from pipeline.runtime import (
     enable_tf32,
     optimizer_flags,
@@ -59,13 +59,13 @@ def _check(t: TrainConfig) -> None:
 
 
 def build_trainable(cfg: Config) -> nn.Module:
-    """The table's model, loaded from ``model.pretrained`` when given; parameter-free models are refused."""
+    """The table's model, or the one in ``model.pretrained`` (detected when it is not model.name)."""
+    if cfg.model.pretrained:
+        return load_weights_file(cfg.model.pretrained, cfg.model.name)
     model = build_model(cfg.model.name)
     if count_parameters(model) == 0:
         raise UserError(f"model.name={cfg.model.name} has no parameters to train; it is a baseline: "
                         f"use it directly, e.g. `infer model.name={cfg.model.name}`")
-    if cfg.model.pretrained:
-        load_weights(model, cfg.model.pretrained)
     return model
 
 
@@ -145,9 +145,10 @@ def _ddp(model: nn.Module, d: Dist) -> nn.Module:
     return DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
 
 
-def _resume_from(cfg: Config, d: Dist, run: RunLayout) -> tuple[dict | None, float]:
+def _resume_from(cfg: Config, d: Dist, run: RunLayout, arch: str) -> tuple[dict | None, float]:
     """(state of last.pth when resuming, else None; PSNR of the best.pth already on disk, else -inf).
 
+    ``arch`` is what this start builds (the table name, or ``spandrel:<ArchId>`` for a detected file).
     Trained weights are never deleted: ``train.resume=never`` over a run that has any moves the old
     folder aside (rank 0, saying where) before starting. All checks happen before anything moves.
     """
@@ -156,8 +157,8 @@ def _resume_from(cfg: Config, d: Dist, run: RunLayout) -> tuple[dict | None, flo
     state = None
     if cfg.train.resume != "never" and run.last.is_file():
         state = load_checkpoint(run.last, map_location=d.device)
-        if state.get("arch") != cfg.model.name:
-            raise CheckpointError(f"{run.last}: a {state.get('arch')} run, but model.name={cfg.model.name}; use "
+        if state.get("arch") != arch:
+            raise CheckpointError(f"{run.last}: a {state.get('arch')} run, but this start builds {arch}; use "
                                   "another run name, or train.resume=never to start over (the old run is moved "
                                   "aside, not deleted)")
     floor = -math.inf
@@ -167,10 +168,10 @@ def _resume_from(cfg: Config, d: Dist, run: RunLayout) -> tuple[dict | None, flo
             print(f"train.resume=never: the earlier run {run.dir} was moved to {moved}", flush=True)
     elif run.best.is_file():
         best = load_checkpoint(run.best)
-        if best.get("arch") != cfg.model.name:
-            raise CheckpointError(f"{run.best}: weights of a {best.get('arch')} run, but model.name="
-                                  f"{cfg.model.name}; use another run name, or train.resume=never to start over "
-                                  "(the old run is moved aside, not deleted)")
+        if best.get("arch") != arch:
+            raise CheckpointError(f"{run.best}: weights of a {best.get('arch')} run, but this start builds "
+                                  f"{arch}; use another run name, or train.resume=never to start over (the old run "
+                                  "is moved aside, not deleted)")
         floor = float(best.get("psnr", best.get("best_psnr", -math.inf)))
     barrier(d)  # no rank reads the folder while rank 0 may be moving it
     return state, floor
@@ -199,6 +200,7 @@ def main(cfg: Config) -> None:
             model = model.to(memory_format=torch.channels_last)
         loader, batches, side = _loader(cfg, d)
         dtype = train_autocast_dtype(d.device, t.precision, t.batch_size // d.world * side**2)
+        dtype = autocast_cap([model], dtype, d.device)  # fp16-unsafe architectures stay in bf16/fp32
         val_pairs = DataLayout(Path(cfg.data.dir)).validation_pairs(cfg.data.val_fold)
         optimizer = build_optimizer(t, model, d.device)
         limits = [n for n in (t.max_steps, t.max_epochs * batches.steps_per_epoch) if n > 0]
@@ -207,29 +209,32 @@ def main(cfg: Config) -> None:
         # EMA decay warms up (1 - (1+step)^-2/3, capped at train.ema_decay) so short runs get a useful average.
         ema = ModelEmaV3(model, decay=t.ema_decay, use_warmup=True) if t.ema_decay > 0 else None
         scaler = torch.amp.GradScaler(d.device.type, enabled=dtype is torch.float16)  # bf16 needs no scaling
-        state, best_floor = _resume_from(cfg, d, run)
+        state, best_floor = _resume_from(cfg, d, run, card_of(model).arch)
         torch.manual_seed(cfg.seed + d.rank)  # ranks draw different drop-path masks
 
         trainer = Trainer(
             cfg=cfg, rank=d.rank, world=d.world, device=d.device, dtype=dtype, run=run, raw=model,
             model=_ddp(model, d) if d.distributed else model, ema=ema, optimizer=optimizer,
             scheduler=scheduler, scaler=scaler, loader=loader, batches=batches, val_pairs=val_pairs,
-            total_steps=total_steps, arch=cfg.model.name, kwargs=model_kwargs(cfg.model.name))
+            total_steps=total_steps, arch=card_of(model).arch, kwargs=card_of(model).kwargs)
         trainer.best_floor = best_floor
         if state is not None:
             trainer.load_state(state, run.last)
         if d.rank == 0:  # only now that every check passed: a failed start leaves the old config
             save_config(cfg, run.config)
+            save_model_card(run.model_card, model, cfg.model.pretrained)
             for folder in (run.dir, run.history_dir):
                 clean_stale(folder)  # temporary checkpoint files of a killed earlier session
         fp32 = "fp32 (TF32)" if d.device.type == "cuda" else "fp32"
         update = "fused" if optimizer.defaults.get("fused") else "foreach"
         group = f" (DDP, {dist.get_backend()})" if d.distributed else ""
-        trainer.say(f"train {cfg.model.name} ({count_parameters(model) / 1e6:.3f}M parameters) on {d.device} "
+        card = card_of(model)
+        trainer.say(f"train {card.arch} ({count_parameters(model) / 1e6:.3f}M parameters) on {d.device} "
                     f"x{d.world}{group}, {precision_name(dtype) if dtype else fp32}, {update} {t.optimizer}, "
                     f"compile {t.compile}, {batches.n} patches of LR {side} px, {batches.steps_per_epoch} "
                     f"steps/epoch, global batch {t.batch_size}"
-                    + (f"; resuming {run.last} at step {trainer.step}" if state else ""))
+                    + (f"; resuming {run.last} at step {trainer.step}" if state else "")
+                    + (f"\n{card.note}" if card.note else ""))
         with peak_memory(d.device) as memory:
             trainer.fit()
         trainer.say(f"peak memory {memory['peak_mib']:.0f} MiB")

@@ -31,14 +31,18 @@ def patched_demo(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 
 @pytest.fixture
-def fast_cpu(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """PyTorch's own conv kernels and one thread, for many small networks in a row."""
-    # oneDNN compiles a kernel per new conv shape: ~10 s for RRDB's 350 convolutions on their first
-    # call, against 0.4 s with PyTorch's own kernels. The models' arithmetic is what is tested here.
-    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
-    # One thread: on a busy machine, OpenMP threads spinning at barriers for a descheduled peer
-    # made these 8x12 inputs take half a minute.
+def one_thread() -> Iterator[None]:
+    """torch on one thread for the test: models of a few thousand weights run fastest so, and on a busy
+    machine OpenMP threads wait on each other (subprocesses get the same through OMP_NUM_THREADS)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fast_cpu(monkeypatch: pytest.MonkeyPatch, one_thread: None) -> None:
+    """PyTorch's own conv kernels and one thread, for many small networks in a row."""
+    # oneDNN compiles a kernel per new conv shape: ~10 s for RRDB's 350 convolutions on their first
+    # call, against 0.4 s with PyTorch's own kernels. The models' arithmetic is what is tested here.
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)

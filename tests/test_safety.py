@@ -230,7 +230,7 @@ def test_a_restart_never_replaces_a_better_best(trainable: Path, tmp_path: Path,
     # a failed start (the run is another architecture's) leaves config.yaml as it was
     (models / "r" / "config.yaml").write_text(config)
     assert _train(trainable, models, "model.name=rrdb-nano") == 2
-    assert "a edsr-nano run, but model.name=rrdb-nano" in _one_line(capsys)
+    assert "a edsr-nano run, but this start builds rrdb-nano" in _one_line(capsys)
     assert (models / "r" / "config.yaml").read_text() == config
 
 

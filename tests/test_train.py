@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -37,14 +36,7 @@ CHECKPOINT_KEYS = {"params", "params_ema", "arch", "kwargs", "step", "epoch", "b
                    "scaler", "rng", "config"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # Models of a few thousand weights run fastest on one thread, and a busy machine makes
-    # OpenMP threads wait on each other; subprocesses get the same through OMP_NUM_THREADS.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,156 @@
+"""``export``: a run's checkpoint (or ``--weights FILE``) -> ``models/<run>/<name>.onnx`` or ``.safetensors``.
+
+ONNX: the TorchScript exporter (``torch.onnx.export(dynamo=False)``; the dynamo exporter needs
+onnxscript, which this project does not ship), input ``lr`` (batch, 3, height, width) in [0,1],
+output ``sr`` (batch, 3, 4*height, 4*width), batch/height/width dynamic. The graph is traced at a
+size that needs every padding step, then ONNX Runtime runs it on a test image of another size
+and must reproduce PyTorch within ``MAX_DIFF`` (the maximum absolute difference is printed);
+otherwise it is an error and no file is written. Inputs must be at least the model's minimum side
+(16 for HAT, DAT, OmniSR): smaller ones are padded by Python code the trace does not keep.
+
+safetensors: the weights inference uses (EMA first), with ``arch`` and ``kwargs`` in the
+metadata; read back and compared before it is kept. Either file is written atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.checkpoint import load_checkpoint, load_weights_file, model_from_checkpoint, save_safetensors
+from pipeline.config import Config, save_config
+from pipeline.errors import UserError
+from pipeline.files import atomic_write
+from pipeline.images import read_float
+from pipeline.layout import RunLayout
+from pipeline.models import SCALE, Bicubic, card_of
+
+MAX_DIFF = 1e-3
+TRACE_SIDE = 37  # odd and prime: every padding step of every architecture is in the trace
+_AXES = {"lr": {0: "batch", 2: "height", 3: "width"}, "sr": {0: "batch", 2: "sr_height", 3: "sr_width"}}
+
+
+def _model(cfg: Config) -> tuple[nn.Module, Path, str]:
+    """The model to export, the path without suffix it goes to, and what it came from."""
+    run = RunLayout(Path(cfg.paths.models), cfg.run)
+    if cfg.model.weights:
+        model = load_weights_file(cfg.model.weights, cfg.model.name, cfg.export.weights)
+        return model.eval(), run.dir / Path(cfg.model.weights).stem, cfg.model.weights
+    path = run.checkpoint(cfg.export.checkpoint)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found (train run {cfg.run!r} first, or export --weights FILE)")
+    model, _meta = model_from_checkpoint(path, cfg.export.weights)
+    return model, run.dir / cfg.export.checkpoint, str(path)
+
+
+def check_image(path: str = "") -> np.ndarray:
+    """(H,W,3) float LR image of the ONNX check: ``path``, or a 40x52 crop of scikit-image's astronaut photo."""
+    if path:
+        return read_float(path)
+    spec = importlib.util.find_spec("skimage")
+    if spec is None or spec.origin is None:
+        raise UserError("export.image is not set and scikit-image (its bundled photo) is not installed")
+    photo = read_float(Path(spec.origin).parent / "data" / "astronaut.png")
+    return photo[96:136, 180:232]  # face and helmet edge: texture on a size no window divides
+
+
+@contextlib.contextmanager
+def _stdout_discarded() -> Iterator[None]:
+    """Discard what C++ code writes to file descriptor 1 (the exporter prints whole graphs there)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+def _torch_output(model: nn.Module, lr: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        return model(lr).float().numpy()
+
+
+def export_onnx(model: nn.Module, out: Path, opset: int, image: np.ndarray) -> float:
+    """Write ``out`` and return ONNX Runtime's maximum absolute difference to PyTorch on ``image``."""
+    import onnxruntime
+
+    name = card_of(model).arch
+    if any(isinstance(m, Bicubic) for m in model.modules()):
+        raise UserError(f"{name}: cannot export to ONNX: its bicubic resize matrices are built in Python for each "
+                        "input size, so a traced graph would only take the traced size")
+    lr = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)[None]  # (1,3,H,W)
+    trace = torch.rand(1, 3, TRACE_SIDE, TRACE_SIDE + 4, generator=torch.Generator().manual_seed(0))
+    with atomic_write(out) as tmp:
+        try:
+            # TracerWarnings about sizes (the check below is the judge) and the TorchScript graph the
+            # exporter prints when an operator has no ONNX form: the one-line error below says it.
+            with warnings.catch_warnings(), _stdout_discarded():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(model, (trace,), str(tmp), dynamo=False, opset_version=opset,
+                                  input_names=["lr"], output_names=["sr"], dynamic_axes=_AXES)
+        except Exception as exc:  # unsupported operators, opsets, tracing failures
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(" Please feel free")[0][:300]
+            raise UserError(f"{name}: cannot export to ONNX opset {opset}: {first}") from None
+        try:
+            session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+            (sr,) = session.run(["sr"], {"lr": lr.numpy()})
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0][:300]
+            raise UserError(f"{name}: the ONNX graph does not run on a {lr.shape[2]}x{lr.shape[3]} input in "
+                            f"ONNX Runtime (sizes fixed by the trace?): {first}") from None
+        expected = _torch_output(model, lr)
+        if sr.shape != expected.shape:
+            raise UserError(f"{name}: ONNX output {sr.shape} differs from PyTorch's {expected.shape}")
+        diff = float(np.abs(sr - expected).max())
+        if not diff <= MAX_DIFF:
+            raise UserError(f"{name}: ONNX Runtime differs from PyTorch by {diff:.3g} (> {MAX_DIFF}) on the test "
+                            "image; nothing written")
+    return diff
+
+
+def export_safetensors(model: nn.Module, out: Path, source: str) -> None:
+    """Write ``out`` and check that it reads back as the same weights and architecture."""
+    card = card_of(model)
+    weights = model.state_dict()
+    save_safetensors(out, weights, card.arch, card.kwargs, source=Path(source).name)
+    back = load_checkpoint(out)
+    same = back.get("arch") == card.arch and back["params"].keys() == weights.keys() and all(
+        torch.equal(back["params"][k], v.cpu()) for k, v in weights.items())
+    if not same:
+        out.unlink(missing_ok=True)
+        raise UserError(f"{out}: the written file does not read back as the model's weights; removed")
+
+
+def main(cfg: Config) -> None:
+    e = cfg.export
+    if e.opset < 9:
+        raise UserError(f"export.opset={e.opset}: ONNX export needs opset 9 or later (17 is the default)")
+    model, stem, source = _model(cfg)
+    model = model.float().eval()
+    if e.format == "safetensors":
+        out = stem.with_suffix(".safetensors")
+        export_safetensors(model, out, source)
+        print(f"{out}: {card_of(model).arch} weights ({len(model.state_dict())} tensors) from {source}")
+    else:
+        image = check_image(e.image)
+        out = stem.with_suffix(".onnx")
+        diff = export_onnx(model, out, e.opset, image)
+        h, w = image.shape[:2]
+        print(f"{out}: {card_of(model).arch}, opset {e.opset}, lr (batch,3,height,width) in [0,1] -> sr "
+              f"(batch,3,{SCALE}*height,{SCALE}*width); ONNX Runtime vs PyTorch on a {h}x{w} image: "
+              f"max abs diff {diff:.2e}")
+    save_config(cfg, stem.parent / "export.yaml", ("model", "export", "paths"))
