@@ -343,25 +343,26 @@ class Trainer:
         sums = torch.cat([sums, sums.new_tensor([len(self._window)])])  # (the objective's losses..., steps)
         if self.world > 1:
             dist.all_reduce(sums)
-        values = dict(zip(self.objective.keys, (sums[:-1] / sums[-1]).tolist()))
-        broken = [key for key, value in values.items() if not math.isfinite(value)]
-        if broken:
-            self._diverged(f"{broken[0]} is {values[broken[0]]} at step {self.step}")
-        collapse = self.objective.diverged(values, self.step)
-        if collapse:
-            kept = f"step {self._saved_step}" if self._saved_step >= 0 else "nothing saved"
-            raise TrainingDiverged(f"{collapse}; {self.run.last}: {kept}; best.pth and history/ keep earlier weights")
+        losses = dict(zip(self.objective.keys, (sums[:-1] / sums[-1]).tolist()))
         self._window.clear()
         start, start_step = self._speed
         now = time.perf_counter()
-        values["samples_per_s"] = (self.step - start_step) * self.cfg.train.batch_size / max(now - start, 1e-9)
-        values["learning_rate"] = self.optimizer.param_groups[0]["lr"]
-        values["time_s"] = self.elapsed()  # training clock of the run (validations included)
+        samples = (self.step - start_step) * self.cfg.train.batch_size / max(now - start, 1e-9)
+        values = {**losses, "samples_per_s": samples, "learning_rate": self.optimizer.param_groups[0]["lr"],
+                  "time_s": self.elapsed()}  # training clock of the run (validations included)
         self._speed = (now, self.step)
-        self.log.write(self.step, "train", values)
-        losses = {label: f"{values[key]:.4f}" for label, key in self.objective.bar.items() if key in values}
-        self.bar.set_postfix(**losses, psnr=f"{self.last_psnr:.2f}", samples_s=f"{values['samples_per_s']:.1f}",
+        self.log.write(self.step, "train", values)  # also the values that stop the run below, for the record
+        shown = {label: f"{values[key]:.4f}" for label, key in self.objective.bar.items() if key in values}
+        self.bar.set_postfix(**shown, psnr=f"{self.last_psnr:.2f}", samples_s=f"{values['samples_per_s']:.1f}",
                              refresh=False)
+        # Every rank sees the same (all-reduced) losses, so all of them stop together.
+        broken = [key for key, value in losses.items() if not math.isfinite(value)]
+        if broken:
+            self._diverged(f"{broken[0]} is {losses[broken[0]]} at step {self.step}")
+        collapse = self.objective.diverged(losses, self.step)
+        if collapse:
+            kept = f"step {self._saved_step}" if self._saved_step >= 0 else "nothing saved"
+            raise TrainingDiverged(f"{collapse}; {self.run.last}: {kept}; best.pth and history/ keep earlier weights")
 
     def _validate(self) -> float:
         """Validate (EMA weights when enabled), keep best.pth, log; returns the validation's seconds."""
