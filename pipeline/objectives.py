@@ -87,6 +87,23 @@ def load_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> N
     optimizer.load_state_dict({**saved, "param_groups": [{**g, **flags} for g in saved["param_groups"]]})
 
 
+def updates_state(optimizer: torch.optim.Optimizer, scheduler: Scheduler | None, scaler: torch.amp.GradScaler,
+                  prefix: str = "") -> dict[str, Any]:
+    """The states of an optimizer, its scheduler and its gradient scaler, as last.pth keeps them."""
+    return {f"{prefix}optimizer": optimizer.state_dict(), f"{prefix}scheduler": scheduler.state_dict() if scheduler
+            else {}, f"{prefix}scaler": scaler.state_dict()}
+
+
+def load_updates(state: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler: Scheduler | None,
+                 scaler: torch.amp.GradScaler, prefix: str = "") -> None:
+    """Inverse of ``updates_state`` (KeyError / ValueError when ``state`` does not fit)."""
+    load_optimizer(optimizer, state[f"{prefix}optimizer"])
+    if scheduler is not None and state[f"{prefix}scheduler"]:
+        scheduler.load_state_dict(state[f"{prefix}scheduler"])
+    if state[f"{prefix}scaler"]:
+        scaler.load_state_dict(state[f"{prefix}scaler"])
+
+
 def update(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
            parameters: Iterable[nn.Parameter], grad_clip: float, phase: Phase = _no_phase) -> None:
     """One optimizer update from ``loss``: scaled backward, optional clipping of the true gradient, step."""
@@ -305,9 +322,8 @@ class GanObjective(Objective):
                                                           "arch": self.gan.discriminator, "kwargs": self.critic_kwargs}}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"d_optimizer": self.optimizer.state_dict(),
-                "d_scheduler": self.scheduler.state_dict() if self.scheduler else {},
-                "d_scaler": self.scaler.state_dict(), "gan_progress": {"suspect": self.suspect}}
+        state = updates_state(self.optimizer, self.scheduler, self.scaler, "d_")
+        return {**state, "gan_progress": {"suspect": self.suspect}}
 
     def load_state_dict(self, state: dict[str, Any], path: Any) -> None:
         saved = state.get("discriminator", {})
@@ -316,13 +332,9 @@ class GanObjective(Objective):
                                   f"{self.gan.discriminator}; use another run name, or train.resume=never")
         try:
             self.critic.load_state_dict(saved["params"])
-            load_optimizer(self.optimizer, state["d_optimizer"])
+            load_updates(state, self.optimizer, self.scheduler, self.scaler, "d_")
         except (KeyError, RuntimeError, ValueError) as exc:
             raise CheckpointError(f"{path}: does not fit this run's discriminator: {str(exc)[:300]}") from None
-        if self.scheduler is not None and state["d_scheduler"]:
-            self.scheduler.load_state_dict(state["d_scheduler"])
-        if state["d_scaler"]:
-            self.scaler.load_state_dict(state["d_scaler"])
         self.suspect = int(state["gan_progress"]["suspect"])
 
     def diverged(self, values: dict[str, float], step: int) -> str | None:

@@ -39,7 +39,7 @@ from pipeline.config import Config, to_dict
 from pipeline.dataset import EpochBatches
 from pipeline.errors import UserError
 from pipeline.layout import RunLayout
-from pipeline.objectives import Objective, load_optimizer
+from pipeline.objectives import Objective, load_updates, updates_state
 from pipeline.runtime import compile_mode
 from pipeline.train_compile import StepCompiler
 from pipeline.train_profile import StepProfiler
@@ -140,9 +140,8 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """last.pth: the weights plus everything an exact resume needs."""
-        return {**self.weights(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict() if self.scheduler else {},
-                "scaler": self.scaler.state_dict(), "rng": train_io.rng_state(),
+        return {**self.weights(), **updates_state(self.optimizer, self.scheduler, self.scaler),
+                "rng": train_io.rng_state(),
                 "progress": {"bad_validations": self.bad_validations, "val_step": self.val_step,
                              "train_seconds": self.elapsed(), "best_score": self.best.score,
                              "best_step": self.best.step},
@@ -153,13 +152,9 @@ class Trainer:
             self.raw.load_state_dict(state["params"])
             if self.ema is not None:
                 self.ema.module.load_state_dict(state.get("params_ema", state["params"]))
-            load_optimizer(self.optimizer, state["optimizer"])
+            load_updates(state, self.optimizer, self.scheduler, self.scaler)
         except (KeyError, RuntimeError, ValueError) as exc:
             raise CheckpointError(f"{path}: does not fit this run's model/optimizer: {str(exc)[:300]}") from None
-        if self.scheduler is not None and state["scheduler"]:
-            self.scheduler.load_state_dict(state["scheduler"])
-        if state["scaler"]:
-            self.scaler.load_state_dict(state["scaler"])
         self.objective.load_state_dict(state, path)
         self.step, self.best.psnr = int(state["step"]), float(state["best_psnr"])
         progress = state["progress"]

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from torchvision.models.vgg import cfgs, make_layers
 
 from pipeline.checkpoint import model_from_checkpoint
 from pipeline.cli import main as cli
+from pipeline.config import Config, load_config
 from pipeline.discriminators import build_discriminator
 from pipeline.distributed import Dist
 from pipeline.errors import UserError
@@ -285,3 +287,73 @@ def test_train_help_lists_the_loss_and_gan_sections(capsys: pytest.CaptureFixtur
     for key in ("loss.perceptual", "loss.vgg_weights", "gan.discriminator", "gan.critic_steps", "gan.best",
                 "gan.collapse_points", "discriminators (gan.discriminator): unet-sn"):
         assert key in out, key
+
+
+class _Volumes(torch.utils.data.Dataset):
+    """(index, seed) -> a (1,8,8,8) LR / HR volume pair: HR random, LR = HR plus seeded noise (same grid)."""
+
+    def __init__(self, hr: torch.Tensor) -> None:
+        self.hr = hr
+
+    def __len__(self) -> int:
+        return len(self.hr)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index, seed = key
+        noise = torch.randn(self.hr[index].shape, generator=torch.Generator().manual_seed(seed))
+        return self.hr[index] + 0.1 * noise, self.hr[index]
+
+
+@dataclass
+class _VolumeValidation:
+    """Mean PSNR (peak 1) over held-out volumes; the baseline is the LR volume itself."""
+
+    lr: torch.Tensor
+    hr: torch.Tensor
+    baseline_name: str = "input"
+
+    @property
+    def size(self) -> int:
+        return len(self.hr)
+
+    def __call__(self, model: torch.nn.Module, dtype: torch.dtype | None) -> dict[str, float]:
+        with torch.no_grad():
+            mse = (model(self.lr) - self.hr).pow(2).flatten(1).mean(1)
+        return {"psnr": float((-10 * torch.log10(mse)).mean())}
+
+    def baseline(self) -> dict[str, float]:
+        return self(torch.nn.Identity(), None)
+
+
+def test_a_volume_task_plugs_into_the_same_trainer_and_gan_objective(tmp_path: Path) -> None:
+    """The interface a 3-D task uses: its generator and critic from pipeline.mri.models' table,
+    (B,1,D,H,W) batches in EpochBatches order, its own validation; the Trainer and the GAN objective
+    (WGAN-GP with a 3-D critic) are the image task's."""
+    from pipeline.dataset import EpochBatches
+    from pipeline.mri.models import build_volume_model, volume_model_kwargs
+    from pipeline.train import RunBatches, run
+    from pipeline.train_task import TrainTask
+
+    def volume_task(cfg: Config, d: Dist) -> TrainTask:
+        hr = torch.rand(10, 1, 8, 8, 8, generator=torch.Generator().manual_seed(1))
+        batches = EpochBatches(8, cfg.train.batch_size, cfg.seed, d.rank, d.world)
+        loader = torch.utils.data.DataLoader(_Volumes(hr[:8]), batch_sampler=RunBatches(batches),
+                                             generator=torch.Generator())
+        val_lr = hr[8:] + 0.1 * torch.randn(2, 1, 8, 8, 8, generator=torch.Generator().manual_seed(2))
+        return TrainTask(generator=build_volume_model("mdcsrn-tiny"), arch="mdcsrn-tiny",
+                         kwargs=volume_model_kwargs("mdcsrn-tiny"), loader=loader, batches=batches,
+                         to_device=lambda x: x.to(d.device), validation=_VolumeValidation(val_lr, hr[8:]),
+                         discriminator=lambda name, loss: (build_volume_model(name), volume_model_kwargs(name)),
+                         sample_pixels=8**3, description="8 volumes of 8^3 voxels")
+
+    overrides = ["run=volume", f"paths.models={tmp_path}", "model.name=mdcsrn-tiny", "train.batch_size=2",
+                 "train.max_steps=6", "train.val_every=3", "train.log_every=3", "train.save_every=3",
+                 "train.val_share=0", "train.loss_l1=1", "train.loss_mse=0", "train.channels_last=false",
+                 "gan.discriminator=critic3d-tiny", "gan.loss=wgan-gp", "gan.critic_steps=2"]
+    run(load_config(None, overrides), volume_task)
+    last = load(tmp_path / "volume" / "last.pth")
+    assert last["arch"] == "mdcsrn-tiny" and last["discriminator"]["arch"] == "critic3d-tiny" and last["step"] == 6
+    assert {int(s["step"]) for s in last["d_optimizer"]["state"].values()} == {12}
+    assert all(v > 0 for v in train_values(tmp_path / "volume", "loss/d_gp"))
+    val = [e for e in log_entries(tmp_path / "volume") if e["kind"] == "val"]
+    assert [e["step"] for e in val] == [3, 6] and all(math.isfinite(e["val/input_psnr"]) for e in val)
