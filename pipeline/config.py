@@ -99,7 +99,8 @@ class TrainConfig:
     compile: Literal["auto", "off", "default", "reduce-overhead"] = opt(
         "auto", "torch.compile the training step for its fixed patch shape; reduce-overhead adds CUDA graphs; "
         "auto = reduce-overhead on CUDA when, at the first log point, >= 10 min of training are left (by "
-        "max_minutes, or max_steps at the pace so far; no limit counts as long), else off (~2-3 min warm-up)")
+        "max_minutes, or max_steps at the pace so far; no limit counts as long), else off (~2-3 min warm-up); "
+        "PSNR runs only: GAN fine-tunes (gan.discriminator) run eager")
     channels_last: bool = opt(True, "NHWC memory format for convolutions")
     max_steps: int = opt(0, "stop after this many optimizer steps; 0 = no limit", ge=0)
     max_epochs: int = opt(0, "stop after this many epochs; 0 = no limit", ge=0)
