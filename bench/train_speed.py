@@ -91,7 +91,7 @@ def register_loss() -> None:
         return
 
     class BenchContestLoss(nn.Module):
-        """2 * L1 + 1 * MSE, the contest loss (pipeline.train_loop.contest_loss with its defaults)."""
+        """2 * L1 + 1 * MSE, the contest loss (pipeline.losses.contest_loss with its defaults)."""
 
         def __init__(self, l1: float = 2.0, mse: float = 1.0) -> None:
             super().__init__()
@@ -146,7 +146,10 @@ def our_trainer(name: str, init: dict, device: torch.device, cfg: Config, steps:
     from timm.utils import ModelEmaV3
     from tqdm import tqdm
 
-    from pipeline.train import _make_scheduler, build_optimizer
+    from pipeline.layout import RunLayout
+    from pipeline.losses import build_generator_loss
+    from pipeline.objectives import PixelObjective
+    from pipeline.train import build_optimizer, make_scheduler
     from pipeline.train_io import RunLog
     from pipeline.train_loop import Trainer
 
@@ -160,15 +163,21 @@ def our_trainer(name: str, init: dict, device: torch.device, cfg: Config, steps:
     if foreach:
         optimizer = type(optimizer)(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay,
                                     foreach=True, fused=False)
-    run_dir = Path(tempfile.gettempdir())
+    run = RunLayout(Path(tempfile.gettempdir()), "train_speed")  # nothing is written (logging disabled)
+
+    def to_device(x: torch.Tensor) -> torch.Tensor:  # as the image task does it (pipeline.train.image_task)
+        x = x.to(device, non_blocking=True).float().div_(255)
+        return x.contiguous(memory_format=torch.channels_last) if t.channels_last else x
+
     trainer = Trainer(
-        cfg=cfg, rank=0, world=1, device=device, dtype=dtype, run_dir=run_dir, raw=model,
+        cfg=cfg, rank=0, world=1, device=device, dtype=dtype, run=run, raw=model,
         model=model, ema=ModelEmaV3(model, decay=t.ema_decay, use_warmup=True) if t.ema_decay > 0 else None,
-        optimizer=optimizer, scheduler=_make_scheduler(t, optimizer, steps, steps),
+        optimizer=optimizer, scheduler=make_scheduler(t, optimizer, steps, steps),
         scaler=torch.amp.GradScaler(device.type, enabled=dtype is torch.float16), loader=None, batches=None,
-        val_pairs=[], total_steps=steps, arch=name, kwargs=model_kwargs(name))
+        validation=None, to_device=to_device, objective=PixelObjective(build_generator_loss(cfg).to(device)),
+        total_steps=steps, arch=name, kwargs=model_kwargs(name))
     trainer.bar = tqdm(disable=True)
-    trainer.log = RunLog(run_dir, 0, enabled=False)
+    trainer.log = RunLog(run, 0, enabled=False)
     trainer.use_compile(compile_mode(t.compile, device, math.inf))  # `auto` as for a long run
     return trainer
 

@@ -38,6 +38,12 @@ def _volume_model_names() -> str:
     return "volume models: " + ", ".join(sorted(VOLUME_MODELS)) + "; baselines: nearest, trilinear, tricubic"
 
 
+def _train_names() -> str:
+    from pipeline.discriminators import DISCRIMINATORS
+
+    return f"{_model_names()}\ndiscriminators (gan.discriminator): {', '.join(sorted(DISCRIMINATORS))}"
+
+
 @dataclass(frozen=True)
 class Stage:
     module: str
@@ -66,7 +72,7 @@ STAGES: dict[str, Stage] = {
         ("data", "patch"), DATA_FLAG),
     "train": Stage(
         "pipeline.train", "train a model on the patches; checkpoints in models/<run>",
-        ("data", "model", "train", "paths"), DATA_FLAG, _model_names),
+        ("data", "model", "train", "loss", "gan", "paths"), DATA_FLAG, _train_names),
     "infer": Stage(
         "pipeline.infer", "super-resolve the test set (or any folder) with tiles + self-ensemble",
         ("data", "model", "infer", "paths"),

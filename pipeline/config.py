@@ -103,7 +103,8 @@ class TrainConfig:
     compile: Literal["auto", "off", "default", "reduce-overhead"] = opt(
         "auto", "torch.compile the training step for its fixed patch shape; reduce-overhead adds CUDA graphs; "
         "auto = reduce-overhead on CUDA when, at the first log point, >= 10 min of training are left (by "
-        "max_minutes, or max_steps at the pace so far; no limit counts as long), else off (~2-3 min warm-up)")
+        "max_minutes, or max_steps at the pace so far; no limit counts as long), else off (~2-3 min warm-up); "
+        "PSNR runs only: GAN fine-tunes (gan.discriminator) run eager")
     channels_last: bool = opt(True, "NHWC memory format for convolutions")
     max_steps: int = opt(0, "stop after this many optimizer steps; 0 = no limit", ge=0)
     max_epochs: int = opt(0, "stop after this many epochs; 0 = no limit", ge=0)
@@ -311,16 +312,32 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class GanConfig:
-    """Adversarial fine-tuning; pipeline/discriminators.py and pipeline/losses.py."""
+    """Adversarial fine-tuning (the train stage's GAN mode); pipeline/objectives.py, discriminators.py, losses.py."""
 
-    discriminator: str = opt("", "discriminator from the table (vgg128, vgg128-ln, unet-sn, ...); empty = no GAN")
+    discriminator: str = opt(
+        "", "discriminator from the table (vgg128, vgg256, vgg128-ln, unet-sn, ...): turns GAN fine-tuning on "
+        "(start the generator from a PSNR run with model.pretrained=models/<run>/best.pth); GAN steps run eager "
+        "(train.compile off); empty = PSNR training")
     pretrained: str = opt("", "discriminator weights to start from; empty = from scratch")
     loss: Literal["vanilla", "relativistic", "wgan-gp"] = opt(
         "relativistic", "vanilla (SRGAN, BCE), relativistic (ESRGAN, relativistic average) or wgan-gp")
     weight: float = opt(5e-3, "weight of the adversarial term in the generator loss (ESRGAN 5e-3, SRGAN 1e-3)", ge=0)
     gp_weight: float = opt(10.0, "gradient penalty weight of wgan-gp (lambda)", ge=0)
     critic_steps: int = opt(1, "discriminator updates per generator update (the WGAN-GP paper uses 5)", ge=1)
-    learning_rate: float = opt(1e-4, "discriminator learning rate", ge=0)
+    learning_rate: float = opt(1e-4, "discriminator learning rate (same optimizer and scheduler kind as train.*)",
+                               ge=0)
+    best: Literal["auto", "lpips", "last", "psnr"] = opt(
+        "auto", "what best.pth keeps: lpips = lowest validation LPIPS (needs evaluate.lpips_weights), last = the "
+        "latest validation, psnr = highest PSNR (falls as the GAN sharpens); auto = lpips when "
+        "evaluate.lpips_weights is given, else last")
+    collapse_points: int = opt(
+        10, "stop when the discriminator wins outright for this many consecutive log points (periodic saves wait "
+        "meanwhile, so last.pth is from before); 0 = never", ge=0)
+    collapse_d_loss: float = opt(0.01, "vanilla/relativistic collapse: D's loss at or below this ...", ge=0)
+    collapse_g_loss: float = opt(10.0, "... while G's adversarial loss is at or above this", ge=0)
+    collapse_gap: float = opt(
+        1.0, "wgan-gp collapse: the critic's gap mean C(hr) - mean C(sr) per sqrt(values in a sample) at or above "
+        "this (a 1-Lipschitz critic stays below the RMS pixel difference, <= 1)", gt=0)
 
 
 @dataclass(frozen=True)

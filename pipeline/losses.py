@@ -1,8 +1,10 @@
 """Training losses as named scalar tensors: pixel, perceptual (VGG19), total variation, adversarial.
 
-Like ``contest_loss`` (train_loop.py), every loss comes back as a dict of scalar tensors with
-``loss/...`` keys plus the total the optimiser steps on:
+Every loss comes back as a dict of scalar tensors with ``loss/...`` keys plus the total the
+optimiser steps on. The train stage computes every generator loss (PSNR runs and GAN runs alike)
+with ``GeneratorLoss``, whose pixel terms are ``contest_loss``:
 
+- ``contest_loss``: ``loss/total`` = w_l1 * ``loss/l1`` + w_mse * ``loss/mse`` on [0,1] pixels.
 - ``GeneratorLoss`` (built from the config by ``build_generator_loss``): ``loss/total`` =
   train.loss_l1 * ``loss/l1`` + train.loss_mse * ``loss/mse`` [+ loss.perceptual * ``loss/perceptual``]
   [+ loss.tv * ``loss/tv``] [+ gan.weight * ``loss/adversarial``]; a term is present only when its
@@ -16,10 +18,15 @@ sigma is the logistic function, BCE(x, t) = binary cross-entropy of sigma(x) aga
   D: BCE(C(hr) - mean C(sr), 1) + BCE(C(sr) - mean C(hr), 0);
   G: BCE(C(hr) - mean C(sr), 0) + BCE(C(sr) - mean C(hr), 1).
 - ``wgan-gp``: critic: mean C(sr) - mean C(hr) + gp_weight * GP; G: -mean C(sr).
+
+Images may be (B,C,H,W) or volumes (B,C,D,H,W): the pixel, adversarial and penalty terms take any
+number of axes (the perceptual loss is 2-D RGB, total variation runs over the last two axes).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -38,8 +45,19 @@ def _kind(kind: str) -> str:
     return kind
 
 
+def full_precision(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in fp32 when autocast made it half precision (fp16/bf16); fp32 and fp64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _bce(logits: torch.Tensor, target: float) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
+
+
+def contest_loss(sr: torch.Tensor, hr: torch.Tensor, w_l1: float, w_mse: float) -> dict[str, torch.Tensor]:
+    """w_l1 * L1 + w_mse * MSE on [0,1] pixels (2:1 by default: L1 for sharpness, MSE is the metric)."""
+    l1, mse = F.l1_loss(sr, hr), F.mse_loss(sr, hr)
+    return {"loss/total": w_l1 * l1 + w_mse * mse, "loss/l1": l1, "loss/mse": mse}
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:
@@ -51,13 +69,14 @@ def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor,
                      eps: torch.Tensor | None = None) -> torch.Tensor:
     """WGAN-GP's penalty: mean over samples of (||grad of C at x_hat||_2 - 1)^2.
 
-    x_hat = eps * real + (1 - eps) * fake with eps ~ U[0,1] per sample (or the (B,1,1,1) ``eps``
-    given); the norm runs over all of a sample's pixels and channels. A critic with a logit map
+    x_hat = eps * real + (1 - eps) * fake with eps ~ U[0,1] per sample (or the (B,) ``eps`` given);
+    the norm runs over all of a sample's pixels and channels (and slices, for volumes). A critic with a logit map
     (U-Net) scores a sample by the mean of its map, as the losses do. The graph is kept
     (``create_graph``) so the penalty trains the critic.
     """
     if eps is None:
-        eps = torch.rand(real.shape[0], 1, 1, 1, device=real.device, dtype=real.dtype)
+        eps = torch.rand(real.shape[0], device=real.device, dtype=real.dtype)
+    eps = eps.reshape(-1, *[1] * (real.dim() - 1))  # (B,) -> (B,1,1,1) for images, (B,1,1,1,1) for volumes
     x_hat = (eps * real.detach() + (1 - eps) * fake.detach()).requires_grad_(True)
     score = critic(x_hat).flatten(1).mean(1)  # (B,...) -> (B,): one value per sample
     (grad,) = torch.autograd.grad(score.sum(), x_hat, create_graph=True)
@@ -74,12 +93,22 @@ def discriminator_terms(kind: str, real_logits: torch.Tensor, fake_logits: torch
     return -real_logits.mean(), fake_logits.mean()
 
 
-def discriminator_loss(kind: str, critic: nn.Module, hr: torch.Tensor, sr: torch.Tensor,
-                       gp_weight: float = 10.0) -> dict[str, torch.Tensor]:
-    """One discriminator step's losses on real ``hr`` and generated ``sr`` (detached here: G is not trained)."""
+def discriminator_loss(kind: str, critic: nn.Module, hr: torch.Tensor, sr: torch.Tensor, gp_weight: float = 10.0,
+                       eps: torch.Tensor | None = None,
+                       precision: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                       ) -> dict[str, torch.Tensor]:
+    """One discriminator step's losses on real ``hr`` and generated ``sr`` (detached here: G is not trained).
+
+    The critic's two forwards run inside ``precision()`` (an autocast context, for mixed precision);
+    the losses are taken on fp32 logits, and the gradient penalty (interpolation ``eps``, random when
+    None) runs outside it in the inputs' precision (fp32 in training): no half-precision gradient
+    norm, and no scaler to undo inside the penalty.
+    """
     sr = sr.detach()
-    real, fake = discriminator_terms(kind, critic(hr), critic(sr))
-    gp = gradient_penalty(critic, hr, sr) if kind == "wgan-gp" else torch.zeros_like(real)
+    with precision():
+        real_logits, fake_logits = critic(hr), critic(sr)
+    real, fake = discriminator_terms(kind, full_precision(real_logits), full_precision(fake_logits))
+    gp = gradient_penalty(critic, hr, sr, eps) if kind == "wgan-gp" else torch.zeros_like(real)
     return {"loss/d_total": real + fake + gp_weight * gp, "loss/d_real": real, "loss/d_fake": fake, "loss/d_gp": gp}
 
 
@@ -139,11 +168,19 @@ class GeneratorLoss(nn.Module):
         feats = self.vgg(sr)
         return torch.stack([self.feature_distance(feats[name], target[name]) for name in feats]).sum()
 
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The keys ``forward`` returns, in order."""
+        w = self.weights
+        extra = [key for weight, key in ((w.perceptual, "loss/perceptual"), (w.tv, "loss/tv"),
+                                         (w.adversarial, "loss/adversarial")) if weight > 0]
+        return ("loss/total", "loss/l1", "loss/mse", *extra)
+
     def forward(self, sr: torch.Tensor, hr: torch.Tensor, fake_logits: torch.Tensor | None = None,
                 real_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         w = self.weights
-        terms = {"loss/l1": F.l1_loss(sr, hr), "loss/mse": F.mse_loss(sr, hr)}
-        weighted = [(w.l1, "loss/l1"), (w.mse, "loss/mse")]
+        terms = contest_loss(sr, hr, w.l1, w.mse)
+        weighted = []
         if w.perceptual > 0:
             terms["loss/perceptual"] = self.perceptual(sr, hr)
             weighted.append((w.perceptual, "loss/perceptual"))
@@ -155,8 +192,9 @@ class GeneratorLoss(nn.Module):
                 raise ValueError("a positive adversarial weight needs fake_logits = discriminator(sr)")
             terms["loss/adversarial"] = generator_adversarial(self.adversarial, fake_logits, real_logits)
             weighted.append((w.adversarial, "loss/adversarial"))
-        total = sum(weight * terms[key] for weight, key in weighted)
-        return {"loss/total": total, **terms}
+        for weight, key in weighted:
+            terms["loss/total"] = terms["loss/total"] + weight * terms[key]
+        return terms
 
 
 def build_generator_loss(cfg: Config) -> GeneratorLoss:

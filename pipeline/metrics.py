@@ -10,6 +10,10 @@ Protocols:
 NRMSE is sqrt(MSE) / 255 over the same pixels as the PSNR (the RMSE as a fraction of the 8-bit
 range; 10^(-PSNR/20), so 0 for identical images). It is not scikit-image's default NRMSE (which
 divides by the norm of the ground truth).
+
+``contest_psnr`` is the competition PSNR of one image computed with torch on the device the
+prediction is on (the train stage's validation: no copy to the host); it equals ``score_pair``'s
+(basicsr's) competition PSNR (tests/test_metrics.py).
 """
 
 from __future__ import annotations
@@ -17,10 +21,22 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
 from pipeline.errors import UserError
 
 PROTOCOLS = ("competition", "paper")
+
+
+def contest_psnr(sr: torch.Tensor, hr: torch.Tensor) -> float:
+    """The contest metric of one image: ``sr`` (3,H,W) float in [0,1], ``hr`` (3,H,W) uint8.
+
+    The prediction is rounded to uint8 once, as a PNG submission would be, then
+    PSNR = 10 log10(255^2 / MSE) over all pixels and channels.
+    """
+    pred = sr.float().clamp(0, 1).mul(255).round().double()
+    mse = (pred - hr.double()).pow(2).mean().item()
+    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
 def score_pair(sr: np.ndarray, hr: np.ndarray, protocol: str = "competition", scale: int = 4) -> dict[str, float]:

@@ -4,7 +4,7 @@ TensorBoard, curves, and the rules that keep trained weights safe.
 models/<run>/
     config.yaml     resolved config of the latest successful start
     last.pth        full training state (resume point)
-    best.pth        weights of the best validation PSNR (never replaced by a worse one)
+    best.pth        the best validated weights by the objective's rule (BestCheckpoint; never replaced by a worse one)
     history/step_00000500.pth   weights every train.save_every steps (newest train.keep_last kept)
     log.jsonl       one JSON object per log point or validation
     curves.png      loss and validation PSNR against steps
@@ -22,12 +22,15 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from pipeline.checkpoint import save_checkpoint
 from pipeline.files import atomic_write
 from pipeline.layout import RunLayout
 
@@ -44,6 +47,41 @@ def move_aside(run: RunLayout) -> Path:
             os.rename(run.dir, target)
             return target
     raise FileExistsError(f"{run.dir}: no free name to move it aside")
+
+
+def best_score_of(metrics: dict[str, Any], rule: str) -> float:
+    """The score (higher is better) of validated weights under ``rule``: their PSNR (``psnr``), minus
+    their LPIPS (``lpips``), or their step (``last``: the newest wins). ``metrics``: a validation's
+    metrics with its step, or a best.pth (whose ``psnr``, ``lpips`` and ``step`` are the same)."""
+    if rule == "lpips":
+        return -float(metrics.get("lpips", math.inf))
+    if rule == "last":
+        return float(metrics.get("step", -math.inf))
+    return float(metrics.get("psnr", metrics.get("best_psnr", -math.inf)))
+
+
+@dataclass
+class BestCheckpoint:
+    """best.pth: the validated weights that score best under ``rule`` (psnr, lpips or last), with
+    their metrics and ``best_by``. It is replaced only when beaten, also by the best.pth an earlier
+    start left on disk (``floor``: its score; that start may have been killed before saving last.pth)."""
+
+    path: Path
+    rule: str
+    floor: float = -math.inf
+    score: float = -math.inf  # of the best validation this run knows of
+    psnr: float = -math.inf  # its PSNR
+    step: int = -1  # its step
+
+    def offer(self, metrics: dict[str, float], step: int, weights: Callable[[], dict[str, Any]], write: bool) -> bool:
+        """Take a validation's ``metrics``; True when it is the new best (written when ``write``)."""
+        score = best_score_of({**metrics, "step": step}, self.rule)
+        if score <= self.score:
+            return False
+        self.score, self.psnr, self.step = score, metrics["psnr"], step
+        if write and score > self.floor:
+            save_checkpoint(self.path, {**weights(), **metrics, "best_by": self.rule})
+        return True
 
 
 def prune_history(run: RunLayout, keep: int) -> None:
@@ -118,7 +156,8 @@ class RunLog:
                 self.writer.add_scalar(name, value, step)
 
     def plot(self, force: bool = False) -> None:
-        """curves.png: training loss and validation PSNR (with the bicubic baseline) against steps.
+        """curves.png: training losses and validation PSNR (with the baseline) against steps; a GAN
+        run gets the generator's losses (total and adversarial) and the discriminator's in two panels.
 
         Drawing takes most of a second on a CPU, so between forced plots (the end of a run) it is
         redrawn at most once a minute.
@@ -133,13 +172,28 @@ class RunLog:
 
         train = [e for e in self.entries if e["kind"] == "train"]
         val = [e for e in self.entries if e["kind"] == "val" and e.get("val/psnr") is not None]
-        fig, (ax_loss, ax_psnr) = plt.subplots(1, 2, figsize=(11, 4))
-        ax_loss.plot([e["step"] for e in train], [e["loss/total"] for e in train], lw=1)
-        ax_loss.set(xlabel="step", ylabel="loss/total", yscale="log", title="training loss")
+        gan = any("loss/d_total" in e for e in train)
+        fig, axes = plt.subplots(1, 3 if gan else 2, figsize=(16 if gan else 11, 4))
+        panels = [("generator losses" if gan else "training loss", ("loss/total", "loss/adversarial"))]
+        if gan:
+            panels.append(("discriminator losses", ("loss/d_total", "loss/d_real", "loss/d_fake", "loss/d_gp")))
+        for ax, (title, keys) in zip(axes, panels):
+            for key in keys:
+                points = [(e["step"], e[key]) for e in train if e.get(key) is not None]
+                if points:
+                    ax.plot(*zip(*points), lw=1, label=key)
+            # Adversarial terms can be negative (WGAN): a log axis only for positive curves.
+            positive = all(v > 0 for line in ax.get_lines() for v in line.get_ydata())
+            ax.set(xlabel="step", ylabel="loss", yscale="log" if positive else "linear", title=title)
+            if gan:
+                ax.legend(fontsize=8)
+        if not gan:
+            axes[0].set(ylabel="loss/total")
+        ax_psnr = axes[-1]
         ax_psnr.plot([e["step"] for e in val], [e["val/psnr"] for e in val], "o-", ms=3, label="model")
-        bicubic = [e["val/bicubic_psnr"] for e in val if e.get("val/bicubic_psnr") is not None]
-        if bicubic:
-            ax_psnr.axhline(bicubic[-1], color="gray", ls="--", label="bicubic")
+        for key in sorted({k for e in val for k in e if k.endswith("_psnr") and k != "val/best_psnr"}):
+            ax_psnr.axhline([e[key] for e in val if e.get(key) is not None][-1], color="gray", ls="--",
+                            label=key.removeprefix("val/").removesuffix("_psnr"))
         ax_psnr.set(xlabel="step", ylabel="PSNR (dB)", title="validation PSNR (RGB uint8)")
         ax_psnr.legend()
         fig.tight_layout()

@@ -1,5 +1,9 @@
 """The training loop of the train stage: steps, validation, checkpoints, stopping. Setup is in train.py.
 
+One Trainer serves every objective (pipeline/objectives.py: what a step optimises) and every task
+(pipeline/train_task.py: the data, the generator, the validation): the loop, checkpoints and
+resume, EMA, validation and best.pth, logging, divergence checks, signals and DDP live here once.
+
 Every rank runs the same loop. Decisions that depend on the clock or on a signal (time budget,
 SIGTERM, the pace of a time-budgeted cosine schedule, train.compile=auto) are taken at log points,
 where the ranks agree through one all-reduce, so they always stop (and compile) at the same step.
@@ -16,13 +20,13 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from timm.scheduler.scheduler import Scheduler
 from timm.utils import ModelEmaV3
 from torch import nn
@@ -34,24 +38,19 @@ from pipeline.checkpoint import CheckpointError, save_checkpoint
 from pipeline.config import Config, to_dict
 from pipeline.dataset import EpochBatches
 from pipeline.errors import UserError
-from pipeline.layout import Pair, RunLayout
-from pipeline.runtime import autocast, compile_mode
+from pipeline.layout import RunLayout
+from pipeline.objectives import Objective, load_updates, updates_state
+from pipeline.runtime import compile_mode
 from pipeline.train_compile import StepCompiler
 from pipeline.train_profile import StepProfiler
-from pipeline.validation import bicubic, spaced_interval, validate_model
+from pipeline.validation import Validation, ValidationCadence
 
 PROFILE_AFTER = 5  # steps of the session (after any compile warm-up) before train.profile_steps begins
 _NO_PHASE = contextlib.nullcontext()
 
 
 class TrainingDiverged(UserError):
-    """The loss became NaN or infinite: the settings (learning rate, precision) need changing."""
-
-
-def contest_loss(sr: torch.Tensor, hr: torch.Tensor, w_l1: float, w_mse: float) -> dict[str, torch.Tensor]:
-    """w_l1 * L1 + w_mse * MSE on [0,1] pixels (2:1 by default: L1 for sharpness, MSE is the metric)."""
-    l1, mse = F.l1_loss(sr, hr), F.mse_loss(sr, hr)
-    return {"loss/total": w_l1 * l1 + w_mse * mse, "loss/l1": l1, "loss/mse": mse}
+    """A loss became NaN or infinite, or the discriminator collapsed: the settings need changing."""
 
 
 @dataclass
@@ -72,21 +71,23 @@ class Trainer:
     scaler: torch.amp.GradScaler
     loader: DataLoader
     batches: EpochBatches
-    val_pairs: list[Pair]
+    validation: Validation  # the task's: metrics of a model on the held-out data, and of the baseline
+    to_device: Callable[[torch.Tensor], torch.Tensor]  # the task's: a loader tensor -> float on the device
+    objective: Objective  # what a step optimises, and its own state (a discriminator ...)
     total_steps: int  # 0 = no step limit
     arch: str
     kwargs: dict[str, Any]
     # Progress, saved in every checkpoint.
     step: int = 0
-    best_psnr: float = -math.inf
+    best: train_io.BestCheckpoint = field(init=False)  # best.pth and the validation it holds
     bad_validations: int = 0
     val_step: int = -1
     train_seconds: float = 0.0  # of earlier sessions of this run
-    best_floor: float = -math.inf  # PSNR of the best.pth found on disk at the start
     # This session only.
     last_psnr: float = math.nan
-    bicubic: float = math.nan
+    baseline: dict[str, float] = field(default_factory=dict)  # the validation's baseline metrics
     stop_signal: str = ""
+    _saved_step: int = -1  # the step last.pth holds (this session's saves), for divergence messages
     _started: float = field(default_factory=time.perf_counter)
     _saved: float = field(default_factory=time.monotonic)
     _window: list[Any] = field(default_factory=list)
@@ -98,12 +99,14 @@ class Trainer:
     _session: tuple[float, int] = (0.0, 0)  # (clock, step) when this session's loop began
     _compile_pending: bool = False  # train.compile=auto waits for the first log point to decide
     _profile_from: int = -1  # the step at which the profiler starts; -1 = not yet known
-    _next_val: int = 0  # the step of the next validation
-    _val_every: int = 0  # steps between validations: train.val_every, or a multiple (train.val_share)
-    _since_val: tuple[float, int] = (0.0, 0)  # (clock, step) at the end of the last validation
+    cadence: ValidationCadence = field(init=False)  # when to validate next
 
     def __post_init__(self) -> None:
         self.compiler = StepCompiler(self.model)
+        self.schedulers = [s for s in (self.scheduler, *self.objective.schedulers()) if s is not None]
+        self.best = train_io.BestCheckpoint(self.run.best, self.objective.best_by)
+        t = self.cfg.train
+        self.cadence = ValidationCadence(t.val_every, t.val_share, t.deterministic, self.device, self.world)
 
     @property
     def compiled(self) -> str:
@@ -120,46 +123,46 @@ class Trainer:
     def elapsed(self) -> float:
         return self.train_seconds + time.perf_counter() - self._started
 
+    def phase(self, name: str) -> contextlib.AbstractContextManager:
+        """A named part of the step, for train.profile_steps (a no-op otherwise)."""
+        return self.profiler.phase(name) if self.profiler is not None else _NO_PHASE
+
     # -- checkpoints ------------------------------------------------------------------------------
 
     def weights(self) -> dict[str, Any]:
         """What best.pth and history files hold: weights and how to rebuild the model."""
         state = {"params": self.raw.state_dict(), "arch": self.arch, "kwargs": self.kwargs, "step": self.step,
-                 "epoch": self.step // self.batches.steps_per_epoch, "best_psnr": self.best_psnr,
+                 "epoch": self.step // self.batches.steps_per_epoch, "best_psnr": self.best.psnr,
                  "config": to_dict(self.cfg)}
         if self.ema is not None:
             state["params_ema"] = self.ema.module.state_dict()
-        return state
+        return {**state, **self.objective.weights()}
 
     def state_dict(self) -> dict[str, Any]:
         """last.pth: the weights plus everything an exact resume needs."""
-        return {**self.weights(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict() if self.scheduler else {},
-                "scaler": self.scaler.state_dict(), "rng": train_io.rng_state(),
+        return {**self.weights(), **updates_state(self.optimizer, self.scheduler, self.scaler),
+                "rng": train_io.rng_state(),
                 "progress": {"bad_validations": self.bad_validations, "val_step": self.val_step,
-                             "train_seconds": self.elapsed()}}
+                             "train_seconds": self.elapsed(), "best_score": self.best.score,
+                             "best_step": self.best.step},
+                **self.objective.state_dict()}
 
     def load_state(self, state: dict[str, Any], path: Path) -> None:
         try:
             self.raw.load_state_dict(state["params"])
             if self.ema is not None:
                 self.ema.module.load_state_dict(state.get("params_ema", state["params"]))
-            # Saved param groups replace the current ones, flags included: keep this device's fused /
-            # foreach choice (a run may resume on another device), which also places Adam's step counts.
-            flags = {k: self.optimizer.defaults[k] for k in ("fused", "foreach") if k in self.optimizer.defaults}
-            optimizer = state["optimizer"]
-            self.optimizer.load_state_dict({**optimizer, "param_groups": [{**g, **flags}
-                                                                          for g in optimizer["param_groups"]]})
+            load_updates(state, self.optimizer, self.scheduler, self.scaler)
         except (KeyError, RuntimeError, ValueError) as exc:
             raise CheckpointError(f"{path}: does not fit this run's model/optimizer: {str(exc)[:300]}") from None
-        if self.scheduler is not None and state["scheduler"]:
-            self.scheduler.load_state_dict(state["scheduler"])
-        if state["scaler"]:
-            self.scaler.load_state_dict(state["scaler"])
-        self.step, self.best_psnr = int(state["step"]), float(state["best_psnr"])
+        self.objective.load_state_dict(state, path)
+        self.step, self.best.psnr = int(state["step"]), float(state["best_psnr"])
         progress = state["progress"]
         self.bad_validations, self.val_step = progress["bad_validations"], progress["val_step"]
         self.train_seconds = progress["train_seconds"]
+        self.best.score = float(progress.get("best_score", self.best.psnr))  # (runs saved before best_score)
+        self.best.step = int(progress.get("best_step", -1))
+        self._saved_step = self.step
         if self.world == 1:
             train_io.set_rng_state(state["rng"])
         else:  # one saved stream cannot continue every rank's: give each a fresh one
@@ -168,20 +171,39 @@ class Trainer:
     def save(self, history: bool) -> None:
         if not self.main:
             return
+        self._check_finite()
         save_checkpoint(self.run.last, self.state_dict())
         keep = self.cfg.train.keep_last
         if history and keep > 0:
             save_checkpoint(self.run.history_path(self.step), self.weights())
             train_io.prune_history(self.run, keep)
         self._saved = time.monotonic()
+        self._saved_step = self.step
+
+    def _check_finite(self) -> None:
+        """last.pth is never overwritten with broken weights: the losses since the last log point and
+        every trained tensor must be finite (one device sync per save)."""
+        checks = [p.detach().isfinite().all() for p in (*self.raw.parameters(), *self.objective.parameters())]
+        checks += [torch.stack(self._window).isfinite().all()] if self._window else []
+        if not bool(torch.stack(checks).all()):
+            self._diverged(f"weights or losses became NaN or infinite by step {self.step}")
+
+    def _diverged(self, what: str) -> None:
+        t, gan = self.cfg.train, self.cfg.gan
+        rates = f"train.learning_rate={t.learning_rate:g}" + (
+            f", gan.learning_rate={gan.learning_rate:g}" if self.objective.name == "gan" else "")
+        kept = (f"{self.run.last} holds the last good state (step {self._saved_step})" if self._saved_step >= 0
+                else "nothing was saved")
+        raise TrainingDiverged(f"{what} ({rates}, precision {t.precision}: lower the learning rate or set "
+                               f"train.grad_clip); {kept}")
 
     # -- the loop ---------------------------------------------------------------------------------
 
     def fit(self) -> None:
         """Train until a limit, the time budget, early stopping or a signal; then validate and save."""
-        self.bicubic = validate_model(bicubic(self.device), self.val_pairs, self.cfg.data.scale, self.device,
-                                      None, False, self.rank, self.world)
-        self.say(f"bicubic validation PSNR {self.bicubic:.3f} dB on {len(self.val_pairs)} images")
+        self.baseline = self.validation.baseline()
+        name = self.validation.baseline_name
+        self.say(f"{name} validation PSNR {self.baseline['psnr']:.3f} dB on {self.validation.size} images")
         self.log = train_io.RunLog(self.run, self.step, self.main)
         self.bar = tqdm(total=self.total_steps or None, initial=self.step, disable=not self.main, unit="step",
                         dynamic_ncols=True)
@@ -191,9 +213,8 @@ class Trainer:
         self.profiler = StepProfiler(self.run.profile, self.cfg.train.profile_steps, self.device, self.main)
         try:
             self.raw.train()
-            self._session = self._speed = self._since_val = (time.perf_counter(), self.step)
-            self._val_every = self.cfg.train.val_every
-            self._next_val = (self.step // self._val_every + 1) * self._val_every
+            self._session = self._speed = (time.perf_counter(), self.step)
+            self.cadence.start(self.step)
             self._start_compile()
             reason = self._stop_reason()
             spe = self.batches.steps_per_epoch
@@ -224,49 +245,34 @@ class Trainer:
             self.log.close()
             for s, handler in handlers.items():
                 signal.signal(s, handler)
-        best = (f"best validation PSNR {self.best_psnr:.3f} dB (bicubic {self.bicubic:.3f}, "
-                f"{self.best_psnr - self.bicubic:+.3f} dB)" if self.val_step >= 0 else "not validated yet")
-        self.say(f"stopped at step {self.step} ({self.stop_signal or reason}); {best}; checkpoints in {self.run.dir}")
+        self.say(f"stopped at step {self.step} ({self.stop_signal or reason}); {self._best_text()}; "
+                 f"checkpoints in {self.run.dir}")
+
+    def _best_text(self) -> str:
+        if self.val_step < 0:
+            return "not validated yet"
+        base, best = self.baseline["psnr"], self.best
+        psnr = f"PSNR {best.psnr:.3f} dB ({self.validation.baseline_name} {base:.3f}, {best.psnr - base:+.3f} dB)"
+        if best.rule == "psnr":
+            return f"best validation {psnr}"
+        return f"best.pth: step {best.step} by {best.rule} ({psnr})"
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self.stop_signal = signal.Signals(signum).name
         # A second Ctrl-C interrupts at once instead of waiting for the step to end.
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device, non_blocking=True).float().div_(255)  # (b,3,h,w) uint8 -> float in [0,1]
-        return x.contiguous(memory_format=torch.channels_last) if self.cfg.train.channels_last else x
-
-    def _phase(self, name: str) -> contextlib.AbstractContextManager:
-        return self.profiler.phase(name) if self.profiler is not None else _NO_PHASE
-
-    def _train_step(self, lr_u8: torch.Tensor, hr_u8: torch.Tensor) -> None:
-        t = self.cfg.train
-        with self._phase("to_device"):
-            lr, hr = self._to_device(lr_u8), self._to_device(hr_u8)
-        if self.scheduler is not None:
-            self.scheduler.step_update(self.step)  # the learning rate of update number `step`
-        self.compiler.begin_step()
-        with self._phase("forward"), autocast(self.device, self.dtype):
-            sr = self.compiler.call(lr)  # (b,3,h,w) -> (b,3,4h,4w)
-        with self._phase("loss"):
-            losses = contest_loss(sr.float(), hr, t.loss_l1, t.loss_mse)  # fp32 loss whatever the autocast
-        with self._phase("backward"):
-            self.scaler.scale(losses["loss/total"]).backward()
-        if t.grad_clip > 0:
-            with self._phase("clip"):
-                self.scaler.unscale_(self.optimizer)  # clip the true gradient, not the fp16-scaled one
-                nn.utils.clip_grad_norm_(self.raw.parameters(), t.grad_clip)
-        with self._phase("optimizer"):
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            # Gradients die with the step that made them: CUDA graphs reuse their memory next step.
-            self.optimizer.zero_grad(set_to_none=True)
+    def _train_step(self, lr_batch: torch.Tensor, hr_batch: torch.Tensor) -> None:
+        with self.phase("to_device"):
+            lr, hr = self.to_device(lr_batch), self.to_device(hr_batch)
+        for scheduler in self.schedulers:
+            scheduler.step_update(self.step)  # the learning rate of update number `step`
+        losses = self.objective.step(self, lr, hr)
         self.step += 1
         if self.ema is not None:
-            with self._phase("ema"):
+            with self.phase("ema"):
                 self.ema.update(self.raw, step=self.step)
-        self._window.append(torch.stack([v.detach() for v in losses.values()]))
+        self._window.append(torch.stack([losses[key].detach() for key in self.objective.keys]))
         self.bar.update(1)
         warmup = self.compiler.warmed_up(self.step, self.device)
         if warmup is not None:
@@ -286,7 +292,7 @@ class Trainer:
     def _start_compile(self) -> None:
         """Explicit modes (and `auto` off CUDA, where it is always off) decide now; `auto` on CUDA
         decides at the first log point, from the time left at the pace measured so far."""
-        setting = self.cfg.train.compile
+        setting = self.cfg.train.compile if self.objective.compiles else "off"
         self._compile_pending = setting == "auto" and self.device.type == "cuda"
         if not self._compile_pending:
             self.use_compile(compile_mode(setting, self.device, math.inf))
@@ -312,11 +318,15 @@ class Trainer:
         t = self.cfg.train
         if self.step % t.log_every == 0:
             self._log_train()
-        if self.step >= self._next_val:
-            self._plan_validations(self._validate())
-        if self.step % t.save_every == 0:
+        if self.step >= self.cadence.next:
+            seconds = self._validate()
+            if self.cadence.plan(seconds, self.step):
+                self.say(f"step {self.step}: a validation takes {seconds:.1f} s; validating every "
+                         f"{self.cadence.every} steps keeps it under train.val_share={t.val_share:g} of the time")
+        # While the objective suspects a divergence, periodic saves wait: last.pth stays from before it.
+        if self.step % t.save_every == 0 and self.objective.healthy:
             self.save(history=True)
-        elif t.save_minutes > 0 and time.monotonic() - self._saved >= t.save_minutes * 60:
+        elif t.save_minutes > 0 and time.monotonic() - self._saved >= t.save_minutes * 60 and self.objective.healthy:
             self.save(history=False)
         if self.step == self._profile_from:
             self.profiler.start()  # type: ignore[union-attr]
@@ -325,73 +335,53 @@ class Trainer:
     def _log_train(self) -> None:
         # One sync per log point: the losses stay on the device between them.
         sums = torch.stack(self._window).sum(0)
-        sums = torch.cat([sums, sums.new_tensor([len(self._window)])])  # (loss/total, loss/l1, loss/mse, steps)
+        sums = torch.cat([sums, sums.new_tensor([len(self._window)])])  # (the objective's losses..., steps)
         if self.world > 1:
             dist.all_reduce(sums)
-        values = dict(zip(("loss/total", "loss/l1", "loss/mse"), (sums[:3] / sums[3]).tolist()))
-        if not all(map(math.isfinite, values.values())):
-            raise TrainingDiverged(f"loss is {values['loss/total']} at step {self.step} "
-                                   f"(train.learning_rate={self.cfg.train.learning_rate}, precision "
-                                   f"{self.cfg.train.precision}); lower the learning rate or set train.grad_clip; "
-                                   f"{self.run.last} holds the last good state")
+        losses = dict(zip(self.objective.keys, (sums[:-1] / sums[-1]).tolist()))
         self._window.clear()
         start, start_step = self._speed
         now = time.perf_counter()
-        values["samples_per_s"] = (self.step - start_step) * self.cfg.train.batch_size / max(now - start, 1e-9)
-        values["learning_rate"] = self.optimizer.param_groups[0]["lr"]
-        values["time_s"] = self.elapsed()  # training clock of the run (validations included)
+        samples = (self.step - start_step) * self.cfg.train.batch_size / max(now - start, 1e-9)
+        values = {**losses, "samples_per_s": samples, "learning_rate": self.optimizer.param_groups[0]["lr"],
+                  "time_s": self.elapsed()}  # training clock of the run (validations included)
         self._speed = (now, self.step)
-        self.log.write(self.step, "train", values)
-        self.bar.set_postfix(loss=f"{values['loss/total']:.4f}", psnr=f"{self.last_psnr:.2f}",
-                             samples_s=f"{values['samples_per_s']:.1f}", refresh=False)
+        self.log.write(self.step, "train", values)  # also the values that stop the run below, for the record
+        shown = {label: f"{values[key]:.4f}" for label, key in self.objective.bar.items() if key in values}
+        self.bar.set_postfix(**shown, psnr=f"{self.last_psnr:.2f}", samples_s=f"{values['samples_per_s']:.1f}",
+                             refresh=False)
+        # Every rank sees the same (all-reduced) losses, so all of them stop together.
+        broken = [key for key, value in losses.items() if not math.isfinite(value)]
+        if broken:
+            self._diverged(f"{broken[0]} is {losses[broken[0]]} at step {self.step}")
+        collapse = self.objective.diverged(losses, self.step)
+        if collapse:
+            kept = f"step {self._saved_step}" if self._saved_step >= 0 else "nothing saved"
+            raise TrainingDiverged(f"{collapse}; {self.run.last}: {kept}; best.pth and history/ keep earlier weights")
 
     def _validate(self) -> float:
         """Validate (EMA weights when enabled), keep best.pth, log; returns the validation's seconds."""
         start = time.perf_counter()
         self.raw.eval()
         model = self.ema.module if self.ema is not None else self.raw  # the weights inference will use
-        psnr = validate_model(model, self.val_pairs, self.cfg.data.scale, self.device, self.dtype,
-                              self.cfg.train.channels_last, self.rank, self.world)
+        metrics = self.validation(model, self.dtype)
         self.raw.train()
         seconds = time.perf_counter() - start
+        psnr = metrics["psnr"]
         self.last_psnr, self.val_step = psnr, self.step
-        if psnr > self.best_psnr:
-            self.best_psnr, self.bad_validations = psnr, 0
-            # best.pth may hold a better model than this session knows of (an earlier start killed
-            # after a validation, before its save): it is replaced only when beaten.
-            if self.main and psnr > self.best_floor:
-                save_checkpoint(self.run.best, {**self.weights(), "psnr": psnr})
-        else:
-            self.bad_validations += 1
-        self.log.write(self.step, "val", {"val/psnr": psnr, "val/best_psnr": self.best_psnr,
-                                          "val/bicubic_psnr": self.bicubic,
-                                          "val/seconds": seconds})
+        improved = self.best.offer(metrics, self.step, self.weights, write=self.main)
+        self.bad_validations = 0 if improved else self.bad_validations + 1
+        base, best = self.validation.baseline_name, self.best
+        self.log.write(self.step, "val", {
+            "val/psnr": psnr, "val/best_psnr": best.psnr, f"val/{base}_psnr": self.baseline["psnr"],
+            **{f"val/{k}": v for k, v in metrics.items() if k != "psnr"},
+            **{f"val/{base}_{k}": v for k, v in self.baseline.items() if k != "psnr"}, "val/seconds": seconds})
         self.log.plot()
-        self.say(f"step {self.step}: validation PSNR {psnr:.3f} dB (best {self.best_psnr:.3f}, "
-                 f"bicubic {self.bicubic:.3f})")
+        lpips = f", LPIPS {metrics['lpips']:.4f}" if "lpips" in metrics else ""
+        kept = f"best {best.psnr:.3f}" if best.rule == "psnr" else f"best.pth: step {best.step} by {best.rule}"
+        self.say(f"step {self.step}: validation PSNR {psnr:.3f} dB{lpips} ({kept}, {base} {self.baseline['psnr']:.3f})")
         self._speed = (time.perf_counter(), self.step)  # samples/s counts training time only
         return seconds
-
-    def _plan_validations(self, seconds: float) -> None:
-        """Keep validation under train.val_share of the time: if this one (``seconds``) took more next
-        to the training since the last, validate every k * val_every steps with the smallest k that
-        fits; the ranks agree on the largest k. Deterministic runs keep the fixed cadence."""
-        t = self.cfg.train
-        clock, step = self._since_val
-        train_seconds = max(time.perf_counter() - seconds - clock, 1e-9)  # (plots, logs: training's side)
-        self._since_val = (time.perf_counter(), self.step)
-        every = t.val_every
-        if not t.deterministic and self.step > step:
-            every = spaced_interval(seconds, train_seconds / (self.step - step), t.val_every, t.val_share)
-        if self.world > 1:
-            shared = torch.tensor([every], dtype=torch.float64, device=self.device)
-            dist.all_reduce(shared, op=dist.ReduceOp.MAX)
-            every = int(shared.item())
-        if every != self._val_every:
-            self.say(f"step {self.step}: a validation takes {seconds:.1f} s; validating every {every} steps "
-                     f"keeps it under train.val_share={t.val_share:g} of the time")
-        self._val_every = every
-        self._next_val = self.step + every
 
     def _stop_reason(self) -> str | None:
         t = self.cfg.train
@@ -410,7 +400,8 @@ class Trainer:
             dist.all_reduce(shared, op=dist.ReduceOp.MAX)  # any rank's signal stops all; rank 0's pace rules
             flags = shared.tolist()
         if flags[2] > 0:
-            self.scheduler.t_initial = int(flags[2])  # type: ignore[union-attr]
+            for scheduler in self.schedulers:
+                scheduler.t_initial = int(flags[2])  # type: ignore[attr-defined]
         if decide:  # every rank reaches this step together, and follows rank 0's vote
             self._compile_pending = False
             self.use_compile("reduce-overhead" if flags[3] else "off")

@@ -1,7 +1,8 @@
 """``train.profile_steps=N``: where the time of a training step goes, measured by torch.profiler.
 
 The loop marks its phases (``train/data`` = waiting for the loader, ``train/to_device``,
-``train/forward``, ``train/loss``, ``train/backward``, ``train/clip``, ``train/optimizer``,
+``train/forward``, ``train/discriminator`` (a GAN step's critic updates),
+``train/loss``, ``train/backward``, ``train/clip``, ``train/optimizer``,
 ``train/ema``, ``train/after_step`` = logging, validation and checkpoints at their steps) with
 ``record_function``. After the session's warm-up (compilation included) one more step warms the
 profiler up, N steps are recorded, and models/<run>/profile/ gets:
@@ -23,7 +24,8 @@ from torch.profiler import ProfilerActivity, profile, record_function, schedule
 
 from pipeline.files import atomic_write
 
-PHASES = ("data", "to_device", "forward", "loss", "backward", "clip", "optimizer", "ema", "after_step")
+PHASES = ("data", "to_device", "forward", "discriminator", "loss", "backward", "clip", "optimizer", "ema",
+          "after_step")  # discriminator: a GAN step's critic updates
 _NO_PHASE = contextlib.nullcontext()
 
 

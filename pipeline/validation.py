@@ -1,5 +1,10 @@
 """Validation of the train stage: the contest metric on the whole images of the held-out fold.
 
+The Trainer (pipeline/train_loop.py) takes its validation from the task it trains, as anything
+with the ``Validation`` interface: ``ImageValidation`` here (contest PSNR on whole images, plus
+LPIPS when its weights are given, against MATLAB bicubic); a volume task brings its own (masked
+volume PSNR against the interpolated input).
+
 Images are decoded by threads ahead of the model, so a validation costs about the model's time
 on the device and does not wait on PNG decoding; ranks under torchrun split the images.
 """
@@ -7,9 +12,12 @@ on the device and does not wait on PNG decoding; ranks under torchrun split the 
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -18,25 +26,59 @@ from torch import nn
 
 from pipeline.dataset import read_pair
 from pipeline.layout import Pair
+from pipeline.metrics import contest_psnr
 from pipeline.runtime import autocast
 
 
-def contest_psnr(sr: torch.Tensor, hr: torch.Tensor) -> float:
-    """The contest metric of one image: ``sr`` (3,H,W) float in [0,1], ``hr`` (3,H,W) uint8.
+class Validation(Protocol):
+    """What the Trainer asks of a task's validation. Metrics are means over the held-out items,
+    equal on every rank: ``psnr`` always (higher is better), ``lpips`` when measured (lower is better)."""
 
-    The prediction is rounded to uint8 once, as a PNG submission would be, then
-    PSNR = 10 log10(255^2 / MSE) over all pixels and channels.
-    """
-    pred = sr.float().clamp(0, 1).mul(255).round().double()
-    mse = (pred - hr.double()).pow(2).mean().item()
-    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
+    baseline_name: str  # the reference the model must beat (logged as val/<name>_psnr)
+    size: int  # held-out items
+
+    def __call__(self, model: nn.Module, dtype: torch.dtype | None) -> dict[str, float]:
+        """The metrics of ``model`` (in eval mode, the weights inference will use), run under ``dtype`` autocast."""
+        ...
+
+    def baseline(self) -> dict[str, float]:
+        """The same metrics of the baseline."""
+        ...
+
+
+@dataclass
+class ImageValidation:
+    """Contest PSNR (and LPIPS with ``lpips``, a model from ``perceptual.load_lpips``) on whole images."""
+
+    pairs: list[Pair]
+    scale: int
+    device: torch.device
+    channels_last: bool
+    rank: int = 0
+    world: int = 1
+    lpips: nn.Module | None = None
+    baseline_name: str = "bicubic"
+
+    @property
+    def size(self) -> int:
+        return len(self.pairs)
+
+    def __call__(self, model: nn.Module, dtype: torch.dtype | None) -> dict[str, float]:
+        return validate_model(model, self.pairs, self.scale, self.device, dtype, self.channels_last, self.rank,
+                              self.world, self.lpips)
+
+    def baseline(self) -> dict[str, float]:
+        return validate_model(bicubic(self.device), self.pairs, self.scale, self.device, None, False, self.rank,
+                              self.world, self.lpips)
 
 
 @torch.inference_mode()
 def validate_model(model: nn.Module, pairs: list[Pair], scale: int, device: torch.device, dtype: torch.dtype | None,
-                   channels_last: bool, rank: int = 0, world: int = 1) -> float:
-    """Mean contest PSNR over whole images; ranks take every world-th image and pool their sums."""
-    totals = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of PSNR, images)
+                   channels_last: bool, rank: int = 0, world: int = 1,
+                   lpips: nn.Module | None = None) -> dict[str, float]:
+    """Mean contest PSNR (and LPIPS of the uint8 prediction, given ``lpips``) over whole images;
+    ranks take every world-th image and pool their sums."""
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # (sum of PSNR, sum of LPIPS, images)
     for lr, hr in read_ahead(pairs[rank::world], scale):
         x = torch.from_numpy(lr).to(device).permute(2, 0, 1)[None].float().div(255)  # (h,w,3) -> (1,3,h,w)
         if channels_last:
@@ -44,10 +86,15 @@ def validate_model(model: nn.Module, pairs: list[Pair], scale: int, device: torc
         with autocast(device, dtype):
             sr = model(x)  # (1,3,h,w) -> (1,3,4h,4w)
         hr_t = torch.from_numpy(hr).to(device).permute(2, 0, 1)  # (H,W,3) -> (3,H,W)
-        totals += torch.tensor([contest_psnr(sr[0], hr_t), 1.0], dtype=torch.float64, device=device)
+        distance = 0.0
+        if lpips is not None:  # on the prediction as a PNG would store it, like `evaluate`
+            pred = sr[:1].float().clamp(0, 1).mul(255).round().div(255)
+            distance = lpips(pred, hr_t[None].float().div(255), normalize=True).item()
+        totals += torch.tensor([contest_psnr(sr[0], hr_t), distance, 1.0], dtype=torch.float64, device=device)
     if world > 1:
         dist.all_reduce(totals)
-    return (totals[0] / totals[1]).item()
+    psnr, distance = (totals[:2] / totals[2]).tolist()
+    return {"psnr": psnr, "lpips": distance} if lpips is not None else {"psnr": psnr}
 
 
 def spaced_interval(val_seconds: float, step_seconds: float, val_every: int, share: float) -> int:
@@ -56,6 +103,42 @@ def spaced_interval(val_seconds: float, step_seconds: float, val_every: int, sha
     if share <= 0:
         return val_every
     return val_every * max(1, math.ceil(val_seconds * (1 - share) / (share * val_every * step_seconds)))
+
+
+@dataclass
+class ValidationCadence:
+    """When the train stage validates: every ``val_every`` steps, spaced out to a multiple of it when
+    validating would take more than ``share`` of the time (``spaced_interval``; not when ``fixed``,
+    i.e. deterministic runs). Under torchrun the ranks agree on the largest spacing."""
+
+    val_every: int
+    share: float
+    fixed: bool
+    device: torch.device
+    world: int = 1
+    every: int = 0  # steps between validations now
+    next: int = 0  # the step of the next validation
+    since: tuple[float, int] = (0.0, 0)  # (clock, step) at the end of the last validation (or session start)
+
+    def start(self, step: int) -> None:
+        """A session begins at ``step``: the fixed cadence, counted from step 0."""
+        self.every, self.since = self.val_every, (time.perf_counter(), step)
+        self.next = (step // self.every + 1) * self.every
+
+    def plan(self, seconds: float, step: int) -> bool:
+        """After a validation of ``seconds`` at ``step``: the next one's step; True when the spacing changed."""
+        clock, last = self.since
+        train_seconds = max(time.perf_counter() - seconds - clock, 1e-9)  # (plots, logs: training's side)
+        self.since = (time.perf_counter(), step)
+        every = self.val_every
+        if not self.fixed and step > last:
+            every = spaced_interval(seconds, train_seconds / (step - last), self.val_every, self.share)
+        if self.world > 1:
+            shared = torch.tensor([every], dtype=torch.float64, device=self.device)
+            dist.all_reduce(shared, op=dist.ReduceOp.MAX)
+            every = int(shared.item())
+        changed, self.every, self.next = every != self.every, every, step + every
+        return changed
 
 
 def read_ahead(pairs: list[Pair], scale: int, ahead: int = 4) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -14,6 +14,7 @@ from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.losses import (
     build_generator_loss,
+    contest_loss,
     discriminator_loss,
     discriminator_terms,
     generator_adversarial,
@@ -21,7 +22,6 @@ from pipeline.losses import (
     total_variation,
 )
 from pipeline.perceptual import IMAGENET_MEAN, IMAGENET_STD, load_vgg_features, vgg19_layer_names
-from pipeline.train_loop import contest_loss
 
 
 def _softplus(x: float) -> float:

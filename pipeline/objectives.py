@@ -1,0 +1,404 @@
+"""What a training step optimises: the objective table of the train stage.
+
+The Trainer (pipeline/train_loop.py) runs the loop, checkpoints, resume, EMA, validation,
+logging, signals and DDP for every objective; an ``Objective`` owns one step's arithmetic and the
+state only it has. ``OBJECTIVES`` maps a name to its builder; ``objective_name(cfg)`` picks it:
+
+- ``psnr`` (``PixelObjective``): the generator loss (``pipeline.losses.GeneratorLoss``: 2 L1 + MSE
+  by default, plus perceptual / TV terms when weighted), one generator update per step; the step
+  may be compiled (train.compile); best.pth = best validation PSNR.
+- ``gan`` (``GanObjective``, on when gan.discriminator names one): per step, gan.critic_steps
+  discriminator updates on the step's batch (its own optimizer, scheduler and gradient scaler;
+  the gradient penalty's interpolation is a function of seed and step), then one generator update
+  with the adversarial term added. The step runs eager. best.pth: see ``best_rule``.
+
+An objective's ``step`` returns its losses (``keys``, in order); ``weights`` / ``state_dict`` are
+merged into best.pth / last.pth; ``diverged`` may stop the run at a log point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from timm.scheduler import CosineLRScheduler, StepLRScheduler
+from timm.scheduler.scheduler import Scheduler
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from pipeline.checkpoint import CheckpointError, load_checkpoint, state_dict_from
+from pipeline.config import Config, TrainConfig
+from pipeline.distributed import Dist
+from pipeline.errors import UserError
+from pipeline.losses import GeneratorLoss, build_generator_loss, discriminator_loss, full_precision
+from pipeline.runtime import autocast, optimizer_flags
+from pipeline.train_task import TrainTask
+
+if TYPE_CHECKING:
+    from pipeline.train_loop import Trainer
+
+D_KEYS = ("loss/d_total", "loss/d_real", "loss/d_fake", "loss/d_gp")
+BEST_RULES = ("psnr", "lpips", "last")
+Phase = Callable[[str], contextlib.AbstractContextManager]
+
+
+def _no_phase(_name: str) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
+# -- optimizers and schedulers (the generator's and the discriminator's) ------------------------------
+
+
+def build_optimizer(t: TrainConfig, model: nn.Module, device: torch.device,
+                    learning_rate: float | None = None) -> torch.optim.Optimizer:
+    """Adam / AdamW with this device's update kernel (runtime.optimizer_flags: fused on CUDA)."""
+    optimizer_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[t.optimizer]
+    rate = t.learning_rate if learning_rate is None else learning_rate
+    return optimizer_cls(model.parameters(), lr=rate, weight_decay=t.weight_decay, **optimizer_flags(device))
+
+
+def make_scheduler(t: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int,
+                   total_steps: int) -> Scheduler | None:
+    """timm schedulers, stepped per update (t_in_epochs=False) so a resume mid-epoch is exact.
+
+    A cosine run with only a time budget starts with a provisional length; the loop re-estimates it
+    from the measured pace at every log point (Trainer._pace) so the decay ends with the budget.
+    With no limit at all (train until stopped) the cosine never gets going: a constant rate.
+    """
+    if t.scheduler == "step":
+        return StepLRScheduler(optimizer, decay_t=t.step_epochs * steps_per_epoch, decay_rate=t.step_gamma,
+                               t_in_epochs=False)
+    if t.scheduler == "cosine":
+        length = max(total_steps or 10**9, t.warmup_steps + 1)
+        return CosineLRScheduler(optimizer, t_initial=length, lr_min=t.min_learning_rate, warmup_t=t.warmup_steps,
+                                 warmup_lr_init=t.min_learning_rate, t_in_epochs=False)
+    return None
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """Saved param groups replace the current ones, flags included: keep this device's fused /
+    foreach choice (a run may resume on another device), which also places Adam's step counts."""
+    flags = {k: optimizer.defaults[k] for k in ("fused", "foreach") if k in optimizer.defaults}
+    optimizer.load_state_dict({**saved, "param_groups": [{**g, **flags} for g in saved["param_groups"]]})
+
+
+def updates_state(optimizer: torch.optim.Optimizer, scheduler: Scheduler | None, scaler: torch.amp.GradScaler,
+                  prefix: str = "") -> dict[str, Any]:
+    """The states of an optimizer, its scheduler and its gradient scaler, as last.pth keeps them."""
+    return {f"{prefix}optimizer": optimizer.state_dict(), f"{prefix}scheduler": scheduler.state_dict() if scheduler
+            else {}, f"{prefix}scaler": scaler.state_dict()}
+
+
+def load_updates(state: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler: Scheduler | None,
+                 scaler: torch.amp.GradScaler, prefix: str = "") -> None:
+    """Inverse of ``updates_state`` (KeyError / ValueError when ``state`` does not fit)."""
+    load_optimizer(optimizer, state[f"{prefix}optimizer"])
+    if scheduler is not None and state[f"{prefix}scheduler"]:
+        scheduler.load_state_dict(state[f"{prefix}scheduler"])
+    if state[f"{prefix}scaler"]:
+        scaler.load_state_dict(state[f"{prefix}scaler"])
+
+
+def update(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+           parameters: Iterable[nn.Parameter], grad_clip: float, phase: Phase = _no_phase) -> None:
+    """One optimizer update from ``loss``: scaled backward, optional clipping of the true gradient, step."""
+    with phase("backward"):
+        scaler.scale(loss).backward()
+    if grad_clip > 0:
+        with phase("clip"):
+            scaler.unscale_(optimizer)  # clip the true gradient, not the fp16-scaled one
+            nn.utils.clip_grad_norm_(parameters, grad_clip)
+    with phase("optimizer"):
+        scaler.step(optimizer)
+        scaler.update()
+        # Gradients die with the step that made them: CUDA graphs reuse their memory next step.
+        optimizer.zero_grad(set_to_none=True)
+
+
+# -- the objectives ---------------------------------------------------------------------------------
+
+
+class Objective:
+    """What a step optimises; the defaults are those of an objective without state of its own."""
+
+    name = ""
+    compiles = False  # train.compile may compile the generator's forward and backward
+    best_by = "psnr"  # what best.pth keeps (BEST_RULES)
+
+    def __init__(self, loss: GeneratorLoss) -> None:
+        self.loss = loss
+        self.keys: tuple[str, ...] = loss.keys  # the losses ``step`` returns, in this order
+        self.bar = {"loss": "loss/total"}  # progress-bar label -> loss key
+
+    def step(self, tr: Trainer, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One training step on a batch (``lr``, ``hr`` on the device); returns the losses."""
+        raise NotImplementedError
+
+    def schedulers(self) -> list[Scheduler]:
+        """Learning-rate schedulers besides the generator's (stepped and re-timed with it)."""
+        return []
+
+    def parameters(self) -> list[torch.Tensor]:
+        """Trained tensors besides the generator's (checked to be finite before each save)."""
+        return []
+
+    def weights(self) -> dict[str, Any]:
+        """Entries added to best.pth and history checkpoints."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Entries added to last.pth."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any], path: Any) -> None:
+        """Restore from a last.pth written by the same objective (``path`` names it in errors)."""
+
+    def diverged(self, values: dict[str, float], step: int) -> str | None:
+        """Called at each log point with the finite mean losses: a reason to stop, or None."""
+        return None
+
+    @property
+    def healthy(self) -> bool:
+        """False while a divergence is suspected: periodic saves wait, so last.pth stays from before it."""
+        return True
+
+
+class PixelObjective(Objective):
+    """Today's PSNR training: the generator loss and one generator update per step."""
+
+    name = "psnr"
+    compiles = True
+
+    def step(self, tr: Trainer, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:
+        tr.compiler.begin_step()
+        with tr.phase("forward"), autocast(tr.device, tr.dtype):
+            sr = tr.compiler.call(lr)  # (b,3,h,w) -> (b,3,4h,4w)
+        with tr.phase("loss"):
+            losses = self.loss(sr.float(), hr)  # fp32 loss whatever the autocast
+        update(losses["loss/total"], tr.optimizer, tr.scaler, tr.raw.parameters(), tr.cfg.train.grad_clip, tr.phase)
+        return losses
+
+
+def best_rule(cfg: Config) -> str:
+    """What best.pth keeps in a GAN run (gan.best): ``auto`` = ``lpips`` when evaluate.lpips_weights
+    is given, else ``last``. Validation PSNR falls as the GAN sharpens, so the best-PSNR weights
+    are the least adversarial ones (near the PSNR start); LPIPS measures what the GAN is for, and
+    without it the newest weights are the ones the run was asked to make."""
+    rule = cfg.gan.best
+    if rule == "auto":
+        return "lpips" if cfg.evaluate.lpips_weights else "last"
+    if rule == "lpips" and not cfg.evaluate.lpips_weights:
+        raise UserError("gan.best=lpips needs evaluate.lpips_weights (torchvision's alexnet-owt-7be5be79.pth "
+                        "for evaluate.lpips_net=alex); or use gan.best=last")
+    return rule
+
+
+class CriticLoss(nn.Module):
+    """The discriminator's loss as one module: DistributedDataParallel then sees one forward and one
+    backward per update, the gradient penalty's double backward included."""
+
+    def __init__(self, critic: nn.Module, kind: str, gp_weight: float,
+                 precision: Callable[[], contextlib.AbstractContextManager]) -> None:
+        super().__init__()
+        self.critic, self.kind, self.gp_weight, self.precision = critic, kind, gp_weight, precision
+
+    def forward(self, hr: torch.Tensor, sr: torch.Tensor, eps: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        return discriminator_loss(self.kind, self.critic, hr, sr, self.gp_weight, eps, self.precision)
+
+
+def _has_batch_norm(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+def distributed_critic(critic: nn.Module, d: Dist, name: str) -> nn.Module:
+    """Batch norm under several processes: each rank would normalise its share of the batch alone,
+    so on GPUs it becomes SyncBatchNorm (statistics of the global batch, as one process computes
+    them); SyncBatchNorm has no CPU kernel, so on CPUs such a discriminator is refused."""
+    if d.world == 1 or not _has_batch_norm(critic):
+        return critic
+    if d.device.type != "cuda":
+        raise UserError(f"gan.discriminator={name} has batch norm, which several CPU processes cannot "
+                        "synchronise (SyncBatchNorm needs GPUs): use vgg128-ln or unet-sn under torchrun on CPUs")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(critic)
+
+
+def load_discriminator(critic: nn.Module, path: str) -> None:
+    """gan.pretrained: the ``discriminator`` entry of one of our checkpoints, or a basicsr net_d file."""
+    state = load_checkpoint(path)
+    inner = state.get("discriminator")
+    weights = state_dict_from(inner if isinstance(inner, dict) else state, path, "params")
+    try:
+        critic.load_state_dict(weights)
+    except RuntimeError as exc:
+        first = " ".join(str(exc).split())[:300]
+        raise CheckpointError(f"gan.pretrained={path}: weights do not fit the discriminator: {first}") from None
+
+
+class GanObjective(Objective):
+    """Adversarial fine-tuning: critic updates, then the generator with the adversarial term."""
+
+    name = "gan"
+
+    def __init__(self, loss: GeneratorLoss, cfg: Config, task: TrainTask, d: Dist, dtype: torch.dtype | None,
+                 total_steps: int) -> None:
+        super().__init__(loss)
+        g = self.gan = cfg.gan
+        self.kind, self.rank, self.seed = g.loss, d.rank, cfg.seed
+        self.global_batch = cfg.train.batch_size
+        # The discriminator's first weights depend on the seed alone, not on what was built before.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            critic, self.critic_kwargs = task.discriminator(g.discriminator, g.loss)
+        if g.pretrained:
+            load_discriminator(critic, g.pretrained)
+        self.critic = distributed_critic(critic.to(d.device), d, g.discriminator)
+        critic_loss = CriticLoss(self.critic, g.loss, g.gp_weight, functools.partial(autocast, d.device, dtype))
+        self.critic_step = DistributedDataParallel(
+            critic_loss, device_ids=[d.device.index] if d.device.type == "cuda" else None
+        ) if d.distributed else critic_loss
+        self.optimizer = build_optimizer(cfg.train, self.critic, d.device, g.learning_rate)
+        self.scheduler = make_scheduler(cfg.train, self.optimizer, task.batches.steps_per_epoch, total_steps)
+        self.scaler = torch.amp.GradScaler(d.device.type, enabled=dtype is torch.float16)
+        self.keys = (*loss.keys, *D_KEYS)
+        self.bar = {"g": "loss/total", "adv": "loss/adversarial", "d": "loss/d_total"}
+        self.best_by = best_rule(cfg)
+        self.suspect = 0  # consecutive log points that look like a collapse
+        self.sample_size = 0  # values in one HR sample (C*H*W): the scale of the WGAN critic's gap
+
+    def _eps(self, step: int, k: int, hr: torch.Tensor) -> torch.Tensor:
+        """The penalty's interpolation weights: drawn for the global batch from (seed, step, critic
+        update), each rank taking its samples' share: exact resumes, and N ranks = one process."""
+        share = hr.shape[0]
+        draws = np.random.default_rng([self.seed % 2**63, step, k]).random(self.global_batch)
+        return torch.from_numpy(draws[self.rank * share:(self.rank + 1) * share]).to(hr.device, hr.dtype)
+
+    def _update_critic(self, step: int, hr: torch.Tensor, sr: torch.Tensor) -> dict[str, torch.Tensor]:
+        rows = []
+        for k in range(self.gan.critic_steps):
+            eps = self._eps(step, k, hr) if self.kind == "wgan-gp" else None
+            losses = self.critic_step(hr, sr, eps)
+            update(losses["loss/d_total"], self.optimizer, self.scaler, self.critic.parameters(), 0.0)
+            rows.append(torch.stack([losses[key].detach() for key in D_KEYS]))
+        return dict(zip(D_KEYS, torch.stack(rows).mean(0)))  # the mean over the step's critic updates
+
+    def step(self, tr: Trainer, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.sample_size = hr[0].numel()
+        with tr.phase("forward"), autocast(tr.device, tr.dtype):
+            sr = tr.model(lr)  # (b,3,h,w) -> (b,3,4h,4w), eager (through DDP under torchrun)
+        sr = full_precision(sr)
+        # NCHW for the discriminator: basicsr's VGG discriminator flattens its last map with view().
+        real, fake = hr.contiguous(), sr.contiguous()
+        with tr.phase("discriminator"):
+            d_losses = self._update_critic(tr.step, real, fake.detach())
+        with tr.phase("loss"):
+            self.critic.requires_grad_(False)  # the generator's backward leaves the critic's gradients alone
+            with autocast(tr.device, tr.dtype):
+                fake_logits = full_precision(self.critic(fake))
+                real_logits = None
+                if self.kind == "relativistic":
+                    with torch.no_grad():
+                        real_logits = full_precision(self.critic(real))
+            losses = self.loss(sr, hr, fake_logits, real_logits)
+        try:
+            update(losses["loss/total"], tr.optimizer, tr.scaler, tr.raw.parameters(), tr.cfg.train.grad_clip,
+                   tr.phase)
+        finally:
+            self.critic.requires_grad_(True)
+        return {**losses, **d_losses}
+
+    def schedulers(self) -> list[Scheduler]:
+        return [self.scheduler] if self.scheduler is not None else []
+
+    def parameters(self) -> list[torch.Tensor]:
+        return list(self.critic.parameters())
+
+    def weights(self) -> dict[str, Any]:
+        return {"objective": self.name, "discriminator": {"params": self.critic.state_dict(),
+                                                          "arch": self.gan.discriminator, "kwargs": self.critic_kwargs}}
+
+    def state_dict(self) -> dict[str, Any]:
+        state = updates_state(self.optimizer, self.scheduler, self.scaler, "d_")
+        return {**state, "gan_progress": {"suspect": self.suspect}}
+
+    def load_state_dict(self, state: dict[str, Any], path: Any) -> None:
+        saved = state.get("discriminator", {})
+        if saved.get("arch") != self.gan.discriminator:
+            raise CheckpointError(f"{path}: its discriminator is {saved.get('arch')}, but gan.discriminator="
+                                  f"{self.gan.discriminator}; use another run name, or train.resume=never")
+        try:
+            self.critic.load_state_dict(saved["params"])
+            load_updates(state, self.optimizer, self.scheduler, self.scaler, "d_")
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: does not fit this run's discriminator: {str(exc)[:300]}") from None
+        self.suspect = int(state["gan_progress"]["suspect"])
+
+    def diverged(self, values: dict[str, float], step: int) -> str | None:
+        """Discriminator collapse: the discriminator wins outright for gan.collapse_points log points.
+
+        vanilla / relativistic: D's loss <= gan.collapse_d_loss (it tells every sample apart) while
+        G's adversarial loss >= gan.collapse_g_loss (D rates G's images as fake with near certainty).
+        wgan-gp: the critic's loss has no floor, so the sign is its gap mean C(hr) - mean C(sr) per
+        sqrt(values in a sample) >= gan.collapse_gap: a 1-Lipschitz critic (what the penalty enforces)
+        on [0,1] pixels cannot exceed the RMS pixel difference, at most 1.
+        """
+        g = self.gan
+        if self.kind == "wgan-gp":
+            gap = -(values["loss/d_real"] + values["loss/d_fake"]) / math.sqrt(max(self.sample_size, 1))
+            suspect = gap >= g.collapse_gap
+            sign = f"the critic's gap per sqrt(pixel) stayed >= gan.collapse_gap={g.collapse_gap:g} (now {gap:.3g})"
+        else:
+            d_loss, g_loss = values["loss/d_total"], values["loss/adversarial"]
+            suspect = d_loss <= g.collapse_d_loss and g_loss >= g.collapse_g_loss
+            sign = (f"loss/d_total stayed <= gan.collapse_d_loss={g.collapse_d_loss:g} (now {d_loss:.3g}) with "
+                    f"loss/adversarial >= gan.collapse_g_loss={g.collapse_g_loss:g} (now {g_loss:.3g})")
+        self.suspect = self.suspect + 1 if suspect else 0
+        if not g.collapse_points or self.suspect < g.collapse_points:
+            return None
+        return (f"discriminator collapse at step {step}: {sign} for {self.suspect} log points (gan.collapse_points); "
+                f"lower gan.learning_rate or gan.weight, or raise gan.critic_steps only for wgan-gp")
+
+    @property
+    def healthy(self) -> bool:
+        return self.suspect == 0
+
+
+def _psnr(cfg: Config, task: TrainTask, d: Dist, dtype: torch.dtype | None, total_steps: int) -> Objective:
+    return PixelObjective(build_generator_loss(cfg).to(d.device))
+
+
+def _gan(cfg: Config, task: TrainTask, d: Dist, dtype: torch.dtype | None, total_steps: int) -> Objective:
+    return GanObjective(build_generator_loss(cfg).to(d.device), cfg, task, d, dtype, total_steps)
+
+
+OBJECTIVES: dict[str, Callable[[Config, TrainTask, Dist, torch.dtype | None, int], Objective]] = {
+    "psnr": _psnr,
+    "gan": _gan,
+}
+
+
+def objective_name(cfg: Config) -> str:
+    """``gan`` when gan.discriminator names a discriminator, else ``psnr``."""
+    return "gan" if cfg.gan.discriminator else "psnr"
+
+
+def check_objective(cfg: Config) -> None:
+    """Settings that cannot work with the configured objective, before anything is built."""
+    if objective_name(cfg) != "gan":
+        return
+    if cfg.gan.weight <= 0:
+        raise UserError(f"gan.discriminator={cfg.gan.discriminator} with gan.weight=0: the discriminator would not "
+                        "train the generator; set gan.weight > 0 (ESRGAN 5e-3), or leave gan.discriminator empty")
+    if cfg.train.compile not in ("auto", "off"):
+        raise UserError(f"train.compile={cfg.train.compile} compiles PSNR runs only; GAN steps run eager: use "
+                        "train.compile=off (or auto)")
+    best_rule(cfg)
+
+
+def build_objective(cfg: Config, task: TrainTask, d: Dist, dtype: torch.dtype | None, total_steps: int) -> Objective:
+    """The objective of ``cfg`` from the table (after ``check_objective``)."""
+    return OBJECTIVES[objective_name(cfg)](cfg, task, d, dtype, total_steps)

@@ -1,0 +1,50 @@
+"""What the train stage trains on what: the ``TrainTask`` a setup hands to the Trainer.
+
+The Trainer (pipeline/train_loop.py) owns everything that is the same for every kind of data:
+the loop, checkpoints and exact resume, EMA, logging, signals, time budgets and DDP. An objective
+(pipeline/objectives.py) owns what one step optimises. A task owns the rest, which depends on the
+data: the generator and how a checkpoint rebuilds it, the discriminators that fit its samples,
+the training batches, how a batch reaches the device, and the validation.
+
+``pipeline.train.image_task`` builds the 2-D image task (the model table, patches of
+``data.dir``, contest PSNR on whole held-out images). A volume task plugs in the same way: a
+function ``(cfg, dist) -> TrainTask`` whose generator comes from ``pipeline.mri.models``'s table,
+whose loader draws (B,1,D,H,W) crops through ``RunBatches(EpochBatches(...))`` (the same
+(index, seed) order, so resumes stay exact), whose validation is the masked volume PSNR against
+the interpolated input, and whose ``discriminator`` builds a 3-D critic from the same table; then
+``pipeline.train.run(cfg, volume_task)`` trains it with either objective.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from pipeline.dataset import EpochBatches
+from pipeline.validation import Validation
+
+
+@dataclass
+class TrainTask:
+    """The data-dependent parts of a training run (see the module docstring)."""
+
+    generator: nn.Module  # built, loaded from model.pretrained when given, on the device
+    arch: str  # the table name and keyword arguments that rebuild the generator (stored in checkpoints)
+    kwargs: dict[str, Any]
+    loader: DataLoader  # batches without end, in ``batches``' order, from its current position on
+    batches: EpochBatches
+    to_device: Callable[[torch.Tensor], torch.Tensor]  # a loader tensor -> a float tensor on the device
+    validation: Validation
+    # (gan.discriminator, gan.loss) -> (discriminator, its full keyword arguments); a UserError when
+    # that discriminator cannot judge this task's samples or be that loss's critic.
+    discriminator: Callable[[str, str], tuple[nn.Module, dict[str, Any]]]
+    sample_pixels: int  # input pixels (voxels) of one training sample: the precision rule's step size
+    description: str  # the training data in a few words, for the start line
+    note: str = ""  # said once at the start (e.g. what was detected in a weights file)
+    save_card: Callable[[Path], Any] | None = None  # writes models/<run>/model.yaml once the start's checks pass
