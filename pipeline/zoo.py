@@ -56,7 +56,7 @@ class Family:
     # Last layer of the deep-feature residual branch, zeroed when the table builds a model for
     # training from scratch: the untrained transformer body then adds nothing and the model starts
     # as a shallow CNN (conv_first -> upsampler), the "zero-init last layer" of ResNets. Measured on
-    # the demo data: hat-tiny +1.9 dB validation PSNR at step 300, +0.1 dB at 1200 (BENCHMARKS.md, 4).
+    # the demo data: hat-tiny +1.9 dB validation PSNR at step 300, +0.1 dB at 1200 (BENCHMARKS.md, section 9).
     # Weights loaded from any file replace it; the architecture and its state dict are unchanged.
     zero_init: str = ""
 

@@ -228,3 +228,30 @@ def test_spandrel_models_train_and_fine_tune(patched_demo: Path, tmp_path: Path,
     lr = torch.rand(1, 3, 20, 20)
     with torch.no_grad():
         assert torch.equal(model(lr), reference(lr))
+
+
+@pytest.mark.parametrize("name", ["hat-nano", "dat-nano", "drct-nano", "atd-nano"])
+def test_from_scratch_transformers_start_as_the_shallow_path_and_files_replace_it(name: str, tmp_path: Path) -> None:
+    # The table zeroes conv_after_body for training from scratch (zoo.Family.zero_init): the untrained
+    # body adds nothing, so the output equals the same model with its whole body's output zeroed.
+    model = build_model(name).eval()
+    net = model.net if hasattr(model, "net") else model
+    body = net.get_submodule("conv_after_body")
+    assert not body.weight.any() and not body.bias.any()
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        for p in net.parameters():  # every other layer random: only the zeroed layer can silence the body
+            if p is not body.weight and p is not body.bias:
+                p.normal_(0, 0.1)
+        hook = body.register_forward_hook(lambda m, i, o: torch.zeros_like(o))
+        silenced = model(x)
+        hook.remove()
+        assert torch.equal(model(x), silenced)
+        # weights loaded from a file (here: a trained-looking body) replace the zeros
+        body.weight.normal_(0, 0.1)
+        path = tmp_path / "w.pth"
+        torch.save({"params": net.state_dict()}, path)
+        loaded = load_weights_file(path, name)
+    loaded_net = loaded.net if hasattr(loaded, "net") else loaded
+    assert torch.equal(loaded_net.get_submodule("conv_after_body").weight, body.weight)
