@@ -22,7 +22,7 @@ import contextlib
 import functools
 import math
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -37,14 +37,28 @@ from pipeline.distributed import Dist
 from pipeline.errors import UserError
 from pipeline.losses import GeneratorLoss, build_generator_loss, discriminator_loss, full_precision
 from pipeline.runtime import autocast, optimizer_flags
+from pipeline.train_compile import StepCompiler
 from pipeline.train_task import TrainTask
-
-if TYPE_CHECKING:
-    from pipeline.train_loop import Trainer
 
 D_KEYS = ("loss/d_total", "loss/d_real", "loss/d_fake", "loss/d_gp")
 BEST_RULES = ("psnr", "lpips", "last")
 Phase = Callable[[str], contextlib.AbstractContextManager]
+
+
+class Trainer(Protocol):
+    """What a step reads of the Trainer (pipeline/train_loop.py), which imports this module."""
+
+    cfg: Config
+    device: torch.device
+    dtype: torch.dtype | None
+    model: nn.Module  # the generator as the step runs it (DDP-wrapped under torchrun)
+    raw: nn.Module  # the generator itself (its parameters, for clipping)
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    compiler: StepCompiler
+    step: int
+
+    def phase(self, name: str) -> contextlib.AbstractContextManager: ...
 
 
 def _no_phase(_name: str) -> contextlib.AbstractContextManager:
