@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from procs import assert_ok, kill_after_first_save, torchrun_and_alone
 
 from pipeline import train
 from pipeline.checkpoint import model_from_checkpoint
@@ -256,23 +257,10 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(data: Path, tmp_pat
     extra = ("train.max_steps=120", "train.deterministic=true", "train.ema_decay=0.9")
     killed = tmp_path / "killed"
     # The run to kill uses 2 loader workers, the others none: the data order must not care.
-    with (tmp_path / "killed.log").open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline", *train_args(data, tmp_path, "killed", *extra),
-                                 "train.workers=2"], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                                stdout=log, stderr=subprocess.STDOUT)
-
-    def kill_after_first_save() -> None:
-        deadline = time.monotonic() + 300
-        while not (killed / "last.pth").exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-
-    killer = threading.Thread(target=kill_after_first_save)
-    killer.start()  # the reference run below overlaps the subprocess's start-up
-    assert cli(train_args(data, tmp_path, "reference", *extra)) == 0
-    killer.join()
-    assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
+    code = kill_after_first_save([*train_args(data, tmp_path, "killed", *extra), "train.workers=2"],
+                                 killed / "last.pth", tmp_path / "killed.log",
+                                 lambda: assert_ok(cli(train_args(data, tmp_path, "reference", *extra))))
+    assert code == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
     assert 5 <= load(killed / "last.pth")["step"] < 120  # killed mid-run, after a save
     assert cli(train_args(data, tmp_path, "killed", *extra)) == 0  # resume=auto picks up last.pth
 
@@ -290,17 +278,7 @@ def test_torchrun_two_processes_match_one(data: Path, tmp_path: Path) -> None:
     # Both runs on the CPU (gloo), also on a GPU machine: two ranks need two GPUs, and a CUDA run
     # would be compared with a CPU one. NCCL has its own test below.
     extra = ("train.max_steps=4", "train.deterministic=true", "train.val_every=2")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
-    procs = []
-    for run, launcher in (("ddp", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]),
-                          ("single", [])):  # the same in one process, meanwhile
-        log = (tmp_path / f"{run}.log").open("wb")
-        procs.append((subprocess.Popen([sys.executable, *launcher, "-m", "pipeline",
-                                        *train_args(data, tmp_path, run, *extra)],
-                                       cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log, run))
-    for proc, log, run in procs:
-        assert proc.wait(timeout=300) == 0, (tmp_path / f"{run}.log").read_text()[-3000:]
-        log.close()
+    torchrun_and_alone(lambda run: train_args(data, tmp_path, run, *extra), tmp_path)
     ddp, single = load(tmp_path / "ddp" / "last.pth"), load(tmp_path / "single" / "last.pth")
     assert ddp["step"] == single["step"] == 4
     seed_everything(0)  # the initial weights of both runs

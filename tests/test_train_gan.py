@@ -7,17 +7,13 @@ best.pth by LPIPS."""
 from __future__ import annotations
 
 import math
-import os
 import signal
-import subprocess
-import sys
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from procs import assert_ok, kill_after_first_save, torchrun_and_alone
 from test_train import ROOT, data, load, log_entries, train_args  # noqa: F401 (fixtures)
 from torchvision.models import alexnet
 from torchvision.models.vgg import cfgs, make_layers
@@ -110,24 +106,10 @@ def test_sigkill_then_resume_gives_the_uninterrupted_generator_discriminator_and
     extra = ("train.max_steps=40", "train.deterministic=true", "train.ema_decay=0.9", "gan.loss=wgan-gp",
              "gan.critic_steps=2")
     killed = tmp_path / "killed"
-    with (tmp_path / "killed.log").open("wb") as log:
-        command = [sys.executable, "-m", "pipeline", *gan_args(data, tmp_path, "killed", psnr_run, *extra),
-                   "train.workers=2"]
-        proc = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log,
-                                stderr=subprocess.STDOUT)
-
-    def kill_after_first_save() -> None:
-        deadline = time.monotonic() + 300
-        while not (killed / "last.pth").exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-
-    killer = threading.Thread(target=kill_after_first_save)
-    killer.start()
-    assert cli(gan_args(data, tmp_path, "reference", psnr_run, *extra)) == 0
-    killer.join()
-    assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
+    code = kill_after_first_save([*gan_args(data, tmp_path, "killed", psnr_run, *extra), "train.workers=2"],
+                                 killed / "last.pth", tmp_path / "killed.log",
+                                 lambda: assert_ok(cli(gan_args(data, tmp_path, "reference", psnr_run, *extra))))
+    assert code == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
     assert 5 <= load(killed / "last.pth")["step"] < 40
     assert cli(gan_args(data, tmp_path, "killed", psnr_run, *extra)) == 0
 
@@ -149,17 +131,7 @@ def test_torchrun_two_processes_match_one(data: Path, psnr_run: Path, tmp_path: 
     # penalty's interpolation is drawn for the global batch: 2 ranks x 2 samples do what 1 process does with 4.
     extra = ("train.max_steps=4", "train.deterministic=true", "train.val_every=2", "gan.loss=wgan-gp",
              "gan.critic_steps=2")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
-    procs = []
-    for run, launcher in (("ddp", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]),
-                          ("single", [])):
-        log = (tmp_path / f"{run}.log").open("wb")
-        procs.append((subprocess.Popen([sys.executable, *launcher, "-m", "pipeline",
-                                        *gan_args(data, tmp_path, run, psnr_run, *extra)],
-                                       cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log, run))
-    for proc, log, run in procs:
-        assert proc.wait(timeout=300) == 0, (tmp_path / f"{run}.log").read_text()[-3000:]
-        log.close()
+    torchrun_and_alone(lambda run: gan_args(data, tmp_path, run, psnr_run, *extra), tmp_path)
     assert "(DDP, gloo)" in (tmp_path / "ddp.log").read_text()
     ddp, single = load(tmp_path / "ddp" / "last.pth"), load(tmp_path / "single" / "last.pth")
     assert ddp["step"] == single["step"] == 4
