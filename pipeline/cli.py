@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import re
 import sys
 import zipfile
 from collections.abc import Callable
@@ -166,9 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(stage.module)
         module.main(cfg)
     except UserError as exc:
-        return _fail(str(exc))
+        return _fail(_from_worker(str(exc)))
     except OSError as exc:  # permission denied, disk full, a folder where a file should be ...
-        return _fail(os_error_text(exc))
+        return _fail(_from_worker(os_error_text(exc)))
     except (zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
         return _fail(f"bad zip file: {exc}")
     except Interrupted as exc:
@@ -190,6 +191,15 @@ def os_error_text(exc: OSError) -> str:
             errno.EACCES: " (check the folder's permissions)",
             errno.EROFS: " (the folder is read-only; write elsewhere)"}.get(exc.errno or -1, "")
     return f"{where}: {what}{hint}" if where else f"{what}{hint}"
+
+
+def _from_worker(message: str) -> str:
+    """The original error of one re-raised by a data-loader worker: torch's message wraps it in the
+    worker's traceback ("Caught X in DataLoader worker process N. Original Traceback ... X: text")."""
+    if not (message.startswith("Caught ") and "Original Traceback" in message):
+        return message
+    last = message.strip().splitlines()[-1]
+    return re.sub(r"^[\w.]+: ", "", last)  # "pipeline.errors.UserError: text" -> "text"
 
 
 def _fail(message: str) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import shutil
 import signal
 import stat
 import struct
@@ -375,6 +376,22 @@ def test_patchify_refuses_a_patches_folder_it_did_not_make(trainable: Path, tmp_
     assert cli(["patchify", "--data", str(root), "patch.size=32", "patch.workers=1"]) == 2
     assert "patches: exists but was not made by patchify" in _one_line(capsys)
     assert (root / "patches" / "my_own_crops.txt").read_text() == "keep me"
+
+
+def test_an_error_in_a_loader_worker_is_one_line(trainable: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    # torch re-raises a worker's error with the worker's traceback in the message: the CLI shows the
+    # original error alone.
+    root = tmp_path / "data"
+    shutil.copytree(trainable, root)
+    patches = sorted(p for p in root.rglob("*.png") if "patches" in p.parts and "lr" in p.parts)
+    assert len(patches) > 2
+    for path in patches[1:]:  # the first is read in the main process (the patch size), the rest in the worker
+        path.write_bytes(b"not a png")
+    assert _train(root, tmp_path / "models", "train.workers=1") == 2
+    line = _one_line(capsys)
+    assert "Traceback" not in line and "worker" not in line
+    assert line.startswith("error: ") and "/patches/" in line and ".png" in line
 
 
 # -- 7. OS errors are one line too ------------------------------------------------------------------------
