@@ -94,6 +94,10 @@ STAGES: dict[str, Stage] = {
     "mri-prepare": Stage(
         "pipeline.mri.prepare", "volumes: mri_splits.csv (folds by subject) and LR volumes by mri.degradation",
         ("mri",), VOLUMES_FLAG),
+    "mri-train": Stage(
+        "pipeline.mri.train", "volumes: train a 3-D model (mdcsrn; L1, or WGAN-GP with gan.*) on 3-D patches; "
+        "models/<run>", ("mri", "mri_train", "model", "train", "loss", "gan", "mri_infer", "paths"), VOLUMES_FLAG,
+        _volume_model_names),
     "mri-infer": Stage(
         "pipeline.mri.infer", "volumes: super-resolve LR volumes (a volume checkpoint, or trilinear/tricubic)",
         ("mri", "mri_infer", "paths"),
