@@ -108,6 +108,10 @@ STAGES: dict[str, Stage] = {
         ("mri", "mri_eval"),
         {**VOLUMES_FLAG, "--sr": ("mri_eval.sr", "folder of SR volumes"),
          "--csv": ("mri_eval.csv", "table to write")}),
+    "demo-mri": Stage(
+        "pipeline.mri.demo", "volumes: every stage on the bundled MRI scans (L1 + WGAN-GP mri-train), a score "
+        "table against trilinear / tricubic, a figure and a report", ("demo_mri", "mri_train", "train", "gan"), {},
+        default_config="configs/demo-mri.yaml"),
     "demo-mri-data": Stage(
         "pipeline.mri.demo_data", "volumes: build data/demo-mri from the MRI scans bundled in dipy and nibabel",
         ("demo_mri", "mri"), {"--out": ("demo_mri.out", "where to write the volume folder")}),
