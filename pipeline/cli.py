@@ -98,6 +98,9 @@ STAGES: dict[str, Stage] = {
         "pipeline.mri.train", "volumes: train a 3-D model (mdcsrn; L1, or WGAN-GP with gan.*) on 3-D patches; "
         "models/<run>", ("mri", "mri_train", "model", "train", "loss", "gan", "mri_infer", "paths"), VOLUMES_FLAG,
         _volume_model_names),
+    "mri-cycle-train": Stage(
+        "pipeline.mri.cycle_train", "volumes: train SRResCycGAN (cycgan.*) on unpaired LR / HR slices; models/<run>",
+        ("mri", "cycgan", "train", "loss", "mri_infer", "paths"), VOLUMES_FLAG, _volume_model_names),
     "mri-infer": Stage(
         "pipeline.mri.infer", "volumes: super-resolve LR volumes (a volume checkpoint, or trilinear/tricubic)",
         ("mri", "mri_infer", "paths"),

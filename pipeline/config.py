@@ -241,7 +241,7 @@ class MriConfig:
 @dataclass(frozen=True)
 class DemoMriConfig:
     out: str = opt("data/demo-mri", "where demo-mri-data writes the volume folder (--out)")
-    pretrain_steps: int = opt(600, "demo-mri: L1 pre-training steps of the demo model", ge=1)
+    pretrain_steps: int = opt(1200, "demo-mri: L1 pre-training steps of the demo model", ge=1)
     gan_steps: int = opt(100, "demo-mri: WGAN-GP fine-tuning steps from the L1 run's best.pth", ge=1)
     critic: str = opt("critic3d-tiny", "demo-mri: the WGAN-GP critic (volume model table)")
     gan_learning_rate: float = opt(2e-4, "demo-mri: the generator's learning rate in the WGAN-GP fine-tune", ge=0)
@@ -310,6 +310,7 @@ class CycleGanConfig:
         "vanilla", "adversarial kind for both discriminators (pipeline/losses.py)")
     learning_rate: float = opt(1e-4, "Adam learning rate of all four networks", ge=0)
     halve_every: int = opt(10000, "optimizer steps between halvings of the learning rate", ge=1)
+    model: str = opt("srrescycgan", "the SRResCycGAN entry of the volume model table that mri-cycle-train trains")
     hr_size: int = opt(320, "HR slice side (fastMRI knee: 320); the LR slice is hr_size / 4 (80)", ge=4)
 
 

@@ -7,6 +7,8 @@ state only it has. ``OBJECTIVES`` maps a name to its builder; ``objective_name(c
 - ``psnr`` (``PixelObjective``): the generator loss (``pipeline.losses.GeneratorLoss``: 2 L1 + MSE
   by default, plus perceptual / TV terms when weighted), one generator update per step; the step
   may be compiled (train.compile); best.pth = best validation PSNR.
+- ``cycle`` (``pipeline.mri.cycle.CycleObjective``, when the task names it): SRResCycGAN's two
+  generators and two discriminators on unpaired LR / HR slices.
 - ``gan`` (``GanObjective``, on when gan.discriminator names one): per step, gan.critic_steps
   discriminator updates on the step's batch (its own optimizer, scheduler and gradient scaler;
   the gradient penalty's interpolation is a function of seed and step), then one generator update
@@ -375,9 +377,16 @@ def _gan(cfg: Config, task: TrainTask, d: Dist, dtype: torch.dtype | None, total
     return GanObjective(build_generator_loss(cfg).to(d.device), cfg, task, d, dtype, total_steps)
 
 
+def _cycle(cfg: Config, task: TrainTask, d: Dist, dtype: torch.dtype | None, total_steps: int) -> Objective:
+    from pipeline.mri.cycle import CycleObjective  # (it builds on this module: imported when chosen)
+
+    return CycleObjective(cfg, task, d)
+
+
 OBJECTIVES: dict[str, Callable[[Config, TrainTask, Dist, torch.dtype | None, int], Objective]] = {
     "psnr": _psnr,
     "gan": _gan,
+    "cycle": _cycle,  # SRResCycGAN on unpaired slices (pipeline/mri/cycle.py); a task asks for it by name
 }
 
 
@@ -400,5 +409,6 @@ def check_objective(cfg: Config) -> None:
 
 
 def build_objective(cfg: Config, task: TrainTask, d: Dist, dtype: torch.dtype | None, total_steps: int) -> Objective:
-    """The objective of ``cfg`` from the table (after ``check_objective``)."""
-    return OBJECTIVES[objective_name(cfg)](cfg, task, d, dtype, total_steps)
+    """The objective the task names (``TrainTask.objective``), else that of ``cfg``, from the table (after
+    ``check_objective``)."""
+    return OBJECTIVES[task.objective or objective_name(cfg)](cfg, task, d, dtype, total_steps)

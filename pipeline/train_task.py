@@ -48,3 +48,4 @@ class TrainTask:
     description: str  # the training data in a few words, for the start line
     note: str = ""  # said once at the start (e.g. what was detected in a weights file)
     save_card: Callable[[Path], Any] | None = None  # writes models/<run>/model.yaml once the start's checks pass
+    objective: str = ""  # a name of pipeline.objectives.OBJECTIVES this task trains with; '' = by the config
