@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
@@ -121,15 +122,11 @@ def test_gradient_penalty_of_a_3d_critic_by_hand() -> None:
     assert gradient_penalty(critic, real, fake, eps).item() == pytest.approx(expected, rel=1e-5)
 
 
-def test_wgan_gp_sigkill_then_resume_equals_uninterrupted(volumes: tuple[Path, list[str]], l1_run: Path,
-                                                          tmp_path: Path) -> None:
-    extra = ("train.max_steps=30", "train.deterministic=true", "train.ema_decay=0.9",
-             f"model.pretrained={l1_run / 'l1' / 'best.pth'}", "gan.discriminator=critic3d-tiny",
-             "gan.loss=wgan-gp", "gan.critic_steps=2", "gan.weight=1e-2")
+def sigkill_and_resume(args: Callable[[str], list[str]], tmp_path: Path, steps: int) -> tuple[dict, dict]:
+    """(last.pth of a run SIGKILLed after its first save and resumed, last.pth of an uninterrupted run)."""
     killed = tmp_path / "killed"
     with (tmp_path / "killed.log").open("wb") as log:
-        command = [sys.executable, "-m", "pipeline", *train_args(volumes, tmp_path, "killed", *extra),
-                   "train.workers=1"]
+        command = [sys.executable, "-m", "pipeline", *args("killed"), "train.workers=1"]
         proc = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log,
                                 stderr=subprocess.STDOUT)
 
@@ -142,21 +139,82 @@ def test_wgan_gp_sigkill_then_resume_equals_uninterrupted(volumes: tuple[Path, l
 
     killer = threading.Thread(target=kill_after_first_save)
     killer.start()
-    assert cli(train_args(volumes, tmp_path, "reference", *extra)) == 0
+    assert cli(args("reference")) == 0
     killer.join()
     assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
-    assert 5 <= load(killed / "last.pth")["step"] < 30
-    assert cli(train_args(volumes, tmp_path, "killed", *extra)) == 0
-
+    assert 5 <= load(killed / "last.pth")["step"] < steps
+    assert cli(args("killed")) == 0
     resumed, reference = load(killed / "last.pth"), load(tmp_path / "reference" / "last.pth")
-    assert resumed["step"] == reference["step"] == 30 and reference["objective"] == "gan"
-    assert reference["discriminator"]["arch"] == "critic3d-tiny"
+    assert resumed["step"] == reference["step"] == steps
     for key in ("params", "params_ema"):
         for name, value in reference[key].items():
             assert torch.equal(resumed[key][name], value), f"{key}.{name}"
+    for index, moments in reference["d_optimizer"]["state"].items():
+        assert torch.equal(resumed["d_optimizer"]["state"][index]["exp_avg"], moments["exp_avg"])
+    steps_logged = [(e["kind"], e["step"]) for e in log_entries(killed)]
+    assert len(steps_logged) == len(set(steps_logged))
+    return resumed, reference
+
+
+def test_wgan_gp_sigkill_then_resume_equals_uninterrupted(volumes: tuple[Path, list[str]], l1_run: Path,
+                                                          tmp_path: Path) -> None:
+    extra = ("train.max_steps=30", "train.deterministic=true", "train.ema_decay=0.9",
+             f"model.pretrained={l1_run / 'l1' / 'best.pth'}", "gan.discriminator=critic3d-tiny",
+             "gan.loss=wgan-gp", "gan.critic_steps=2", "gan.weight=1e-2")
+    resumed, reference = sigkill_and_resume(lambda run: train_args(volumes, tmp_path, run, *extra), tmp_path, 30)
+    assert reference["objective"] == "gan" and reference["discriminator"]["arch"] == "critic3d-tiny"
     for name, value in reference["discriminator"]["params"].items():
         assert torch.equal(resumed["discriminator"]["params"][name], value), f"discriminator.{name}"
     d_steps = {int(s["step"]) for s in reference["d_optimizer"]["state"].values()}
     assert d_steps == {60}  # 2 critic updates per generator update
     gp = [e["loss/d_gp"] for e in log_entries(tmp_path / "reference") if e["kind"] == "train"]
     assert all(v > 0 for v in gp)
+
+
+def cycle_args(volumes: tuple[Path, list[str]], models: Path, run: str, *extra: str) -> list[str]:
+    """SRResCycGAN-tiny on the demo's 32 / 8 px slices, batch 2, no perceptual term (no VGG19 file in tests)."""
+    return ["mri-cycle-train", *volumes[1], f"run={run}", f"paths.models={models}", "cycgan.model=srrescycgan-tiny",
+            "cycgan.hr_size=32", "cycgan.perceptual=0", "train.batch_size=2", "train.workers=0",
+            "train.val_every=1000", "train.log_every=5", "train.save_every=5", "train.val_share=0",
+            "train.precision=fp32", *extra]
+
+
+def test_srrescycgan_sigkill_then_resume_equals_uninterrupted_and_mri_infer_reads_it(
+        volumes: tuple[Path, list[str]], tmp_path: Path) -> None:
+    extra = ("train.max_steps=24", "train.deterministic=true", "train.ema_decay=0.9", "cycgan.halve_every=10",
+             "cycgan.adversarial_loss=wgan-gp")
+    resumed, reference = sigkill_and_resume(lambda run: cycle_args(volumes, tmp_path, run, *extra), tmp_path, 24)
+    assert reference["objective"] == "cycle" and reference["arch"] == "srrescycgan-tiny"
+    # the whole SRResCycGAN is saved (both generators, both discriminators), and each of them trained
+    start = build_volume_model("srrescycgan-tiny").state_dict()
+    for part in ("g_hr.", "g_lr.", "d_hr.", "d_lr."):
+        assert any(k.startswith(part) and not torch.equal(v, start[k]) for k, v in reference["params"].items()), part
+    train = [e for e in log_entries(tmp_path / "reference") if e["kind"] == "train"]
+    # Adam at 1e-4 halved every cycgan.halve_every (10) steps; a log at step s shows the rate of update s - 1
+    assert [(e["step"], e["learning_rate"]) for e in train] == [(5, 1e-4), (10, 1e-4), (15, 5e-5), (20, 5e-5)]
+    assert all(e["loss/d_hr"] + e["loss/d_lr"] == pytest.approx(e["loss/d_total"]) for e in train)
+    assert all(e["loss/cycle"] > 0 and e["loss/tv"] > 0 for e in train)
+    # mri-infer rebuilds it from the checkpoint and runs g_hr slice by slice: 4x in-plane, slices kept
+    lr_dir, out = tmp_path / "lr", tmp_path / "sr"
+    lr_dir.mkdir()
+    np.save(lr_dir / "vol.npy", np.random.default_rng(0).random((10, 12, 3)).astype(np.float32) * 100)
+    assert cli(["mri-infer", "run=reference", f"paths.models={tmp_path}", "--input", str(lr_dir), "--output",
+                str(out), "mri_infer.tile=0"]) == 0
+    assert np.load(out / "vol.npy").shape == (40, 48, 3)
+
+
+def test_demo_mri_runs_every_stage_on_the_smallest_settings(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out, models = tmp_path / "demo-mri", tmp_path / "models"
+    assert cli(["demo-mri", f"demo_mri.out={out}", f"paths.models={models}", "demo_mri.pretrain_steps=6",
+                "demo_mri.gan_steps=3", "train.val_every=3", "train.precision=fp32"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("demo-mri: ours PSNR") and "vs tricubic" in lines[-1]
+    assert load(models / "demo-mri" / "last.pth")["objective"] == "gan"
+    assert load(models / "demo-mri" / "best.pth")["best_by"] == "psnr"
+    assert load(models / "demo-mri-l1" / "last.pth")["step"] == 6
+    table = np.genfromtxt(out / "scores" / "demo-mri.csv", delimiter=",", names=True, dtype=None, encoding=None)
+    assert list(table["method"]) == ["demo-mri", "trilinear", "tricubic"] * 2
+    report = (out / "report" / "demo-mri" / "report.md").read_text()
+    assert "| tricubic | mean |" in report and "slices.png" in report
+    assert (out / "report" / "demo-mri" / "slices.png").stat().st_size > 10_000
+    assert (out / "sr" / "tricubic" / "brain_0.nii.gz").is_file() and (out / "sr" / "trilinear").is_dir()

@@ -65,7 +65,8 @@ def _report(path: Path, table: pd.DataFrame, figure: Path, cfg: Config, steps: S
 def main(cfg: Config) -> None:
     steps = Steps()
     out = Path(cfg.demo_mri.out)
-    record = demo_data.ensure_demo_mri(out, cfg)
+    steps.run("demo-mri-data", demo_data.main, cfg)
+    record = demo_data.ensure_demo_mri(out, cfg)  # (the folder just built or checked)
     # Fresh runs each time: the table describes this invocation's training.
     cfg = with_overrides(cfg, **demo_data.demo_settings(out, record),
                          **{"mri_train.patch": record["patch"], "train.resume": "never"})
@@ -77,7 +78,6 @@ def main(cfg: Config) -> None:
                                  "train.warmup_steps": 0, "model.pretrained": str(models.best),
                                  "gan.discriminator": d.critic, "gan.loss": "wgan-gp"})
 
-    steps.run("demo-mri-data", demo_data.main, cfg)
     steps.run("mri-prepare", prepare.main, cfg)
     steps.run(f"mri-train {cfg.mri_train.model}: L1, {d.pretrain_steps} steps", train.main, l1)
     steps.run(f"mri-train: WGAN-GP, {d.gan_steps} steps from {models.best}", train.main, gan)
