@@ -26,34 +26,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
 
 from pipeline.config import Config, with_overrides
 from pipeline.distributed import Dist
 from pipeline.errors import UserError
+from pipeline.mri.data import SeededSamples
 from pipeline.mri.metrics import psnr
 from pipeline.mri.models import build_volume_model, volume_model_kwargs
 from pipeline.mri.predict import spec_of
-from pipeline.mri.slices import UnpairedSlices, kspace_downsample, slice_crops, unpaired_slices
+from pipeline.mri.slices import kspace_downsample, slice_crops, unpaired_slices
 from pipeline.mri.splits import read_splits
 from pipeline.mri.volumes import read_volume
 from pipeline.train import run, run_loader
 from pipeline.train_task import TrainTask
 
 SCALE = 4
-
-
-class SliceSamples(Dataset):
-    """``(index, seed)`` -> (LR (1,h,w), HR (1,4h,4w)) unpaired crops (``UnpairedSlices.sample``)."""
-
-    def __init__(self, slices: UnpairedSlices) -> None:
-        self.slices = slices
-
-    def __len__(self) -> int:
-        return len(self.slices)
-
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.slices.sample(*key)
 
 
 @dataclass
@@ -105,7 +92,7 @@ def cycle_task(cfg: Config, d: Dist) -> TrainTask:
         raise UserError(f"cycgan.hr_size={c.hr_size} must divide by {SCALE}")
     model = build_volume_model(name).to(d.device)
     slices = unpaired_slices(_hr_volumes(cfg, False), c.hr_size, SCALE, axis, cfg.seed)
-    loader, batches = run_loader(SliceSamples(slices), cfg, d)
+    loader, batches = run_loader(SeededSamples(slices), cfg, d)
     held_out = np.concatenate([slice_crops(v, axis, c.hr_size) for _, v in _hr_volumes(cfg, True)])
     lr = torch.from_numpy(kspace_downsample(held_out, SCALE))[:, None]  # (N,H,W) -> (N,1,H/4,W/4)
     validation = SliceValidation(lr, held_out.astype(np.float64), d.device)

@@ -12,7 +12,9 @@
   the same random flips per axis and 90-degree rotation in the plane of axes 0 and 1 (where voxels
   are usually square), drawn from (seed, epoch, i). Thick-slice LR is brought to the HR grid by the
   mixed interpolation (nearest / linear / cubic, ``mri.interp``) drawn per volume and epoch from
-  (seed, epoch, volume): mDCSRN's augmentation; ``set_epoch`` redraws it.
+  (seed, epoch, volume): mDCSRN's augmentation; ``set_epoch`` redraws it. ``sample(i, seed)`` is
+  the train stage's form (mri-train): the interpolation, flips and rotation drawn from one sample
+  seed, so a sample is a function of (index, seed) alone and resumes are exact.
 - ``validation_items`` / ``validate``: the validation fold's LR volumes and HR references, and the
   masked PSNR / SSIM / NRMSE of a model on them in real-world units (``predict.super_resolve``,
   ``metrics.score_volume``): the numbers mri-evaluate reports, before the integer rounding of a
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -194,6 +197,20 @@ class PatchDataset(Dataset):
         rng = np.random.default_rng(seed)
         method = str(rng.choice(list(self.mri.interp)))
         return self._crop(k, corner, self.lr_by(k, method), rng if self.augment else None)
+
+
+class SeededSamples(Dataset):
+    """The train stage's dataset: key ``(index, seed)`` -> ``source.sample(index, seed)`` (``PatchDataset``,
+    ``slices.UnpairedSlices``): (LR, HR) tensors that depend on the key alone."""
+
+    def __init__(self, source: PatchDataset | Any) -> None:
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.source.sample(*key)
 
 
 def validation_items(root: str | Path, mri: MriConfig, val_fold: int) -> list[ValItem]:

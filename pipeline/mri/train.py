@@ -28,12 +28,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from pipeline.config import Config, MriConfig
 from pipeline.distributed import Dist
 from pipeline.errors import UserError
-from pipeline.mri.data import PatchDataset, ValItem, load_pairs, validate, validation_items
+from pipeline.mri.data import PatchDataset, SeededSamples, ValItem, load_pairs, validate, validation_items
 from pipeline.mri.lrset import read_record
 from pipeline.mri.metrics import score_volume
 from pipeline.mri.models import (
@@ -47,19 +46,6 @@ from pipeline.train import run, run_loader
 from pipeline.train_task import TrainTask
 
 BASELINE = "tricubic"
-
-
-class VolumeSamples(Dataset):
-    """``(index, seed)`` -> (LR, HR) (1,s,s,s) float32 patches (``PatchDataset.sample``)."""
-
-    def __init__(self, patches: PatchDataset) -> None:
-        self.patches = patches
-
-    def __len__(self) -> int:
-        return len(self.patches)
-
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.patches.sample(*key)
 
 
 @dataclass
@@ -123,7 +109,7 @@ def volume_task(cfg: Config, d: Dist) -> TrainTask:
     model, arch, kwargs, note = _generator(cfg, d.device)
     patches = PatchDataset(load_pairs(root, mri, exclude_fold=cfg.mri.val_fold), c.patch, c.stride, mri,
                            c.min_foreground, cfg.train.augment, cfg.seed)
-    loader, batches = run_loader(VolumeSamples(patches), cfg, d)
+    loader, batches = run_loader(SeededSamples(patches), cfg, d)
     validation = VolumeValidation(validation_items(root, mri, cfg.mri.val_fold), spec_of(arch), mri,
                                   VolumeSettings.from_config(cfg.mri_infer), d.device)
 
