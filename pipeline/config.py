@@ -241,7 +241,7 @@ class MriConfig:
 @dataclass(frozen=True)
 class DemoMriConfig:
     out: str = opt("data/demo-mri", "where demo-mri-data writes the volume folder (--out)")
-    pretrain_steps: int = opt(1200, "demo-mri: L1 pre-training steps of the demo model", ge=1)
+    pretrain_steps: int = opt(1800, "demo-mri: L1 pre-training steps of the demo model", ge=1)
     gan_steps: int = opt(100, "demo-mri: WGAN-GP fine-tuning steps from the L1 run's best.pth", ge=1)
     critic: str = opt("critic3d-tiny", "demo-mri: the WGAN-GP critic (volume model table)")
     gan_learning_rate: float = opt(2e-4, "demo-mri: the generator's learning rate in the WGAN-GP fine-tune", ge=0)
