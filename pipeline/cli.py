@@ -95,6 +95,13 @@ STAGES: dict[str, Stage] = {
     "mri-prepare": Stage(
         "pipeline.mri.prepare", "volumes: mri_splits.csv (folds by subject) and LR volumes by mri.degradation",
         ("mri",), VOLUMES_FLAG),
+    "mri-train": Stage(
+        "pipeline.mri.train", "volumes: train a 3-D model (mdcsrn; L1, or WGAN-GP with gan.*) on 3-D patches; "
+        "models/<run>", ("mri", "mri_train", "model", "train", "loss", "gan", "mri_infer", "paths"), VOLUMES_FLAG,
+        _volume_model_names),
+    "mri-cycle-train": Stage(
+        "pipeline.mri.cycle_train", "volumes: train SRResCycGAN (cycgan.*) on unpaired LR / HR slices; models/<run>",
+        ("mri", "cycgan", "train", "loss", "mri_infer", "paths"), VOLUMES_FLAG, _volume_model_names),
     "mri-infer": Stage(
         "pipeline.mri.infer", "volumes: super-resolve LR volumes (a volume checkpoint, or trilinear/tricubic)",
         ("mri", "mri_infer", "paths"),
@@ -105,6 +112,10 @@ STAGES: dict[str, Stage] = {
         ("mri", "mri_eval"),
         {**VOLUMES_FLAG, "--sr": ("mri_eval.sr", "folder of SR volumes"),
          "--csv": ("mri_eval.csv", "table to write")}),
+    "demo-mri": Stage(
+        "pipeline.mri.demo", "volumes: every stage on the bundled MRI scans (L1 + WGAN-GP mri-train), a score "
+        "table against trilinear / tricubic, a figure and a report", ("demo_mri", "mri_train", "train", "gan"), {},
+        default_config="configs/demo-mri.yaml"),
     "demo-mri-data": Stage(
         "pipeline.mri.demo_data", "volumes: build data/demo-mri from the MRI scans bundled in dipy and nibabel",
         ("demo_mri", "mri"), {"--out": ("demo_mri.out", "where to write the volume folder")}),

@@ -241,6 +241,21 @@ class MriConfig:
 @dataclass(frozen=True)
 class DemoMriConfig:
     out: str = opt("data/demo-mri", "where demo-mri-data writes the volume folder (--out)")
+    pretrain_steps: int = opt(1800, "demo-mri: L1 pre-training steps of the demo model", ge=1)
+    gan_steps: int = opt(100, "demo-mri: WGAN-GP fine-tuning steps from the L1 run's best.pth", ge=1)
+    critic: str = opt("critic3d-tiny", "demo-mri: the WGAN-GP critic (volume model table)")
+    gan_learning_rate: float = opt(2e-4, "demo-mri: the generator's learning rate in the WGAN-GP fine-tune", ge=0)
+
+
+@dataclass(frozen=True)
+class MriTrainConfig:
+    """mri-train: a volume model on 3-D patches of <mri.dir> (pipeline/mri/train.py); train.*, gan.* as train."""
+
+    model: str = opt("mdcsrn", "generator from the volume model table (pipeline/mri/models.py)")
+    patch: int = opt(64, "cubic HR training patch side in voxels (mDCSRN: 64); thinner volumes are mirrored", ge=4)
+    stride: int = opt(48, "voxels between patch corners (< patch: overlapping)", ge=1)
+    min_foreground: float = opt(0.1, "share of a patch's voxels inside the anatomy for it to be a sample", ge=0,
+                                le=1)
 
 
 @dataclass(frozen=True)
@@ -295,6 +310,7 @@ class CycleGanConfig:
         "vanilla", "adversarial kind for both discriminators (pipeline/losses.py)")
     learning_rate: float = opt(1e-4, "Adam learning rate of all four networks", ge=0)
     halve_every: int = opt(10000, "optimizer steps between halvings of the learning rate", ge=1)
+    model: str = opt("srrescycgan", "the SRResCycGAN entry of the volume model table that mri-cycle-train trains")
     hr_size: int = opt(320, "HR slice side (fastMRI knee: 320); the LR slice is hr_size / 4 (80)", ge=4)
 
 
@@ -369,6 +385,7 @@ class Config:
     mri: MriConfig = field(default_factory=MriConfig)
     mri_infer: MriInferConfig = field(default_factory=MriInferConfig)
     demo_mri: DemoMriConfig = field(default_factory=DemoMriConfig)
+    mri_train: MriTrainConfig = field(default_factory=MriTrainConfig)
     mri_eval: MriEvalConfig = field(default_factory=MriEvalConfig)
     cycgan: CycleGanConfig = field(default_factory=CycleGanConfig)
     loss: LossConfig = field(default_factory=LossConfig)

@@ -390,6 +390,10 @@ class VolumeLayout:
         """``sr/<name>``: mri-infer's volumes of one run or baseline (a whole folder, swapped in complete)."""
         return self.root / "sr" / check_run(name)
 
+    def report_dir(self, name: str) -> Path:
+        """``report/<name>``: demo-mri's report.md and figure of the run ``name``."""
+        return self.root / "report" / check_run(name)
+
     def scores_csv(self, name: str) -> Path:
         """``scores/<name>.csv``: mri-evaluate's table for ``sr/<name>`` (with the baselines as rows)."""
         return self.root / "scores" / f"{check_run(name)}.csv"

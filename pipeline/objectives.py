@@ -11,6 +11,9 @@ state only it has. ``OBJECTIVES`` maps a name to its builder; ``objective_name(c
   discriminator updates on the step's batch (its own optimizer, scheduler and gradient scaler;
   the gradient penalty's interpolation is a function of seed and step), then one generator update
   with the adversarial term added. The step runs eager. best.pth: see ``best_rule``.
+- a task's own objective (``TrainTask.objective``, not in the table), e.g.
+  ``pipeline.mri.cycle.CycleObjective``: SRResCycGAN's two generators and two discriminators on
+  unpaired LR / HR slices.
 
 An objective's ``step`` returns its losses (``keys``, in order); ``weights`` / ``state_dict`` are
 merged into best.pth / last.pth; ``diverged`` may stop the run at a log point.
@@ -414,5 +417,6 @@ def check_objective(cfg: Config) -> None:
 
 
 def build_objective(cfg: Config, task: TrainTask, d: Dist, dtype: torch.dtype | None, total_steps: int) -> Objective:
-    """The objective of ``cfg`` from the table (after ``check_objective``)."""
-    return OBJECTIVES[objective_name(cfg)](cfg, task, d, dtype, total_steps)
+    """The task's own objective (``TrainTask.objective``, a builder of this signature), else that of ``cfg``
+    from the table (after ``check_objective``)."""
+    return (task.objective or OBJECTIVES[objective_name(cfg)])(cfg, task, d, dtype, total_steps)

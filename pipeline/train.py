@@ -35,7 +35,7 @@ import torch.distributed as dist
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline import train_io
 from pipeline.checkpoint import CheckpointError, load_checkpoint, load_weights_file, save_model_card
@@ -59,7 +59,7 @@ from pipeline.train_loop import Trainer
 from pipeline.train_task import TrainTask
 from pipeline.validation import ImageValidation
 
-__all__ = ["build_optimizer", "build_trainable", "image_task", "main", "make_scheduler", "run"]
+__all__ = ["build_optimizer", "build_trainable", "image_task", "main", "make_scheduler", "run", "run_loader"]
 
 
 def _check(cfg: Config) -> None:
@@ -115,7 +115,14 @@ def _loader(cfg: Config, d: Dist) -> tuple[DataLoader, EpochBatches, int]:
         raise UserError(f"train.crop={t.crop} is larger than the LR patches ({side} px, {pairs[0].lr_path}); "
                         f"use a crop <= {side}, or 0 for whole patches")
     dataset = PatchDataset(pairs, PairAugment(t.crop, cfg.data.scale, t.augment), cfg.data.scale)
-    batches = EpochBatches(len(pairs), t.batch_size, cfg.seed, d.rank, d.world)
+    loader, batches = run_loader(dataset, cfg, d)
+    return loader, batches, t.crop or side
+
+
+def run_loader(dataset: Dataset, cfg: Config, d: Dist) -> tuple[DataLoader, EpochBatches]:
+    """The training loader of a task whose ``dataset`` takes (index, sample seed) keys, and its epoch order."""
+    t = cfg.train
+    batches = EpochBatches(len(dataset), t.batch_size, cfg.seed, d.rank, d.world)  # type: ignore[arg-type]
     # The loader's own generator keeps it off the global torch RNG (which a resume restores and
     # drop-path layers use); the data order comes from `batches` alone, whatever the worker count.
     # The sampler never ends (RunBatches), so the loop's one iterator keeps its workers for the
@@ -123,7 +130,7 @@ def _loader(cfg: Config, d: Dist) -> tuple[DataLoader, EpochBatches, int]:
     loader = DataLoader(dataset, batch_sampler=RunBatches(batches), num_workers=t.workers,
                         pin_memory=d.device.type == "cuda", worker_init_fn=_own_process_group,
                         prefetch_factor=t.prefetch if t.workers else None, generator=torch.Generator())
-    return loader, batches, t.crop or side
+    return loader, batches
 
 
 def image_task(cfg: Config, d: Dist) -> TrainTask:

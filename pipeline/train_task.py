@@ -48,3 +48,6 @@ class TrainTask:
     description: str  # the training data in a few words, for the start line
     note: str = ""  # said once at the start (e.g. what was detected in a weights file)
     save_card: Callable[[Path], Any] | None = None  # writes models/<run>/model.yaml once the start's checks pass
+    # A builder (cfg, task, dist, dtype, total_steps) -> Objective this task trains with (e.g. the cycle
+    # objective of pipeline/mri/cycle.py); None = the config's, from pipeline.objectives.OBJECTIVES.
+    objective: Callable[..., Any] | None = None

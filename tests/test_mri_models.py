@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from pipeline.errors import UserError
-from pipeline.mri.losses import gradient_penalty, total_variation
+from pipeline.losses import gradient_penalty
+from pipeline.mri.losses import total_variation
 from pipeline.mri.models import VOLUME_MODELS, build_volume_model, register, volume_model_kwargs
 
 

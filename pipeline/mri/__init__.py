@@ -3,12 +3,13 @@
 Core: ``volumes`` (read, normalise, write back), ``splits`` (folds by subject), ``degrade``
 (k-space truncation, thick slices, interpolation back to the HR grid, grid affines), ``archs`` +
 ``models`` (mDCSRN, the WGAN-GP critic, SRResCycGAN, their table and checkpoints), ``metrics``
-(masked PSNR / SSIM / NRMSE and the interpolation baselines), ``losses`` (gradient penalty, total
+(masked PSNR / SSIM / NRMSE and the interpolation baselines), ``losses`` (total
 variation; any number of spatial dimensions), ``lrset`` (a prepared folder's LR volumes and their
 record), ``predict`` (a volume through a model, tiled in 3-D, or an interpolation baseline),
 ``data`` (3-D foreground patches, validation), ``slices`` (unpaired LR / HR slices), ``cycle``
 (SRResCycGAN's losses and schedule), ``figures`` (orthogonal slices), ``bundled`` (scans shipped
 in dipy and nibabel).
-Stages: ``prepare`` (mri-prepare), ``infer`` (mri-infer), ``evaluate`` (mri-evaluate),
-``demo_data`` (demo-mri-data).
+``cycle`` also holds the train stage's ``cycle`` objective.
+Stages: ``prepare`` (mri-prepare), ``train`` (mri-train), ``cycle_train`` (mri-cycle-train), ``infer``
+(mri-infer), ``evaluate`` (mri-evaluate), ``demo_data`` (demo-mri-data), ``demo`` (demo-mri).
 """

@@ -26,18 +26,25 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import CycleGanConfig
+from pipeline.checkpoint import CheckpointError
+from pipeline.config import Config, CycleGanConfig
+from pipeline.distributed import Dist
+from pipeline.errors import UserError
 from pipeline.losses import discriminator_loss as side_loss
 from pipeline.losses import generator_adversarial
 from pipeline.mri.archs import SRResCycGAN
 from pipeline.mri.losses import total_variation
+from pipeline.objectives import Objective, Trainer, build_optimizer, load_updates, update, updates_state
+from pipeline.train_task import TrainTask
 
 Perceptual = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (pred, target) -> scalar
 SCALE = 4
+CYCLE_D_KEYS = ("loss/d_total", "loss/d_hr", "loss/d_lr")
 _DEFAULTS = CycleGanConfig()  # the defaults live in the config schema, one place
 
 
@@ -128,3 +135,88 @@ def optimizers(net: SRResCycGAN, c: CycleGanConfig = _DEFAULTS,
     d_opt = torch.optim.Adam(net.discriminators(), lr=c.learning_rate)
     schedules = [torch.optim.lr_scheduler.StepLR(o, step_size=c.halve_every, gamma=0.5) for o in (g_opt, d_opt)]
     return g_opt, d_opt, schedules
+
+
+class CycleObjective(Objective):
+    """The train stage's ``cycle`` objective: one SRResCycGAN step on an unpaired (LR, HR) batch.
+
+    The Trainer's generator is the whole ``SRResCycGAN`` (its ``forward`` is ``g_hr``, so validation,
+    best.pth and mri-infer treat it as the slice model it is); the Trainer's optimizer updates the two
+    generators (the discriminators carry no gradient when it steps: Adam skips them), this objective's
+    own Adam the two discriminators. Per step: ``generator_loss`` (the discriminators frozen), one
+    generator update, then ``discriminator_loss`` on the detached outputs, one discriminator update.
+    Both learning rates are ``cycgan.learning_rate`` halved every ``cycgan.halve_every`` steps, set
+    from the step number each step (so a resume needs no scheduler state). One process only: the
+    four networks are called directly, not through DistributedDataParallel.
+    """
+
+    name = "cycle"
+
+    def __init__(self, cfg: Config, task: TrainTask, d: Dist) -> None:
+        if d.world > 1:
+            raise UserError("SRResCycGAN training runs in one process; start it without torchrun")
+        net = task.generator
+        if not isinstance(net, SRResCycGAN):
+            raise UserError(f"the cycle objective trains SRResCycGAN, not {type(net).__name__}")
+        c = self.c = cfg.cycgan
+        self.net, self.weights_ = net, CycleWeights.from_config(c)
+        self.perceptual = None
+        if c.perceptual > 0:
+            if not cfg.loss.vgg_weights:
+                raise UserError("cycgan.perceptual > 0 needs loss.vgg_weights (torchvision's vgg19-dcbb9e9d.pth); "
+                                "or set cycgan.perceptual=0")
+            from pipeline.perceptual import load_vgg_features
+
+            vgg = load_vgg_features(cfg.loss.vgg_weights, cfg.loss.perceptual_layers).to(d.device)
+            self.perceptual = vgg_perceptual(vgg, cfg.loss.perceptual_criterion)
+        self.optimizer = build_optimizer(cfg.train, net.d_hr, d.device, c.learning_rate)
+        self.optimizer.add_param_group({"params": list(net.d_lr.parameters())})
+        self.scaler = torch.amp.GradScaler(d.device.type, enabled=False)  # fp32: SRResCycGAN steps run eager
+        w = self.weights_
+        terms = [key for weight, key in ((w.cycle, "loss/cycle"), (w.l1, "loss/l1"), (w.perceptual, "loss/perceptual"),
+                                         (w.tv, "loss/tv"), (w.adversarial, "loss/adversarial")) if weight > 0]
+        self.keys = ("loss/total", *terms, *CYCLE_D_KEYS)
+        self.bar = {"g": "loss/total", "cyc": "loss/cycle", "d": "loss/d_total"}
+
+    def learning_rate(self, step: int) -> float:
+        """``cycgan.learning_rate`` halved every ``cycgan.halve_every`` steps (the write-up's schedule)."""
+        return self.c.learning_rate * 0.5 ** (step // self.c.halve_every)
+
+    def step(self, tr: Trainer, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:
+        rate = self.learning_rate(tr.step)
+        for group in (*tr.optimizer.param_groups, *self.optimizer.param_groups):
+            group["lr"] = rate
+        net, kind = self.net, self.c.adversarial_loss
+        discriminators = (net.d_hr, net.d_lr)
+        for d in discriminators:
+            d.requires_grad_(False)  # the generators' backward leaves the discriminators alone
+        try:
+            with tr.phase("loss"):
+                losses = generator_loss(net, lr, hr, self.weights_, kind, self.perceptual)
+            update(losses["loss/total"], tr.optimizer, tr.scaler, net.generators(), tr.cfg.train.grad_clip, tr.phase)
+        finally:
+            for d in discriminators:
+                d.requires_grad_(True)
+        with tr.phase("discriminator"):
+            d_losses = discriminator_loss(net, lr, hr, losses["sr"].detach(), losses["fake_lr"].detach(), kind,
+                                          tr.cfg.gan.gp_weight)
+            update(d_losses["loss/d_total"], self.optimizer, self.scaler, net.discriminators(), 0.0)
+        return {**{k: losses[k] for k in self.keys if k in losses}, **d_losses}
+
+    def weights(self) -> dict[str, Any]:
+        return {"objective": self.name}
+
+    def state_dict(self) -> dict[str, Any]:
+        return updates_state(self.optimizer, None, self.scaler, "d_")
+
+    def load_state_dict(self, state: dict[str, Any], path: Any) -> None:
+        try:
+            load_updates(state, self.optimizer, None, self.scaler, "d_")
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: does not fit this run's discriminators: {str(exc)[:300]}") from None
+
+
+def cycle_objective(cfg: Config, task: TrainTask, d: Dist, dtype: torch.dtype | None,
+                    total_steps: int) -> CycleObjective:
+    """The builder a task hands the train stage (``TrainTask.objective``)."""
+    return CycleObjective(cfg, task, d)

@@ -12,7 +12,9 @@
   the same random flips per axis and 90-degree rotation in the plane of axes 0 and 1 (where voxels
   are usually square), drawn from (seed, epoch, i). Thick-slice LR is brought to the HR grid by the
   mixed interpolation (nearest / linear / cubic, ``mri.interp``) drawn per volume and epoch from
-  (seed, epoch, volume): mDCSRN's augmentation; ``set_epoch`` redraws it.
+  (seed, epoch, volume): mDCSRN's augmentation; ``set_epoch`` redraws it. ``sample(i, seed)`` is
+  the train stage's form (mri-train): the interpolation, flips and rotation drawn from one sample
+  seed, so a sample is a function of (index, seed) alone and resumes are exact.
 - ``validation_items`` / ``validate``: the validation fold's LR volumes and HR references, and the
   masked PSNR / SSIM / NRMSE of a model on them in real-world units (``predict.super_resolve``,
   ``metrics.score_volume``): the numbers mri-evaluate reports, before the integer rounding of a
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -33,7 +36,7 @@ from torch.utils.data import Dataset
 from pipeline.config import MriConfig
 from pipeline.errors import UserError
 from pipeline.layout import VolumeLayout
-from pipeline.mri.degrade import crop_to_multiple, mixed_interpolation
+from pipeline.mri.degrade import INTERPOLATIONS, crop_to_multiple, mixed_interpolation, to_grid
 from pipeline.mri.lrset import suffix_of
 from pipeline.mri.metrics import foreground_mask, score_volume
 from pipeline.mri.models import VolumeModelSpec
@@ -143,6 +146,7 @@ class PatchDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self._on_grid: dict[int, np.ndarray] = {}  # thick-slice LR interpolated for this epoch
+        self._by_method: dict[tuple[int, str], np.ndarray] = getattr(self, "_by_method", {})
 
     def lr_on_grid(self, k: int) -> np.ndarray:
         """Pair ``k``'s LR on the (mirrored) HR grid (k-space: as is; thick: this epoch's drawn interpolation)."""
@@ -155,21 +159,58 @@ class PatchDataset(Dataset):
             self._on_grid[k] = _mirror(lr, self.size)
         return self._on_grid[k]
 
+    def lr_by(self, k: int, method: str) -> np.ndarray:
+        """Pair ``k``'s LR on the (mirrored) HR grid by interpolation ``method`` (k-space LR: as is), cached."""
+        pair = self.pairs[k]
+        if pair.lr.shape == pair.hr.shape:
+            return pair.lr
+        if (k, method) not in self._by_method:
+            hr_shape = [n * f for n, f in zip(pair.lr.shape, grid_factors(self.mri))]
+            self._by_method[k, method] = _mirror(to_grid(pair.lr, hr_shape, INTERPOLATIONS[method]), self.size)
+        return self._by_method[k, method]
+
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        k, corner = self.index[i]
+    def _crop(self, k: int, corner: tuple[int, ...], lr_volume: np.ndarray,
+              rng: np.random.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         box = _box(corner, self.size)
-        lr, hr = self.lr_on_grid(k)[box], self.pairs[k].hr[box]
-        if self.augment:
-            rng = np.random.default_rng((self.seed, self.epoch, i))
+        lr, hr = lr_volume[box], self.pairs[k].hr[box]
+        if rng is not None:
             flips = tuple(a for a in range(3) if rng.random() < 0.5)
             turns = int(rng.integers(4))
             lr, hr = (np.rot90(np.flip(v, flips), turns, axes=(0, 1)) for v in (lr, hr))
         # (s,s,s) -> (1,s,s,s): one channel
-        return {"lr": torch.from_numpy(np.ascontiguousarray(lr, dtype=np.float32))[None],
-                "hr": torch.from_numpy(np.ascontiguousarray(hr, dtype=np.float32))[None]}
+        return (torch.from_numpy(np.ascontiguousarray(lr, dtype=np.float32))[None],
+                torch.from_numpy(np.ascontiguousarray(hr, dtype=np.float32))[None])
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        k, corner = self.index[i]
+        rng = np.random.default_rng((self.seed, self.epoch, i)) if self.augment else None
+        lr, hr = self._crop(k, corner, self.lr_on_grid(k), rng)
+        return {"lr": lr, "hr": hr}
+
+    def sample(self, i: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(LR, HR) (1,s,s,s) of patch ``i`` as a function of ``seed`` alone (the train stage's (index, seed)
+        order, so resumes are exact): the interpolation of thick-slice LR, then the flips and rotation."""
+        k, corner = self.index[i]
+        rng = np.random.default_rng(seed)
+        method = str(rng.choice(list(self.mri.interp)))
+        return self._crop(k, corner, self.lr_by(k, method), rng if self.augment else None)
+
+
+class SeededSamples(Dataset):
+    """The train stage's dataset: key ``(index, seed)`` -> ``source.sample(index, seed)`` (``PatchDataset``,
+    ``slices.UnpairedSlices``): (LR, HR) tensors that depend on the key alone."""
+
+    def __init__(self, source: PatchDataset | Any) -> None:
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.source.sample(*key)
 
 
 def validation_items(root: str | Path, mri: MriConfig, val_fold: int) -> list[ValItem]:

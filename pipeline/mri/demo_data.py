@@ -87,9 +87,14 @@ def ensure_demo_mri(out: str | Path, cfg: Config) -> dict:
     return record
 
 
+def demo_settings(out: str | Path, record: dict) -> dict[str, object]:
+    """The settings that run the stages on the demo folder (its folds and held-out fold), for ``with_overrides``."""
+    return {"mri.dir": str(out), "mri.folds": record["folds"], "mri.val_fold": record["val_fold"]}
+
+
 def demo_overrides(out: str | Path, record: dict) -> list[str]:
-    """``key=value`` settings that run the stages on the demo folder (its folds and held-out fold)."""
-    return [f"mri.dir={out}", f"mri.folds={record['folds']}", f"mri.val_fold={record['val_fold']}"]
+    """``demo_settings`` as ``key=value`` command-line settings."""
+    return [f"{key}={value}" for key, value in demo_settings(out, record).items()]
 
 
 def main(cfg: Config) -> None:

@@ -60,6 +60,14 @@ def kspace_downsample(hr: np.ndarray, scale: int) -> np.ndarray:
     return (np.abs(lr) / scale**2).astype(np.float32)
 
 
+def _dihedral(x: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+    """``x`` (h,w) flipped and turned by draws of ``rng`` -> (1,h,w)."""
+    if rng.random() < 0.5:
+        x = x[::-1]
+    x = np.rot90(x, int(rng.integers(4)))
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None]  # (h,w) -> (1,h,w)
+
+
 class UnpairedSlices(Dataset):
     """``{"lr": (1,h,w), "hr": (1,sh,sw)}`` float32 tensors; the HR partner of an LR changes every epoch."""
 
@@ -82,6 +90,13 @@ class UnpairedSlices(Dataset):
         hr = self.hr[self.partner[i]]
         return {"lr": torch.from_numpy(np.ascontiguousarray(lr))[None],  # (h,w) -> (1,h,w)
                 "hr": torch.from_numpy(np.ascontiguousarray(hr))[None]}
+
+    def sample(self, i: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(LR (1,h,w), HR (1,sh,sw)) of item ``i`` as a function of ``seed`` alone (the train stage's (index,
+        seed) order, so resumes are exact): the HR partner, then each side's flip and 90-degree turn, from the seed."""
+        rng = np.random.default_rng(seed)
+        hr = self.hr[int(rng.integers(len(self.hr)))]
+        return _dihedral(self.lr[i % len(self.lr)], rng), _dihedral(hr, rng)
 
 
 def unpaired_slices(volumes: Sequence[tuple[str, Volume]], size: int, scale: int = 4, axis: int = 2,
