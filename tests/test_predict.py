@@ -4,6 +4,8 @@ where a GPU is present)."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -64,7 +66,7 @@ def test_compiled_forward_sees_one_shape_and_is_timed_apart(monkeypatch: pytest.
     assert modes == [("reduce-overhead", False)]
     assert set(shapes) == {(3 * 2, 3, 8, 8)}  # 3 tiles x 2 ways, the last batch padded
     assert len(shapes) == 3 * 6  # 6 calls per image: the warm-up run of image 0, then images 0 and 1
-    assert timing.compile == "reduce-overhead" and timing.compile_seconds > 0 and timing.images == 2
+    assert timing.compile == "reduce-overhead" and math.isfinite(timing.compile_seconds) and timing.images == 2
     eager, eager_timing = predict_images([model], lrs, Settings(**{**settings.__dict__, "compile": "off"}))
     assert eager_timing.compile == "off" and eager_timing.compile_seconds == 0
     for a, b in zip(out, eager):
