@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from pipeline.config import Config, save_config, with_overrides
@@ -26,8 +28,8 @@ from pipeline.files import atomic_write
 from pipeline.images import read_float, read_uint8, to_uint8
 from pipeline.layout import DataLayout, OutputLayout
 from pipeline.metrics import score_pair
-from pipeline.predict import Settings, is_parameter_free, load_models, predict_images
-from pipeline.runtime import autocast_dtype, pick_device, precision_name
+from pipeline.predict import Settings, inference_dtype, load_models, predict_images
+from pipeline.runtime import pick_device, precision_name
 
 COLUMNS = ["models", "tta", "tile", "stride", "blend", "precision", "merge", "psnr", "ssim", "sec_per_image", "gain_db",
            "default"]
@@ -46,8 +48,9 @@ def parse_tile(spec: str) -> tuple[int, int]:
     return parts[0], parts[1]
 
 
-def settings_grid(cfg: Config, device_type: str, parameter_free: bool) -> list[Settings]:
-    """The distinct settings to run, the configured default first."""
+def settings_grid(cfg: Config, models: Sequence[nn.Module], device: torch.device) -> list[Settings]:
+    """The distinct settings to run for ``models`` on ``device``, the configured default first (two
+    precisions that resolve to one dtype for these models run once)."""
     base = Settings.from_config(cfg.infer)
     grid = [base]
     for tta, tile, blend, precision, merge in itertools.product(
@@ -56,7 +59,7 @@ def settings_grid(cfg: Config, device_type: str, parameter_free: bool) -> list[S
         grid.append(dataclasses.replace(base, tta=tta, tile=t, stride=s or base.stride, blend=blend,
                                         precision=precision, merge=merge))
     def key(s: Settings) -> tuple:
-        dtype = None if parameter_free else autocast_dtype(torch.device(device_type), s.precision)
+        dtype = inference_dtype(models, device, s.precision)
         blend = "-" if s.tile == 0 else s.blend
         stride = 0 if s.tile == 0 else s.stride
         return (s.tta, s.tile, stride, blend, precision_name(dtype), s.merge)
@@ -91,7 +94,7 @@ def run_grid(cfg: Config) -> pd.DataFrame:
         models, _desc = load_models(set_cfg)
         # Untimed warm-up (lazy allocations, oneDNN kernel selection) so row 1 is not penalised.
         predict_images(models, lr_images[:1], Settings.from_config(cfg.infer), device)
-        for settings in settings_grid(cfg, device.type, is_parameter_free(models)):
+        for settings in settings_grid(cfg, models, device):
             jobs.append((label, models, settings))
     default = Settings.from_config(cfg.infer)
     for label, models, settings in tqdm(jobs, desc="ablate", unit="setting"):

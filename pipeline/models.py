@@ -22,6 +22,7 @@ from pipeline import zoo
 from pipeline.archs import SCALE, Padded
 from pipeline.compat import EDSR, MSRResNet, RRDBNet, SwinIR
 from pipeline.errors import UserError
+from pipeline.runtime import precision_name
 from pipeline.wdsr import wdsr_a, wdsr_b
 from pipeline.zoo import ALL_PRECISIONS, plain
 
@@ -289,9 +290,6 @@ def card_of(model: nn.Module) -> ModelCard:
     return card if isinstance(card, ModelCard) else ModelCard("?", {}, ALL_PRECISIONS)
 
 
-_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
 def autocast_cap(models: Sequence[nn.Module], dtype: torch.dtype | None, device: torch.device) -> torch.dtype | None:
     """``dtype`` lowered to what every model is safe in: fp16 -> bf16 (where the device has it) -> fp32 (None).
 
@@ -303,7 +301,7 @@ def autocast_cap(models: Sequence[nn.Module], dtype: torch.dtype | None, device:
     allowed = set(ALL_PRECISIONS)
     for m in models:
         allowed &= set(card_of(m).precisions)
-    if _DTYPE_NAMES[dtype] in allowed:
+    if precision_name(dtype) in allowed:
         return dtype
     if "bf16" in allowed and (device.type != "cuda" or torch.cuda.is_bf16_supported()):
         return torch.bfloat16

@@ -130,6 +130,14 @@ def is_parameter_free(models: Sequence[nn.Module]) -> bool:
     return all(sum(p.numel() for p in m.parameters()) == 0 for m in models)
 
 
+def inference_dtype(models: Sequence[nn.Module], device: torch.device, precision: str) -> torch.dtype | None:
+    """The autocast dtype ``models`` run in for a precision setting (None = fp32): none for parameter-free
+    models, and fp16-unsafe architectures kept in bf16 / fp32 (``models.autocast_cap``)."""
+    if is_parameter_free(models):
+        return None
+    return autocast_cap(models, autocast_dtype(device, precision), device)
+
+
 def compile_choice(setting: str, device: torch.device, lr_pixels: int) -> str:
     """'off' or the ``torch.compile`` mode to use, for ``lr_pixels`` (images x tiles x ways x tile area)
     that each model will process. Explicit modes are honoured; 'auto' follows ``COMPILE_*``."""
@@ -194,8 +202,7 @@ def iter_predict(models: Sequence[nn.Module], items: Iterable[tuple[str, np.ndar
     """
     validate(settings)
     free = is_parameter_free(models)
-    dtype = None if free else autocast_dtype(device, settings.precision)
-    dtype = autocast_cap(models, dtype, device)  # fp16-unsafe architectures stay in bf16/fp32
+    dtype = inference_dtype(models, device, settings.precision)
     timing.precision = precision_name(dtype)
     if total_images is None:
         total_images = len(items) if isinstance(items, Sized) else 1

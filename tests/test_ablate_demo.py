@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import zipfile
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from pipeline.ablate import COLUMNS, parse_tile, settings_grid
 from pipeline.cli import main as cli
 from pipeline.config import load_config
 from pipeline.errors import UserError
+from pipeline.models import build_model
 
 
 def test_parse_tile():
@@ -26,11 +29,23 @@ def test_parse_tile():
 def test_grid_runs_each_distinct_setting_once():
     cfg = load_config(None, ["ablate.tta=[1, 8]", "ablate.tiles=[0, 32/16]", "ablate.blends=[mean, hann]",
                              "ablate.precisions=[fp32]", "infer.tile=32", "infer.stride=16", "infer.precision=fp32"])
-    grid = settings_grid(cfg, "cpu", parameter_free=False)
+    grid = settings_grid(cfg, [build_model("edsr-nano")], torch.device("cpu"))
     # whole image: blend is irrelevant -> 1 per tta; tiled: 2 blends per tta; the default is among them
     assert len(grid) == 2 * 1 + 2 * 2
     assert grid[0].tta == 8 and grid[0].tile == 32 and grid[0].blend == "hann"
     assert len({(s.tta, s.tile, s.blend) for s in grid}) == len(grid)
+
+
+def test_precisions_that_resolve_to_one_dtype_run_once() -> None:
+    # A model safe only in fp32 runs bf16 as fp32 (models.autocast_cap): the grid must not run it twice
+    # under two labels.
+    cfg = load_config(None, ["ablate.tta=[8]", "ablate.tiles=[32/16]", "ablate.blends=[hann]",
+                             "ablate.precisions=[fp32, bf16]", "infer.tile=32", "infer.stride=16",
+                             "infer.precision=fp32"])
+    plain, fp32_only = build_model("edsr-nano"), build_model("edsr-nano")
+    fp32_only.card = dataclasses.replace(fp32_only.card, precisions=("fp32",))
+    assert [s.precision for s in settings_grid(cfg, [plain], torch.device("cpu"))] == ["fp32", "bf16"]
+    assert [s.precision for s in settings_grid(cfg, [fp32_only], torch.device("cpu"))] == ["fp32"]
 
 
 def test_ablate_writes_csv_and_plot(patched_demo: Path, tmp_path: Path):
