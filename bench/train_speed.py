@@ -148,8 +148,7 @@ def our_trainer(name: str, init: dict, device: torch.device, cfg: Config, steps:
 
     from pipeline.layout import RunLayout
     from pipeline.losses import build_generator_loss
-    from pipeline.objectives import PixelObjective
-    from pipeline.train import build_optimizer, make_scheduler
+    from pipeline.objectives import PixelObjective, build_optimizer, make_scheduler
     from pipeline.train_io import RunLog
     from pipeline.train_loop import Trainer
 

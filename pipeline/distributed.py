@@ -75,3 +75,12 @@ def gather(d: Dist, value: Any) -> list[Any]:
     out: list[Any] = [None] * d.world
     dist.all_gather_object(out, value)
     return out
+
+
+def wrap_ddp(module: torch.nn.Module, d: Dist) -> torch.nn.Module:
+    """``module`` with its gradients averaged across the ranks in buckets during backward (NCCL on GPUs,
+    gloo on CPUs); the module itself without a process group."""
+    if not d.distributed:
+        return module
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=[d.device.index] if d.device.type == "cuda"
+                                                     else None)

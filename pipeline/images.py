@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import cv2
 import numpy as np
@@ -190,16 +190,17 @@ def images_by_stem(folder: str | Path, role: str = "image") -> dict[str, Path]:
 # numpy release the GIL while they decode, encode and round, so threads are enough.
 
 
-def read_ahead(items: Iterable[tuple[Key, Path]], read: Callable[[Path], np.ndarray] = read_float,
-               depth: int = 2) -> Iterator[tuple[Key, np.ndarray]]:
-    """Yield ``(key, read(path))`` in the order given while the next ``depth`` images decode in a thread.
+def read_ahead(items: Iterable[tuple[Key, Any]], read: Callable[[Any], Any] = read_float,
+               depth: int = 2, workers: int = 1) -> Iterator[tuple[Key, Any]]:
+    """Yield ``(key, read(path))`` in the order given while the next ``depth`` images decode in
+    ``workers`` threads.
 
     A reading error is raised here, when that image's turn comes, exactly as ``read`` raised it;
     closing the iterator early cancels the reads not yet started.
     """
     source = iter(items)
-    pending: deque[tuple[Key, Future[np.ndarray]]] = deque()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead") as pool:
+    pending: deque[tuple[Key, Future[Any]]] = deque()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="read-ahead") as pool:
         def fill() -> None:
             while len(pending) < depth:
                 item = next(source, None)

@@ -32,11 +32,10 @@ import torch
 from timm.scheduler import CosineLRScheduler, StepLRScheduler
 from timm.scheduler.scheduler import Scheduler
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.checkpoint import CheckpointError, load_checkpoint, state_dict_from
 from pipeline.config import Config, TrainConfig
-from pipeline.distributed import Dist
+from pipeline.distributed import Dist, wrap_ddp
 from pipeline.errors import UserError
 from pipeline.losses import GeneratorLoss, build_generator_loss, discriminator_loss, full_precision
 from pipeline.runtime import autocast, optimizer_flags
@@ -44,7 +43,6 @@ from pipeline.train_compile import StepCompiler
 from pipeline.train_task import TrainTask
 
 D_KEYS = ("loss/d_total", "loss/d_real", "loss/d_fake", "loss/d_gp")
-BEST_RULES = ("psnr", "lpips", "last")
 Phase = Callable[[str], contextlib.AbstractContextManager]
 
 
@@ -145,7 +143,7 @@ class Objective:
 
     name = ""
     compiles = False  # train.compile may compile the generator's forward and backward
-    best_by = "psnr"  # what best.pth keeps (BEST_RULES)
+    best_by = "psnr"  # what best.pth keeps: psnr, lpips or last (gan.best)
 
     def __init__(self, loss: GeneratorLoss) -> None:
         self.loss = loss
@@ -275,9 +273,7 @@ class GanObjective(Objective):
             load_discriminator(critic, g.pretrained)
         self.critic = distributed_critic(critic.to(d.device), d, g.discriminator)
         critic_loss = CriticLoss(self.critic, g.loss, g.gp_weight, functools.partial(autocast, d.device, dtype))
-        self.critic_step = DistributedDataParallel(
-            critic_loss, device_ids=[d.device.index] if d.device.type == "cuda" else None
-        ) if d.distributed else critic_loss
+        self.critic_step = wrap_ddp(critic_loss, d)
         self.optimizer = build_optimizer(cfg.train, self.critic, d.device, g.learning_rate)
         self.scheduler = make_scheduler(cfg.train, self.optimizer, task.batches.steps_per_epoch, total_steps)
         self.scaler = torch.amp.GradScaler(d.device.type, enabled=dtype is torch.float16)

@@ -34,7 +34,6 @@ import torch
 import torch.distributed as dist
 from timm.utils import ModelEmaV3
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline import train_io
@@ -42,7 +41,7 @@ from pipeline.checkpoint import CheckpointError, load_checkpoint, load_weights_f
 from pipeline.config import Config, save_config
 from pipeline.dataset import EpochBatches, PairAugment, PatchDataset, read_pair
 from pipeline.discriminators import build_discriminator, check_discriminator, discriminator_kwargs
-from pipeline.distributed import Dist, barrier, init_distributed, shutdown
+from pipeline.distributed import Dist, barrier, init_distributed, shutdown, wrap_ddp
 from pipeline.errors import Interrupted, UserError
 from pipeline.files import clean_stale
 from pipeline.layout import DataLayout, RunLayout
@@ -58,8 +57,6 @@ from pipeline.runtime import enable_tf32, peak_memory, precision_name, seed_ever
 from pipeline.train_loop import Trainer
 from pipeline.train_task import TrainTask
 from pipeline.validation import ImageValidation
-
-__all__ = ["build_optimizer", "build_trainable", "image_task", "main", "make_scheduler", "run", "run_loader"]
 
 
 def _check(cfg: Config) -> None:
@@ -164,11 +161,6 @@ def image_task(cfg: Config, d: Dist) -> TrainTask:
                      save_card=lambda path: save_model_card(path, model, cfg.model.pretrained))
 
 
-def _ddp(model: nn.Module, d: Dist) -> nn.Module:
-    """Gradients averaged across the ranks in buckets during backward (NCCL on GPUs, gloo on CPUs)."""
-    return DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
-
-
 def _moved_aside_advice(path: Path, problem: str) -> CheckpointError:
     return CheckpointError(f"{path}: {problem}; use another run name, or train.resume=never to start over (the old "
                            "run is moved aside, not deleted)")
@@ -249,7 +241,7 @@ def run(cfg: Config, make_task: Callable[[Config, Dist], TrainTask]) -> None:
 
         trainer = Trainer(
             cfg=cfg, rank=d.rank, world=d.world, device=d.device, dtype=dtype, run=run_dir, raw=model,
-            model=_ddp(model, d) if d.distributed else model, ema=ema, optimizer=optimizer,
+            model=wrap_ddp(model, d), ema=ema, optimizer=optimizer,
             scheduler=scheduler, scaler=scaler, loader=task.loader, batches=batches, validation=task.validation,
             to_device=task.to_device, objective=objective, total_steps=total_steps, arch=task.arch,
             kwargs=task.kwargs)

@@ -46,7 +46,6 @@ from pipeline.train_profile import StepProfiler
 from pipeline.validation import Validation, ValidationCadence
 
 PROFILE_AFTER = 5  # steps of the session (after any compile warm-up) before train.profile_steps begins
-_NO_PHASE = contextlib.nullcontext()
 
 
 class TrainingDiverged(UserError):
@@ -95,7 +94,7 @@ class Trainer:
     log: Any = None  # train_io.RunLog, opened by fit
     bar: Any = None  # tqdm progress bar, opened by fit
     compiler: StepCompiler = field(init=False)  # what the step calls: `model`, eager or compiled (use_compile)
-    profiler: StepProfiler | None = None
+    profiler: StepProfiler = field(init=False)  # train.profile_steps (off: its phases are no-ops)
     _session: tuple[float, int] = (0.0, 0)  # (clock, step) when this session's loop began
     _compile_pending: bool = False  # train.compile=auto waits for the first log point to decide
     _profile_from: int = -1  # the step at which the profiler starts; -1 = not yet known
@@ -107,6 +106,7 @@ class Trainer:
         self.best = train_io.BestCheckpoint(self.run.best, self.objective.best_by)
         t = self.cfg.train
         self.cadence = ValidationCadence(t.val_every, t.val_share, t.deterministic, self.device, self.world)
+        self.profiler = StepProfiler(self.run.profile, t.profile_steps, self.device, self.main)
 
     @property
     def compiled(self) -> str:
@@ -125,7 +125,7 @@ class Trainer:
 
     def phase(self, name: str) -> contextlib.AbstractContextManager:
         """A named part of the step, for train.profile_steps (a no-op otherwise)."""
-        return self.profiler.phase(name) if self.profiler is not None else _NO_PHASE
+        return self.profiler.phase(name)
 
     # -- checkpoints ------------------------------------------------------------------------------
 
@@ -210,7 +210,6 @@ class Trainer:
         # Python lets only the main thread set handlers; elsewhere (a notebook's worker) Ctrl-C is plain.
         signals = (signal.SIGTERM, signal.SIGINT) if threading.current_thread() is threading.main_thread() else ()
         handlers = {s: signal.signal(s, self._on_signal) for s in signals}
-        self.profiler = StepProfiler(self.run.profile, self.cfg.train.profile_steps, self.device, self.main)
         try:
             self.raw.train()
             self._session = self._speed = (time.perf_counter(), self.step)
@@ -329,7 +328,7 @@ class Trainer:
         elif t.save_minutes > 0 and time.monotonic() - self._saved >= t.save_minutes * 60 and self.objective.healthy:
             self.save(history=False)
         if self.step == self._profile_from:
-            self.profiler.start()  # type: ignore[union-attr]
+            self.profiler.start()
         return self._stop_reason()
 
     def _log_train(self) -> None:

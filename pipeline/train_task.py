@@ -6,13 +6,12 @@ the loop, checkpoints and exact resume, EMA, logging, signals, time budgets and 
 data: the generator and how a checkpoint rebuilds it, the discriminators that fit its samples,
 the training batches, how a batch reaches the device, and the validation.
 
-``pipeline.train.image_task`` builds the 2-D image task (the model table, patches of
-``data.dir``, contest PSNR on whole held-out images). A volume task plugs in the same way: a
-function ``(cfg, dist) -> TrainTask`` whose generator comes from ``pipeline.mri.models``'s table,
-whose loader draws (B,1,D,H,W) crops through ``RunBatches(EpochBatches(...))`` (the same
-(index, seed) order, so resumes stay exact), whose validation is the masked volume PSNR against
-the interpolated input, and whose ``discriminator`` builds a 3-D critic from the same table; then
-``pipeline.train.run(cfg, volume_task)`` trains it with either objective.
+The tasks: ``pipeline.train.image_task`` (the model table, patches of ``data.dir``, contest PSNR
+on whole held-out images), ``pipeline.mri.train.volume_task`` (mDCSRN on 3-D patches, masked
+volume PSNR, a 3-D critic for ``gan.discriminator``) and ``pipeline.mri.cycle_train``'s slice task
+(SRResCycGAN on unpaired slices, which brings its own objective). Each is a function
+``(cfg, dist) -> TrainTask`` whose loader comes from ``pipeline.train.run_loader`` (the (index,
+seed) order, so resumes stay exact); ``pipeline.train.run(cfg, make_task)`` trains it.
 """
 
 from __future__ import annotations

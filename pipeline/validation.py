@@ -11,20 +11,18 @@ on the device and does not wait on PNG decoding; ranks under torchrun split the 
 
 from __future__ import annotations
 
+import functools
 import math
 import time
-from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from pipeline.dataset import read_pair
+from pipeline.images import read_ahead
 from pipeline.layout import Pair
 from pipeline.metrics import contest_psnr
 from pipeline.runtime import autocast
@@ -79,7 +77,9 @@ def validate_model(model: nn.Module, pairs: list[Pair], scale: int, device: torc
     """Mean contest PSNR (and LPIPS of the uint8 prediction, given ``lpips``) over whole images;
     ranks take every world-th image and pool their sums."""
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # (sum of PSNR, sum of LPIPS, images)
-    for lr, hr in read_ahead(pairs[rank::world], scale):
+    # decoded by two threads up to 4 images early (OpenCV releases the GIL): the device does not wait
+    mine = [(pair, pair) for pair in pairs[rank::world]]
+    for _pair, (lr, hr) in read_ahead(mine, functools.partial(read_pair, scale=scale), depth=4, workers=2):
         x = torch.from_numpy(lr).to(device).permute(2, 0, 1)[None].float().div(255)  # (h,w,3) -> (1,3,h,w)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -139,19 +139,6 @@ class ValidationCadence:
             every = int(shared.item())
         changed, self.every, self.next = every != self.every, every, step + every
         return changed
-
-
-def read_ahead(pairs: list[Pair], scale: int, ahead: int = 4) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """``read_pair`` of each pair in order, decoded by two threads up to ``ahead`` images early, so the
-    device does not wait for PNG decoding (OpenCV releases the GIL) and memory holds few images."""
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="val-read") as pool:
-        queue: deque = deque()
-        for pair in pairs:
-            queue.append(pool.submit(read_pair, pair, scale))
-            if len(queue) > ahead:
-                yield queue.popleft().result()
-        while queue:
-            yield queue.popleft().result()
 
 
 def bicubic(device: torch.device) -> nn.Module:

@@ -29,6 +29,7 @@ from pipeline.dataset import EpochBatches, PairAugment
 from pipeline.errors import UserError
 from pipeline.images import to_uint8, write_png
 from pipeline.models import build_model
+from pipeline.objectives import build_optimizer
 from pipeline.runtime import seed_everything
 from pipeline.train import build_trainable
 
@@ -299,7 +300,7 @@ def test_update_kernel_precision_and_compile_rules() -> None:
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert optimizer_flags(cuda) == {"fused": True, "foreach": False}
-    optimizer = train.build_optimizer(load_config(None, []).train, build_model("edsr-nano"), cpu)
+    optimizer = build_optimizer(load_config(None, []).train, build_model("edsr-nano"), cpu)
     assert optimizer.defaults["foreach"] is True and not optimizer.defaults["fused"]
     # auto on CUDA: fp32 (TF32) for launch-bound steps; explicit settings are honoured at any size.
     assert dtype_for(cuda, "auto", 16 * 64**2) is None and dtype_for(cuda, "bf16", 16) is torch.bfloat16
