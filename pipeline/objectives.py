@@ -38,6 +38,7 @@ from pipeline.config import Config, TrainConfig
 from pipeline.distributed import Dist, wrap_ddp
 from pipeline.errors import UserError
 from pipeline.losses import GeneratorLoss, build_generator_loss, discriminator_loss, full_precision
+from pipeline.models import count_parameters
 from pipeline.runtime import autocast, optimizer_flags
 from pipeline.train_compile import StepCompiler
 from pipeline.train_task import TrainTask
@@ -182,6 +183,14 @@ class Objective:
         """False while a divergence is suspected: periodic saves wait, so last.pth stays from before it."""
         return True
 
+    def describe(self) -> str:
+        """What the run's start line adds about this objective ('' = nothing)."""
+        return ""
+
+    def rate_settings(self, cfg: Config) -> str:
+        """The learning-rate settings that drive this objective's updates, for a divergence message."""
+        return f"train.learning_rate={cfg.train.learning_rate:g}"
+
 
 class PixelObjective(Objective):
     """Today's PSNR training: the generator loss and one generator update per step."""
@@ -298,6 +307,14 @@ class GanObjective(Objective):
             update(losses["loss/d_total"], self.optimizer, self.scaler, self.critic.parameters(), 0.0)
             rows.append(torch.stack([losses[key].detach() for key in D_KEYS]))
         return dict(zip(D_KEYS, torch.stack(rows).mean(0)))  # the mean over the step's critic updates
+
+    def describe(self) -> str:
+        g = self.gan
+        return (f" as a GAN against {g.discriminator} ({count_parameters(self.critic) / 1e6:.3f}M parameters, "
+                f"{g.loss}, {g.critic_steps} critic step(s) per step; best.pth by {self.best_by})")
+
+    def rate_settings(self, cfg: Config) -> str:
+        return f"{super().rate_settings(cfg)}, gan.learning_rate={self.gan.learning_rate:g}"
 
     def step(self, tr: Trainer, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:
         self.sample_size = hr[0].numel()

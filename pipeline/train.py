@@ -274,11 +274,8 @@ def _start_line(cfg: Config, d: Dist, trainer: Trainer, task: TrainTask, dtype: 
     fp32 = "fp32 (TF32)" if d.device.type == "cuda" else "fp32"
     update = "fused" if trainer.optimizer.defaults.get("fused") else "foreach"
     group = f" (DDP, {dist.get_backend()})" if d.distributed else ""
-    what = f"train {task.arch} ({count_parameters(task.generator) / 1e6:.3f}M parameters)"
-    if objective.name == "gan":
-        g = cfg.gan
-        what += (f" as a GAN against {g.discriminator} ({count_parameters(objective.critic) / 1e6:.3f}M "  # type: ignore[attr-defined]
-                 f"parameters, {g.loss}, {g.critic_steps} critic step(s) per step; best.pth by {objective.best_by})")
+    what = f"train {task.arch} ({count_parameters(task.generator) / 1e6:.3f}M parameters){objective.describe()}"
+    compile_ = t.compile if objective.compiles else f"off ({objective.name.upper()} steps run eager)"
     return (f"{what} on {d.device} x{d.world}{group}, {precision_name(dtype) if dtype else fp32}, {update} "
-            f"{t.optimizer}, compile {t.compile if objective.compiles else 'off (GAN steps run eager)'}, "
+            f"{t.optimizer}, compile {compile_}, "
             f"{task.description}, {task.batches.steps_per_epoch} steps/epoch, global batch {t.batch_size}")

@@ -189,9 +189,7 @@ class Trainer:
             self._diverged(f"weights or losses became NaN or infinite by step {self.step}")
 
     def _diverged(self, what: str) -> None:
-        t, gan = self.cfg.train, self.cfg.gan
-        rates = f"train.learning_rate={t.learning_rate:g}" + (
-            f", gan.learning_rate={gan.learning_rate:g}" if self.objective.name == "gan" else "")
+        t, rates = self.cfg.train, self.objective.rate_settings(self.cfg)
         kept = (f"{self.run.last} holds the last good state (step {self._saved_step})" if self._saved_step >= 0
                 else "nothing was saved")
         raise TrainingDiverged(f"{what} ({rates}, precision {t.precision}: lower the learning rate or set "
