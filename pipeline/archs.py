@@ -3,8 +3,9 @@
 Transformer models attend within windows, so their input side must be a multiple of the window
 (and some need a minimum side). ``Padded`` does that padding for every model of the table and
 every detected published model, the same way each architecture's reference code (and spandrel's
-call API) does it, so outputs match theirs exactly at any size, and the padding is a traced
-graph operation (ONNX export keeps dynamic height and width).
+call API) does it, so outputs match theirs exactly at any size. The window padding is a traced
+graph operation (ONNX export keeps dynamic height and width); padding up to a minimum side is
+Python the trace does not keep, which pipeline/export.py accounts for.
 """
 
 from __future__ import annotations

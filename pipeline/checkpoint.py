@@ -28,20 +28,19 @@ from typing import Any
 import torch
 import yaml
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from spandrel import MAIN_REGISTRY, canonicalize_state_dict
 from torch import nn
 
 from pipeline import zoo
-from pipeline.config import Config
 from pipeline.errors import CheckpointError
 from pipeline.files import atomic_write
-from pipeline.models import MODELS, ModelCard, build_model, card_of, count_parameters
+from pipeline.models import MODELS, ModelCard, build_model, card_of, count_parameters, model_kwargs
 from pipeline.zoo import SPANDREL_PREFIX, plain
 
 __all__ = ["CheckpointError", "check_table_kwargs", "load_checkpoint", "load_state_into", "load_weights",
            "load_weights_file", "model_from_checkpoint", "save_checkpoint", "save_model_card", "save_safetensors",
-           "state_dict_from", "weights_file_models"]
+           "state_dict_from"]
 
 _TRAINING_STATE = ("params", "params_ema", "optimizer", "scheduler", "scaler", "rng")
 PRODUCER = "sr-pipeline"
@@ -67,9 +66,9 @@ def save_safetensors(path: str | Path, weights: dict[str, torch.Tensor], arch: s
 
 def _load_safetensors(path: Path, map_location: str | torch.device) -> dict[str, Any]:
     """A .safetensors file as a checkpoint dict: ours -> params + arch/kwargs; foreign -> the bare tensors."""
-    with safe_open(str(path), framework="pt") as f:
+    with safe_open(str(path), framework="pt", device=str(map_location)) as f:
         metadata = f.metadata() or {}
-    tensors = load_file(str(path), device=str(map_location))
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
     if metadata.get("producer") != PRODUCER or "arch" not in metadata:
         return tensors
     try:
@@ -234,13 +233,10 @@ def load_weights_file(path: str | Path, name: str = "", weights: str = "ema") ->
     entry = _table_entry(found)
     what = f"{found.arch_id} x{found.scale} ({found.parameters / 1e6:.3f}M parameters, detected by spandrel)"
     note = f"{path} holds a {what}" + (f", not model.name={name}" if name else "")
-    if entry is not None:
-        model = build_model(entry)
-        _load_into(model, found.model.state_dict(), path, entry)
-        card = card_of(model)
-        model.card = ModelCard(entry, card.kwargs, card.precisions, f"{note}: using the table's {entry}",
-                               found.summary())
-        return model
+    if entry is not None:  # spandrel built exactly the table's model: it only needs the table's name
+        found.model.card = ModelCard(entry, model_kwargs(entry), MODELS[entry].precisions,
+                                     f"{note}: using the table's {entry}", found.summary())
+        return found.model
     arch = SPANDREL_PREFIX + found.arch_id
     found.model.card = ModelCard(arch, found.hyperparameters, found.precisions, f"{note}: using it as {arch}",
                                  found.summary())
@@ -265,18 +261,6 @@ def card_record(model: nn.Module, pretrained: str = "") -> dict[str, Any]:
     if card.detected:
         record["detected"] = card.detected
     return record
-
-
-def weights_file_models(path: str | Path, cfg: Config) -> tuple[list[nn.Module], str]:
-    """What ``load_models`` runs for a weights file (infer --weights, or model.pretrained without a run):
-    the one model in it, and a description for tables. What was detected is printed."""
-    if cfg.model.weights and (cfg.infer.runs or cfg.infer.last_k):
-        raise CheckpointError(f"model.weights={path} runs that file alone; drop infer.runs / infer.last_k")
-    model = load_weights_file(path, cfg.model.name, cfg.infer.weights)
-    card = card_of(model)
-    if card.note:
-        print(card.note)
-    return [model.eval()], f"{card.arch} ({Path(path).name})"
 
 
 def load_state_into(model: nn.Module, state: dict[str, Any], path: str | Path, weights: str = "ema",

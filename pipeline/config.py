@@ -361,7 +361,7 @@ class ExportConfig:
     format: Literal["onnx", "safetensors"] = opt(
         "onnx", "onnx (dynamic batch/height/width, checked against PyTorch with ONNX Runtime) or safetensors "
         "(weights only, arch and kwargs in the metadata)")
-    opset: int = opt(17, "ONNX opset version", ge=7)
+    opset: int = opt(17, "ONNX opset version (ONNX export needs 9 or later)", ge=9)
     checkpoint: Literal["best", "last"] = opt("best", "which checkpoint of the run; the output is models/<run>/<it>.*")
     weights: Literal["ema", "params"] = opt("ema", "prefer EMA weights (falls back to params)")
     image: str = opt("", "LR image the ONNX check runs on; default: a 40x52 crop of a photo scikit-image ships")

@@ -27,12 +27,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.checkpoint import model_from_checkpoint, weights_file_models
+from pipeline.checkpoint import CheckpointError, load_weights_file, model_from_checkpoint
 from pipeline.config import Config, InferConfig
 from pipeline.ensemble import MERGES, average_models
 from pipeline.errors import UserError
 from pipeline.layout import RunLayout
-from pipeline.models import Bicubic, autocast_cap, build_model
+from pipeline.models import Bicubic, autocast_cap, build_model, card_of
 from pipeline.runtime import autocast, autocast_dtype, peak_memory, pick_device, precision_name
 from pipeline.tiling import Forward, TileError, auto_batch, effective_tile, run_tiles, tile_grid
 
@@ -300,6 +300,18 @@ def checkpoint_paths(cfg: Config) -> list[Path]:
         if not p.is_file():
             raise UserError(f"{p}: checkpoint not found (train run {p.parent.name!r} first, or use model.name=bicubic)")
     return paths
+
+
+def weights_file_models(path: str | Path, cfg: Config) -> tuple[list[nn.Module], str]:
+    """What ``load_models`` runs for a weights file (infer --weights, or model.pretrained without a run):
+    the one model in it, and a description for tables. What was detected is printed."""
+    if cfg.model.weights and (cfg.infer.runs or cfg.infer.last_k):
+        raise CheckpointError(f"model.weights={path} runs that file alone; drop infer.runs / infer.last_k")
+    model = load_weights_file(path, cfg.model.name, cfg.infer.weights)
+    card = card_of(model)
+    if card.note:
+        print(card.note)
+    return [model.eval()], f"{card.arch} ({Path(path).name})"
 
 
 def load_models(cfg: Config) -> tuple[list[nn.Module], str]:
