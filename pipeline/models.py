@@ -1,8 +1,9 @@
 """The model table: name -> builder and its keyword arguments. Explicit, no discovery by filename.
 
 Every model maps (B,3,h,w) in [0,1] to (B,3,4h,4w) for any h, w (transformers pad to their window
-once, in ``archs.Padded``). A checkpoint stores the table name and the keyword arguments it was
-built with, so ``build_model(name, **kwargs)`` rebuilds it exactly. The published architectures
+once, in ``archs.Padded``). A checkpoint stores the table name and the preset's keyword arguments,
+and loading checks them against the table before building (``checkpoint.check_table_kwargs``);
+``build_model``'s overrides are for experiments and tests, not for checkpoints. The published architectures
 (HAT, DAT, DRCT, ATD, RCAN, SPAN, SAFMN, OmniSR, ESRGAN) are spandrel's reference classes, built
 through ``zoo.Family``; RRDB / SwinIR / EDSR are basicsr's. Each entry records the autocast
 precisions its architecture supports (spandrel's descriptors for the ones spandrel knows);
@@ -260,7 +261,8 @@ register("wdsr-b-nano", _wdsr_b, "WDSR-B 4 features, 1 block, 2x wide, 0.8 low r
 
 
 def build_model(name: str, **overrides: Any) -> nn.Module:
-    """Build a model from the table; ``overrides`` replace its keyword arguments."""
+    """Build a model from the table; ``overrides`` replace its keyword arguments (such a model's
+    checkpoints do not load: a checkpoint's arguments must be its preset's)."""
     if name not in MODELS:
         raise UserError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
     spec = MODELS[name]
@@ -269,7 +271,6 @@ def build_model(name: str, **overrides: Any) -> nn.Module:
     if unknown:
         raise UserError(f"model {name!r} has no argument(s) {sorted(unknown)}; it takes {sorted(spec.kwargs)}")
     model = spec.builder(**kwargs)
-    model.scale = SCALE
     model.card = ModelCard(name, model_kwargs(name, **overrides), spec.precisions)
     return model
 
