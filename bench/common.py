@@ -6,6 +6,7 @@ they run on are shared; absolute seconds are printed too but are only comparable
 
 from __future__ import annotations
 
+import argparse
 import csv
 import ctypes
 import math
@@ -175,3 +176,38 @@ def save_rows(rows: list[dict[str, Any]], device: torch.device, name: str, csv_p
     for r in rows:
         r["machine"] = info
     return write_csv(rows, csv_path or RESULTS / f"{name}_{device.type}.csv"), info
+
+
+def add_stage_options(p: argparse.ArgumentParser, what: str) -> None:
+    """--device, --set: where the train stage runs and settings for it (the benches that run the train stage)."""
+    p.add_argument("--device", default="auto", help="auto (CUDA when present) or cpu: where the stage trains")
+    p.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                   help=f"settings for {what} (e.g. --set train.val_every=50)")
+
+
+def stage_device(name: str) -> torch.device:
+    """The device of ``--device``; for the CPU, CUDA is hidden, since the stages pick it whenever they see it."""
+    device = pick(name)
+    if device.type == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    return device
+
+
+def demo_dataset(root: Path, *patchify: str) -> Path:
+    """root/demo: the demo data, prepared and patchified with ``patchify``'s settings, as a user makes it."""
+    from pipeline.cli import main as cli
+
+    data = root / "demo"
+    for argv in (["demo-data", "--out", str(data)], ["prepare", "--data", str(data)],
+                 ["patchify", "--data", str(data), *patchify]):
+        if cli(argv) != 0:
+            raise SystemExit(f"`python -m pipeline {' '.join(argv)}` failed")
+    return data
+
+
+def read_run_log(models: Path, run: str) -> list[dict[str, Any]]:
+    """The entries of a train run's log.jsonl (``models/<run>``)."""
+    from pipeline.layout import RunLayout
+    from pipeline.train_io import read_log
+
+    return read_log(RunLayout(models, run).log)

@@ -17,14 +17,10 @@ alexnet-owt-7be5be79.pth: a random backbone would rank nothing).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import tempfile
 from pathlib import Path
 
-import torch
-
-from bench.common import save_rows, table
+from bench.common import add_stage_options, demo_dataset, read_run_log, save_rows, stage_device, table
 from pipeline.cli import main as cli
 from pipeline.evaluate import evaluate_folders
 from pipeline.perceptual import ImageQuality
@@ -49,7 +45,7 @@ def train(data: Path, models: Path, run: str, minutes: float, *extra: str) -> di
             f"train.max_minutes={minutes}", "train.resume=never", *extra]
     if cli(argv) != 0:
         raise SystemExit(f"train {run} failed: python -m pipeline {' '.join(argv)}")
-    log = [json.loads(line) for line in (models / run / "log.jsonl").read_text().splitlines()]
+    log = read_run_log(models, run)
     val = [e for e in log if e["kind"] == "val"]
     return {"steps": val[-1]["step"], "val_psnr": val[-1]["val/psnr"]}
 
@@ -65,9 +61,7 @@ def predict(data: Path, models: Path, out: Path, run: str, *extra: str) -> Path:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", help="cpu, or cuda (the stages use a GPU whenever they see one)")
-    p.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="settings for every train stage (e.g. --set train.batch_size=16)")
+    add_stage_options(p, "every train stage")
     p.add_argument("--model", default="edsr-tiny", help="the generator (model.name)")
     p.add_argument("--psnr-minutes", type=float, default=6.0, help="budget of the PSNR run")
     p.add_argument("--gan-minutes", type=float, default=3.0, help="budget of each GAN fine-tune")
@@ -76,16 +70,10 @@ def main() -> None:
     p.add_argument("--keep", type=Path, default=None, help="work here (kept) instead of a temporary folder")
     p.add_argument("--csv", type=Path, default=None, help="default bench/results/gan_demo_<device>.csv")
     args = p.parse_args()
-    if args.device == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before the stages first look for a GPU
-    device = torch.device(args.device)
+    device = stage_device(args.device)
     with tempfile.TemporaryDirectory(prefix="gan_demo_") as tmp:
         work = args.keep or Path(tmp)
-        data, models, out = work / "demo", work / "models", work / "pred"
-        for argv in (["demo-data", "--out", str(data)], ["prepare", "--data", str(data)],
-                     ["patchify", "--config", DEMO, "--data", str(data)]):
-            if cli(argv) != 0:
-                raise SystemExit(f"{argv[0]} failed")
+        data, models, out = demo_dataset(work, "--config", DEMO), work / "models", work / "pred"
         model = f"model.name={args.model}"
         runs = {"psnr": {"settings": f"{args.model}, PSNR objective (configs/demo.yaml)",
                          **train(data, models, "psnr", args.psnr_minutes, model, *args.overrides)}}

@@ -19,14 +19,12 @@ and `demo` (configs/demo.yaml, the recipe tuned for minutes on a 2-core CPU).
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import save_rows, table
-from bench.train_e2e import add_stage_options, stage_device
+from bench.common import add_stage_options, read_run_log, save_rows, stage_device, table
 from pipeline.cli import main as cli
 
 CPU_RECIPES = ("defaults:-:patch.size=128", "gpu-quick:configs/gpu-quick.yaml:", "demo:configs/demo.yaml:")
@@ -73,7 +71,7 @@ def run_recipe(recipe: Recipe, source: Path, work: Path, args: argparse.Namespac
              f"train.max_minutes={args.minutes}", "train.max_steps=0", "train.resume=never", *args.overrides]
     if cli(train) != 0:
         raise SystemExit(f"recipe {recipe.name}: train failed")
-    log = [json.loads(line) for line in (models / "recipe" / "log.jsonl").read_text().splitlines()]
+    log = read_run_log(models, "recipe")
     val = [e for e in log if e["kind"] == "val"]
     rate = [e["samples_per_s"] for e in log if e["kind"] == "train"]
     patches = sum(1 for _ in (data / "patches" / "lr").iterdir())

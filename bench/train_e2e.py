@@ -20,44 +20,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
 import tempfile
 from pathlib import Path
 
 import torch
 
-from bench.common import measure, pick, save_rows, table
+from bench.common import add_stage_options, demo_dataset, measure, read_run_log, save_rows, stage_device, table
 from bench.train_speed import our_trainer
-from pipeline.cli import main as cli
 from pipeline.config import Config, load_config
 from pipeline.dataset import read_pair
 from pipeline.layout import DataLayout
 from pipeline.models import build_model
-
-
-def add_stage_options(p: argparse.ArgumentParser, what: str) -> None:
-    """--device, --set: where the train stage runs and settings for it (shared with bench.recipes)."""
-    p.add_argument("--device", default="auto", help="auto (CUDA when present) or cpu: where the stage trains")
-    p.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
-                   help=f"settings for {what} (e.g. --set train.val_every=50)")
-
-
-def stage_device(name: str) -> torch.device:
-    """The device of ``--device``; for the CPU, CUDA is hidden, since the stages pick it whenever they see it."""
-    device = pick(name)
-    if device.type == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    return device
-
-
-def demo_dataset(root: Path, patch: int) -> Path:
-    data = root / "demo"
-    for argv in (["demo-data", "--out", str(data)], ["prepare", "--data", str(data)],
-                 ["patchify", "--data", str(data), f"patch.size={patch}"]):
-        if cli(argv) != 0:
-            raise SystemExit(f"`python -m pipeline {' '.join(argv)}` failed")
-    return data
 
 
 def stage_config(data: Path, models: Path, args: argparse.Namespace, workers: int) -> Config:
@@ -79,7 +52,7 @@ def stage_run(data: Path, models: Path, args: argparse.Namespace, workers: int) 
 
     cfg = stage_config(data, models, args, workers)
     train.main(cfg)
-    log = [json.loads(line) for line in (models / cfg.run / "log.jsonl").read_text().splitlines()]
+    log = read_run_log(models, cfg.run)
     warm = max([e["step"] for e in log if e["kind"] == "compile"], default=0)  # compiled from here on
     logged = [e for e in log if e["kind"] == "train" and e["step"] > warm]
     first, last = logged[0], logged[-1]
@@ -127,7 +100,7 @@ def main() -> None:
     args = p.parse_args()
     device = stage_device(args.device)
     with tempfile.TemporaryDirectory(prefix="train_e2e_") as tmp:
-        data = args.data or demo_dataset(Path(tmp), args.patch)
+        data = args.data or demo_dataset(Path(tmp), f"patch.size={args.patch}")
         rows = []
         for workers in args.workers:
             # The step alone is measured right before and right after the stage run, so a shared

@@ -115,6 +115,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """The entries of a run's log.jsonl (none when it does not exist yet). A kill can cut the last line
+    short; every complete line before it is kept."""
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    return [json.loads(line) for line in lines[:-1] if line] + _parse_last(lines[-1:])
+
+
 class RunLog:
     """log.jsonl + TensorBoard + curves.png; a no-op on ranks other than 0.
 
@@ -137,11 +146,7 @@ class RunLog:
         self.writer = SummaryWriter(str(run.tb), purge_step=start_step + 1 if start_step else None)
 
     def _read(self) -> list[dict[str, Any]]:
-        if not self.path.is_file():
-            return []
-        lines = self.path.read_text().splitlines()
-        # A kill can cut the last line short; every complete line before it is kept.
-        return [json.loads(line) for line in lines[:-1] if line] + _parse_last(lines[-1:])
+        return read_log(self.path)
 
     def write(self, step: int, kind: str, values: dict[str, float]) -> None:
         """Append one entry and its scalars (``loss/...``, ``val/...``, ``learning_rate``)."""
