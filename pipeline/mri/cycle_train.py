@@ -92,7 +92,7 @@ def cycle_task(cfg: Config, d: Dist) -> TrainTask:
     if c.hr_size % SCALE:
         raise UserError(f"cycgan.hr_size={c.hr_size} must divide by {SCALE}")
     model = build_volume_model(name).to(d.device)
-    slices = unpaired_slices(_hr_volumes(cfg, False), c.hr_size, SCALE, axis, cfg.seed)
+    slices = unpaired_slices(_hr_volumes(cfg, False), c.hr_size, SCALE, axis)
     loader, batches = run_loader(SeededSamples(slices), cfg, d)
     held_out = np.concatenate([slice_crops(v, axis, c.hr_size) for _, v in _hr_volumes(cfg, True)])
     lr = torch.from_numpy(kspace_downsample(held_out, SCALE))[:, None]  # (N,H,W) -> (N,1,H/4,W/4)
