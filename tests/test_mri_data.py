@@ -14,10 +14,10 @@ from PIL import Image
 
 from pipeline.cli import main as cli
 from pipeline.config import CycleGanConfig, MriConfig
+from pipeline.losses import total_variation
 from pipeline.mri.cycle import CycleWeights, discriminator_loss, generator_loss, optimizers
 from pipeline.mri.data import PatchDataset, VolumePair, load_pairs, validate, validation_items
 from pipeline.mri.figures import orthogonal_slices
-from pipeline.mri.losses import total_variation
 from pipeline.mri.lrset import read_record
 from pipeline.mri.models import build_volume_model
 from pipeline.mri.predict import VolumeSettings, spec_of

@@ -35,10 +35,9 @@ from pipeline.checkpoint import CheckpointError
 from pipeline.config import Config, CycleGanConfig
 from pipeline.distributed import Dist
 from pipeline.errors import UserError
+from pipeline.losses import FEATURE_DISTANCES, generator_adversarial, perceptual_loss, total_variation
 from pipeline.losses import discriminator_loss as side_loss
-from pipeline.losses import generator_adversarial
 from pipeline.mri.archs import SRResCycGAN
-from pipeline.mri.losses import total_variation
 from pipeline.objectives import Objective, Trainer, build_optimizer, load_updates, update, updates_state
 from pipeline.train_task import TrainTask
 
@@ -65,14 +64,11 @@ class CycleWeights:
 
 def vgg_perceptual(vgg: torch.nn.Module, criterion: str = "l1") -> Perceptual:
     """P for single-channel slices through ``perceptual.VGGFeatures``: the channel repeated to RGB."""
-    distance = {"l1": F.l1_loss, "mse": F.mse_loss}[criterion]
+    distance = FEATURE_DISTANCES[criterion]
 
     def perceptual(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        rgb = pred.expand(-1, 3, -1, -1)  # (B,1,H,W) -> (B,3,H,W)
-        with torch.no_grad():
-            want = vgg(target.expand(-1, 3, -1, -1))
-        got = vgg(rgb)
-        return torch.stack([distance(got[k], want[k]) for k in got]).sum()
+        # (B,1,H,W) -> (B,3,H,W) on both sides
+        return perceptual_loss(vgg, pred.expand(-1, 3, -1, -1), target.expand(-1, 3, -1, -1), distance)
     return perceptual
 
 
