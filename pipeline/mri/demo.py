@@ -11,10 +11,7 @@ file (sized for minutes on a 2-core CPU); both training runs start fresh each ti
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -26,23 +23,7 @@ from pipeline.layout import RunLayout, VolumeLayout
 from pipeline.mri import demo_data, evaluate, infer, prepare, train
 from pipeline.mri.figures import orthogonal_slices
 from pipeline.mri.volumes import read_volume
-
-
-class Steps:
-    """Prints a header per step and keeps their durations for the closing summary."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.times: list[tuple[str, float]] = []
-
-    def run(self, title: str, fn: Callable[[Config], Any], cfg: Config) -> None:
-        print(f"\n== {title} ==", flush=True)
-        t = time.perf_counter()
-        fn(cfg)
-        self.times.append((title, time.perf_counter() - t))
-
-    def total(self) -> float:
-        return time.perf_counter() - self.start
+from pipeline.steps import Steps
 
 
 def _report(path: Path, table: pd.DataFrame, figure: Path, cfg: Config, steps: Steps) -> None:
