@@ -18,8 +18,8 @@ For an LR batch ``lr`` (B,1,h,w) and an HR batch ``hr`` (B,1,4h,4w), normalised 
   the adversarial terms make it realistic) and P = P(hr_cycle, hr).
 ``discriminator_loss``: ``pipeline.losses.discriminator_loss`` on each side (real hr vs sr, real lr
 vs fake_lr), summed into ``loss/d_total``.
-Schedule (``optimizers``): Adam at ``cycgan.learning_rate`` (1e-4) for the two generators together and
-for the two discriminators together, both halved every ``cycgan.halve_every`` (10,000) steps.
+Schedule (``CycleObjective.learning_rate``): Adam at ``cycgan.learning_rate`` (1e-4) for the two generators
+together and for the two discriminators together, both halved every ``cycgan.halve_every`` (10,000) steps.
 """
 
 from __future__ import annotations
@@ -121,16 +121,6 @@ def discriminator_loss(net: SRResCycGAN, lr: torch.Tensor, hr: torch.Tensor, sr:
     lr_side = side_loss(kind, net.d_lr, lr, fake_lr, gp_weight)
     return {"loss/d_total": hr_side["loss/d_total"] + lr_side["loss/d_total"],
             "loss/d_hr": hr_side["loss/d_total"], "loss/d_lr": lr_side["loss/d_total"]}
-
-
-def optimizers(net: SRResCycGAN, c: CycleGanConfig = _DEFAULTS,
-               ) -> tuple[torch.optim.Adam, torch.optim.Adam, list[torch.optim.lr_scheduler.StepLR]]:
-    """(generators' Adam, discriminators' Adam, their schedulers): the learning rate halved every
-    ``c.halve_every`` scheduler steps (call ``step()`` once per optimizer step)."""
-    g_opt = torch.optim.Adam(net.generators(), lr=c.learning_rate)
-    d_opt = torch.optim.Adam(net.discriminators(), lr=c.learning_rate)
-    schedules = [torch.optim.lr_scheduler.StepLR(o, step_size=c.halve_every, gamma=0.5) for o in (g_opt, d_opt)]
-    return g_opt, d_opt, schedules
 
 
 class CycleObjective(Objective):
