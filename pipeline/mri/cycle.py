@@ -42,7 +42,7 @@ from pipeline.objectives import Objective, Trainer, build_optimizer, load_update
 from pipeline.train_task import TrainTask
 
 Perceptual = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (pred, target) -> scalar
-SCALE = 4
+SCALE = 4  # SRResCycGAN's factor per side (the write-up's 80 -> 320); mri-cycle-train's too
 CYCLE_D_KEYS = ("loss/d_total", "loss/d_hr", "loss/d_lr")
 _DEFAULTS = CycleGanConfig()  # the defaults live in the config schema, one place
 

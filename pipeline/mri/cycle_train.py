@@ -30,7 +30,7 @@ from torch import nn
 from pipeline.config import Config, with_overrides
 from pipeline.distributed import Dist
 from pipeline.errors import UserError
-from pipeline.mri.cycle import cycle_objective
+from pipeline.mri.cycle import SCALE, cycle_objective
 from pipeline.mri.data import SeededSamples
 from pipeline.mri.metrics import psnr
 from pipeline.mri.models import build_volume_model, volume_model_kwargs
@@ -40,8 +40,6 @@ from pipeline.mri.splits import read_splits
 from pipeline.mri.volumes import read_volume
 from pipeline.train import run, run_loader
 from pipeline.train_task import TrainTask
-
-SCALE = 4
 
 
 @dataclass
