@@ -9,7 +9,6 @@ leaderboard row), ablate (a small grid) and a report image. Settings come from
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,23 +20,7 @@ from pipeline.evaluate import evaluate_folders
 from pipeline.files import atomic_write
 from pipeline.images import read_uint8
 from pipeline.layout import OutputLayout, RunLayout
-
-
-class Steps:
-    """Prints a header per step and keeps their durations for the closing summary."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.times: list[tuple[str, float]] = []
-
-    def run(self, title: str, fn, *args) -> None:
-        print(f"\n== {title} ==", flush=True)
-        t = time.perf_counter()
-        fn(*args)
-        self.times.append((title, time.perf_counter() - t))
-
-    def total(self) -> float:
-        return time.perf_counter() - self.start
+from pipeline.steps import Steps
 
 
 def score_table(rows: list[tuple[str, Path]], hr_dir: Path) -> pd.DataFrame:

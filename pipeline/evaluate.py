@@ -23,7 +23,7 @@ from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.files import atomic_write
 from pipeline.images import images_by_stem, read_uint8
-from pipeline.metrics import score_pair
+from pipeline.metrics import score_pair, summary_line
 from pipeline.perceptual import ImageQuality
 
 COLUMNS = ["name", "psnr", "ssim", "nrmse", "sharpness", "lpips"]
@@ -67,11 +67,6 @@ def mean_row(table: pd.DataFrame) -> list[object]:
     """The table's last row: the mean of every numeric column; a text column (a missing metric) keeps its text."""
     return ["mean", *(table[c].mean() if pd.api.types.is_numeric_dtype(table[c]) else table[c].iloc[0]
                       for c in table.columns[1:])]
-
-
-def summary_line(table: pd.DataFrame) -> str:
-    """``PSNR <mean> SSIM <mean>``: the last line of the stage's output."""
-    return f"PSNR {table['psnr'].mean():.4f} SSIM {table['ssim'].mean():.4f}"
 
 
 def main(cfg: Config) -> None:

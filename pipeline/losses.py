@@ -20,7 +20,7 @@ sigma is the logistic function, BCE(x, t) = binary cross-entropy of sigma(x) aga
 - ``wgan-gp``: critic: mean C(sr) - mean C(hr) + gp_weight * GP; G: -mean C(sr).
 
 Images may be (B,C,H,W) or volumes (B,C,D,H,W): the pixel, adversarial and penalty terms take any
-number of axes (the perceptual loss is 2-D RGB, total variation runs over the last two axes).
+number of axes (the perceptual loss is 2-D RGB; total variation runs over every spatial axis).
 """
 
 from __future__ import annotations
@@ -61,8 +61,21 @@ def contest_loss(sr: torch.Tensor, hr: torch.Tensor, w_l1: float, w_mse: float) 
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:
-    """Anisotropic L1 total variation of (B,C,H,W): mean |vertical neighbour difference| + mean |horizontal|."""
-    return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+    """Anisotropic L1 total variation of (B,C,*spatial): the sum over spatial axes of the mean |neighbour
+    difference| along that axis ((B,C,H,W): vertical + horizontal; volumes add depth)."""
+    return sum((x.diff(dim=axis).abs().mean() for axis in range(2, x.dim())), start=x.new_zeros(()))
+
+
+FEATURE_DISTANCES = {"l1": F.l1_loss, "mse": F.mse_loss}  # loss.perceptual_criterion -> distance of features
+
+
+def perceptual_loss(vgg: nn.Module, sr: torch.Tensor, hr: torch.Tensor,
+                    distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Sum over ``vgg``'s layers of ``distance`` between VGG(sr) and VGG(hr) (the target without gradient)."""
+    with torch.no_grad():
+        target = vgg(hr)
+    feats = vgg(sr)
+    return torch.stack([distance(feats[name], target[name]) for name in feats]).sum()
 
 
 def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor,
@@ -158,15 +171,12 @@ class GeneratorLoss(nn.Module):
         self.weights = weights
         self.adversarial = _kind(adversarial)
         self.vgg = vgg
-        self.feature_distance = {"l1": F.l1_loss, "mse": F.mse_loss}[perceptual_criterion]
+        self.feature_distance = FEATURE_DISTANCES[perceptual_criterion]
 
     def perceptual(self, sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
         """Sum over the chosen layers of the feature distance between VGG19(sr) and VGG19(hr)."""
         assert self.vgg is not None
-        with torch.no_grad():
-            target = self.vgg(hr)
-        feats = self.vgg(sr)
-        return torch.stack([self.feature_distance(feats[name], target[name]) for name in feats]).sum()
+        return perceptual_loss(self.vgg, sr, hr, self.feature_distance)
 
     @property
     def keys(self) -> tuple[str, ...]:

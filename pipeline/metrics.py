@@ -19,11 +19,15 @@ prediction is on (the train stage's validation: no copy to the host); it equals 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from pipeline.errors import UserError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 PROTOCOLS = ("competition", "paper")
 
@@ -59,3 +63,6 @@ def score_pair(sr: np.ndarray, hr: np.ndarray, protocol: str = "competition", sc
     return {"psnr": psnr, "ssim": ssim, "nrmse": nrmse}
 
 
+def summary_line(table: pd.DataFrame) -> str:
+    """``PSNR <mean> SSIM <mean>`` over ``table``'s rows: the last line of evaluate and mri-evaluate."""
+    return f"PSNR {table['psnr'].mean():.4f} SSIM {table['ssim'].mean():.4f}"

@@ -16,7 +16,6 @@ from pipeline.mri.degrade import (
     kspace_mask,
     kspace_truncate,
     make_lr,
-    mixed_interpolation,
     thick_affine,
     thick_slices,
     to_grid,
@@ -84,19 +83,6 @@ def test_linear_interpolation_of_thick_slices_recovers_a_ramp() -> None:
     hr = np.broadcast_to(np.arange(16, dtype=np.float32), (3, 4, 16)).copy()
     back = to_grid(thick_slices(hr, 4, axis=2), hr.shape, order=1)
     assert np.allclose(back[..., 2:-2], hr[..., 2:-2], atol=1e-5)  # edges replicate the last thick slice
-
-
-def test_mixed_interpolation_is_seeded() -> None:
-    hr = _smooth((8, 8, 16))
-    lr = thick_slices(hr, 4)
-    a, method_a = mixed_interpolation(lr, hr.shape, seed=[7, 3])
-    b, method_b = mixed_interpolation(lr, hr.shape, seed=[7, 3])
-    assert method_a == method_b and np.array_equal(a, b) and a.shape == hr.shape
-    methods = {mixed_interpolation(lr, hr.shape, seed=s)[1] for s in range(30)}
-    assert methods == {"nearest", "linear", "cubic"}
-    assert {mixed_interpolation(lr, hr.shape, seed=s, methods=("linear",))[1] for s in range(5)} == {"linear"}
-    with pytest.raises(UserError, match="mri.interp"):
-        mixed_interpolation(lr, hr.shape, seed=0, methods=("lanczos",))
 
 
 def test_make_lr_follows_the_degradation_setting() -> None:

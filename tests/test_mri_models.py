@@ -1,4 +1,4 @@
-"""Volume / slice networks, their table, and the N-d losses (pipeline.mri.archs, .models, .losses)."""
+"""Volume / slice networks, their table, and the N-d losses (pipeline.mri.archs, .models, pipeline.losses)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import UserError
-from pipeline.losses import gradient_penalty
-from pipeline.mri.losses import total_variation
+from pipeline.losses import gradient_penalty, total_variation
 from pipeline.mri.models import VOLUME_MODELS, build_volume_model, register, volume_model_kwargs
 
 

@@ -3,8 +3,7 @@
 Core: ``volumes`` (read, normalise, write back), ``splits`` (folds by subject), ``degrade``
 (k-space truncation, thick slices, interpolation back to the HR grid, grid affines), ``archs`` +
 ``models`` (mDCSRN, the WGAN-GP critic, SRResCycGAN, their table and checkpoints), ``metrics``
-(masked PSNR / SSIM / NRMSE and the interpolation baselines), ``losses`` (total
-variation; any number of spatial dimensions), ``lrset`` (a prepared folder's LR volumes and their
+(masked PSNR / SSIM / NRMSE and the interpolation baselines), ``lrset`` (a prepared folder's LR volumes and their
 record), ``predict`` (a volume through a model, tiled in 3-D, or an interpolation baseline),
 ``data`` (3-D foreground patches, validation), ``slices`` (unpaired LR / HR slices), ``cycle``
 (SRResCycGAN's losses and schedule), ``figures`` (orthogonal slices), ``bundled`` (scans shipped

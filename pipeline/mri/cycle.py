@@ -18,8 +18,8 @@ For an LR batch ``lr`` (B,1,h,w) and an HR batch ``hr`` (B,1,4h,4w), normalised 
   the adversarial terms make it realistic) and P = P(hr_cycle, hr).
 ``discriminator_loss``: ``pipeline.losses.discriminator_loss`` on each side (real hr vs sr, real lr
 vs fake_lr), summed into ``loss/d_total``.
-Schedule (``optimizers``): Adam at ``cycgan.learning_rate`` (1e-4) for the two generators together and
-for the two discriminators together, both halved every ``cycgan.halve_every`` (10,000) steps.
+Schedule (``CycleObjective.learning_rate``): Adam at ``cycgan.learning_rate`` (1e-4) for the two generators
+together and for the two discriminators together, both halved every ``cycgan.halve_every`` (10,000) steps.
 """
 
 from __future__ import annotations
@@ -35,15 +35,14 @@ from pipeline.checkpoint import CheckpointError
 from pipeline.config import Config, CycleGanConfig
 from pipeline.distributed import Dist
 from pipeline.errors import UserError
+from pipeline.losses import FEATURE_DISTANCES, generator_adversarial, perceptual_loss, total_variation
 from pipeline.losses import discriminator_loss as side_loss
-from pipeline.losses import generator_adversarial
 from pipeline.mri.archs import SRResCycGAN
-from pipeline.mri.losses import total_variation
 from pipeline.objectives import Objective, Trainer, build_optimizer, load_updates, update, updates_state
 from pipeline.train_task import TrainTask
 
 Perceptual = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (pred, target) -> scalar
-SCALE = 4
+SCALE = 4  # SRResCycGAN's factor per side (the write-up's 80 -> 320); mri-cycle-train's too
 CYCLE_D_KEYS = ("loss/d_total", "loss/d_hr", "loss/d_lr")
 _DEFAULTS = CycleGanConfig()  # the defaults live in the config schema, one place
 
@@ -65,14 +64,11 @@ class CycleWeights:
 
 def vgg_perceptual(vgg: torch.nn.Module, criterion: str = "l1") -> Perceptual:
     """P for single-channel slices through ``perceptual.VGGFeatures``: the channel repeated to RGB."""
-    distance = {"l1": F.l1_loss, "mse": F.mse_loss}[criterion]
+    distance = FEATURE_DISTANCES[criterion]
 
     def perceptual(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        rgb = pred.expand(-1, 3, -1, -1)  # (B,1,H,W) -> (B,3,H,W)
-        with torch.no_grad():
-            want = vgg(target.expand(-1, 3, -1, -1))
-        got = vgg(rgb)
-        return torch.stack([distance(got[k], want[k]) for k in got]).sum()
+        # (B,1,H,W) -> (B,3,H,W) on both sides
+        return perceptual_loss(vgg, pred.expand(-1, 3, -1, -1), target.expand(-1, 3, -1, -1), distance)
     return perceptual
 
 
@@ -125,16 +121,6 @@ def discriminator_loss(net: SRResCycGAN, lr: torch.Tensor, hr: torch.Tensor, sr:
     lr_side = side_loss(kind, net.d_lr, lr, fake_lr, gp_weight)
     return {"loss/d_total": hr_side["loss/d_total"] + lr_side["loss/d_total"],
             "loss/d_hr": hr_side["loss/d_total"], "loss/d_lr": lr_side["loss/d_total"]}
-
-
-def optimizers(net: SRResCycGAN, c: CycleGanConfig = _DEFAULTS,
-               ) -> tuple[torch.optim.Adam, torch.optim.Adam, list[torch.optim.lr_scheduler.StepLR]]:
-    """(generators' Adam, discriminators' Adam, their schedulers): the learning rate halved every
-    ``c.halve_every`` scheduler steps (call ``step()`` once per optimizer step)."""
-    g_opt = torch.optim.Adam(net.generators(), lr=c.learning_rate)
-    d_opt = torch.optim.Adam(net.discriminators(), lr=c.learning_rate)
-    schedules = [torch.optim.lr_scheduler.StepLR(o, step_size=c.halve_every, gamma=0.5) for o in (g_opt, d_opt)]
-    return g_opt, d_opt, schedules
 
 
 class CycleObjective(Objective):

@@ -30,7 +30,7 @@ from torch import nn
 from pipeline.config import Config, with_overrides
 from pipeline.distributed import Dist
 from pipeline.errors import UserError
-from pipeline.mri.cycle import cycle_objective
+from pipeline.mri.cycle import SCALE, cycle_objective
 from pipeline.mri.data import SeededSamples
 from pipeline.mri.metrics import psnr
 from pipeline.mri.models import build_volume_model, volume_model_kwargs
@@ -40,8 +40,6 @@ from pipeline.mri.splits import read_splits
 from pipeline.mri.volumes import read_volume
 from pipeline.train import run, run_loader
 from pipeline.train_task import TrainTask
-
-SCALE = 4
 
 
 @dataclass
@@ -92,7 +90,7 @@ def cycle_task(cfg: Config, d: Dist) -> TrainTask:
     if c.hr_size % SCALE:
         raise UserError(f"cycgan.hr_size={c.hr_size} must divide by {SCALE}")
     model = build_volume_model(name).to(d.device)
-    slices = unpaired_slices(_hr_volumes(cfg, False), c.hr_size, SCALE, axis, cfg.seed)
+    slices = unpaired_slices(_hr_volumes(cfg, False), c.hr_size, SCALE, axis)
     loader, batches = run_loader(SeededSamples(slices), cfg, d)
     held_out = np.concatenate([slice_crops(v, axis, c.hr_size) for _, v in _hr_volumes(cfg, True)])
     lr = torch.from_numpy(kspace_downsample(held_out, SCALE))[:, None]  # (N,H,W) -> (N,1,H/4,W/4)

@@ -4,17 +4,16 @@
   recorded degradation) and HR, both normalised with the LR's ``IntensityStats`` (the statistics
   inference uses: only the LR is known then), HR cropped to whole thick slices, and the HR's
   foreground mask. K-space LR is already on the HR grid; thick-slice LR stays on its grid and is
-  interpolated per epoch (below).
+  interpolated per sample (below).
 - ``PatchDataset(pairs, size, stride)``: cubic patches on a grid over each volume (overlapping when
   ``stride < size``; an axis shorter than ``size`` is mirrored up to it at its far end, so every
   patch has one shape and batches stack; the mirrored voxels count as background), only those with at least
-  ``min_foreground`` of their voxels in the mask; item i = ``{"lr", "hr"}`` (1,s,s,s) tensors with
-  the same random flips per axis and 90-degree rotation in the plane of axes 0 and 1 (where voxels
-  are usually square), drawn from (seed, epoch, i). Thick-slice LR is brought to the HR grid by the
-  mixed interpolation (nearest / linear / cubic, ``mri.interp``) drawn per volume and epoch from
-  (seed, epoch, volume): mDCSRN's augmentation; ``set_epoch`` redraws it. ``sample(i, seed)`` is
-  the train stage's form (mri-train): the interpolation, flips and rotation drawn from one sample
-  seed, so a sample is a function of (index, seed) alone and resumes are exact.
+  ``min_foreground`` of their voxels in the mask. ``sample(i, seed)`` (the train stage's form, mri-train,
+  through ``SeededSamples``) = patch i as (LR, HR) (1,s,s,s) tensors: thick-slice LR brought to the HR
+  grid by an interpolation (nearest / linear / cubic, ``mri.interp``: mDCSRN's augmentation), then the
+  same random flips per axis and 90-degree rotation in the plane of axes 0 and 1 (where voxels are
+  usually square) on both, all drawn from the one sample seed, so a sample is a function of (index,
+  seed) alone and resumes are exact.
 - ``validation_items`` / ``validate``: the validation fold's LR volumes and HR references, and the
   masked PSNR / SSIM / NRMSE of a model on them in real-world units (``predict.super_resolve``,
   ``metrics.score_volume``): the numbers mri-evaluate reports, before the integer rounding of a
@@ -36,7 +35,7 @@ from torch.utils.data import Dataset
 from pipeline.config import MriConfig
 from pipeline.errors import UserError
 from pipeline.layout import VolumeLayout
-from pipeline.mri.degrade import INTERPOLATIONS, crop_to_multiple, mixed_interpolation, to_grid
+from pipeline.mri.degrade import INTERPOLATIONS, crop_to_multiple, to_grid
 from pipeline.mri.lrset import suffix_of
 from pipeline.mri.metrics import foreground_mask, score_volume
 from pipeline.mri.models import VolumeModelSpec
@@ -126,12 +125,12 @@ def _box(corner: tuple[int, ...], size: int) -> tuple[slice, ...]:
     return tuple(slice(c, c + size) for c in corner)
 
 
-class PatchDataset(Dataset):
-    """Foreground patches of volume pairs (module docstring); ``set_epoch`` redraws augmentation and interpolation."""
+class PatchDataset:
+    """Foreground patches of volume pairs, drawn by ``sample(index, seed)`` (module docstring)."""
 
     def __init__(self, pairs: list[VolumePair], size: int, stride: int, mri: MriConfig = _MRI,
-                 min_foreground: float = MIN_FOREGROUND, augment: bool = True, seed: int = 0) -> None:
-        self.mri, self.augment, self.seed, self.size = mri, augment, seed, size
+                 min_foreground: float = MIN_FOREGROUND, augment: bool = True) -> None:
+        self.mri, self.augment, self.size = mri, augment, size
         self.pairs = [VolumePair(p.item, p.lr if p.lr.shape != p.hr.shape else _mirror(p.lr, size), _mirror(p.hr, size),
                                  _mirror(p.mask, size, "constant")) for p in pairs]
         self.index: list[tuple[int, tuple[int, ...]]] = []  # (pair, patch corner)
@@ -141,23 +140,7 @@ class PatchDataset(Dataset):
                     self.index.append((k, c))
         if not self.index:
             raise UserError(f"no {size}^3 patch holds {min_foreground:.0%} foreground in {len(pairs)} volume(s)")
-        self.set_epoch(0)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self._on_grid: dict[int, np.ndarray] = {}  # thick-slice LR interpolated for this epoch
-        self._by_method: dict[tuple[int, str], np.ndarray] = getattr(self, "_by_method", {})
-
-    def lr_on_grid(self, k: int) -> np.ndarray:
-        """Pair ``k``'s LR on the (mirrored) HR grid (k-space: as is; thick: this epoch's drawn interpolation)."""
-        pair = self.pairs[k]
-        if pair.lr.shape == pair.hr.shape:
-            return pair.lr
-        if k not in self._on_grid:
-            hr_shape = [n * f for n, f in zip(pair.lr.shape, grid_factors(self.mri))]
-            lr = mixed_interpolation(pair.lr, hr_shape, (self.seed, self.epoch, k), self.mri.interp)[0]
-            self._on_grid[k] = _mirror(lr, self.size)
-        return self._on_grid[k]
+        self._by_method: dict[tuple[int, str], np.ndarray] = {}  # (pair, interpolation) -> LR on the HR grid
 
     def lr_by(self, k: int, method: str) -> np.ndarray:
         """Pair ``k``'s LR on the (mirrored) HR grid by interpolation ``method`` (k-space LR: as is), cached."""
@@ -183,12 +166,6 @@ class PatchDataset(Dataset):
         # (s,s,s) -> (1,s,s,s): one channel
         return (torch.from_numpy(np.ascontiguousarray(lr, dtype=np.float32))[None],
                 torch.from_numpy(np.ascontiguousarray(hr, dtype=np.float32))[None])
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        k, corner = self.index[i]
-        rng = np.random.default_rng((self.seed, self.epoch, i)) if self.augment else None
-        lr, hr = self._crop(k, corner, self.lr_on_grid(k), rng)
-        return {"lr": lr, "hr": hr}
 
     def sample(self, i: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(LR, HR) (1,s,s,s) of patch ``i`` as a function of ``seed`` alone (the train stage's (index, seed)

@@ -12,9 +12,6 @@
 - ``to_grid``: spline interpolation (scipy.ndimage.zoom, order 0 / 1 / 3) onto another grid with
   voxels treated as cells (``grid_mode``), so thick slice k lands on the centre of HR slices
   k*factor .. k*factor+factor-1, not on slice k*factor. Edges replicate the last voxel.
-- ``mixed_interpolation``: the augmentation of mDCSRN's data: per sample, nearest, linear or
-  cubic drawn from a seeded generator, to bring a thick-slice LR back to the HR grid for models
-  that work on one grid.
 """
 
 from __future__ import annotations
@@ -121,16 +118,6 @@ def to_grid(lr: np.ndarray, shape: Sequence[int], order: int) -> np.ndarray:
     if out.shape != tuple(shape):  # zoom rounds shape * factor; a ratio that rounds wrong is a bug
         raise RuntimeError(f"zoom of {lr.shape} to {tuple(shape)} gave {out.shape}")
     return out.astype(np.float32)
-
-
-def mixed_interpolation(lr: np.ndarray, shape: Sequence[int], seed: int | Sequence[int],
-                        methods: Sequence[str] = _MRI.interp) -> tuple[np.ndarray, str]:
-    """``lr`` on the HR grid by a method drawn from ``methods`` with ``seed``: (volume, method name)."""
-    unknown = [m for m in methods if m not in INTERPOLATIONS]
-    if unknown or not methods:
-        raise UserError(f"mri.interp={tuple(methods)}: choose from {', '.join(INTERPOLATIONS)}")
-    method = str(np.random.default_rng(seed).choice(list(methods)))
-    return to_grid(lr, shape, INTERPOLATIONS[method]), method
 
 
 def make_lr(hr: np.ndarray, mri: MriConfig = _MRI) -> np.ndarray:

@@ -21,6 +21,7 @@ from pipeline.config import Config, MriConfig
 from pipeline.errors import UserError
 from pipeline.files import atomic_write
 from pipeline.layout import VolumeLayout
+from pipeline.metrics import summary_line
 from pipeline.mri.data import hr_reference
 from pipeline.mri.lrset import read_record
 from pipeline.mri.metrics import foreground_mask, score_volume
@@ -55,10 +56,12 @@ def score_items(root: Path, sr_files: dict[str, Path], method: str, baselines: t
                             f"grid's crop); was it made from this folder's LR?")
         mask = foreground_mask(hr, mri.mask_dilate)
         rows.append({"method": method, "item": item, **score_volume(sr, hr, mask)})
+        if not baselines:
+            continue
+        if item not in lr_files:
+            raise UserError(f"{layout.lr_dir}: no LR volume for {item!r}; run mri-prepare again")
+        lr = read_volume(lr_files[item], max_voxels=mri.max_voxels)  # once per item, for every baseline
         for name in baselines:
-            if item not in lr_files:
-                raise UserError(f"{layout.lr_dir}: no LR volume for {item!r}; run mri-prepare again")
-            lr = read_volume(lr_files[item], max_voxels=mri.max_voxels)
             base = as_written(interpolate(lr, grid_factors(mri), name).data, lr)
             rows.append({"method": name, "item": item, **score_volume(base, hr, mask)})
     return pd.DataFrame(rows, columns=COLUMNS)
@@ -79,12 +82,12 @@ def main(cfg: Config) -> None:
         raise UserError(f"{sr_dir}: not found; run `mri-infer run={cfg.run}` first, or name a folder with --sr")
     sr_files = {volume_stem(p): p for p in list_volumes(sr_dir)}
     mri = read_record(root)
-    table = with_means(score_items(root, sr_files, sr_dir.name, cfg.mri_eval.baselines, mri))
+    scores = score_items(root, sr_files, sr_dir.name, cfg.mri_eval.baselines, mri)
+    table = with_means(scores)
     csv = Path(cfg.mri_eval.csv) if cfg.mri_eval.csv else layout.scores_csv(sr_dir.name)
     with atomic_write(csv) as tmp:
         table.to_csv(tmp, index=False, float_format="%.6f")
     print(f"{len(sr_files)} volume(s) of {sr_dir}, masked (Otsu foreground dilated {mri.mask_dilate} voxels)")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"scores -> {csv}")
-    mine = table[(table["method"] == sr_dir.name) & (table["item"] == "mean")].iloc[0]
-    print(f"PSNR {mine['psnr']:.4f} SSIM {mine['ssim']:.4f}")
+    print(summary_line(scores[scores["method"] == sr_dir.name]))

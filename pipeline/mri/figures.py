@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import UserError
 from pipeline.files import atomic_write
 from pipeline.mri.degrade import INTERPOLATIONS, to_grid
 from pipeline.mri.metrics import foreground_mask
@@ -26,7 +27,7 @@ def foreground_centre(volume: np.ndarray) -> tuple[int, int, int]:
     """The centre of the foreground's bounding box (the volume's centre when it has no foreground)."""
     try:
         mask = foreground_mask(volume, dilate=0)
-    except Exception:  # a constant volume has no Otsu threshold: show its middle
+    except UserError:  # a constant volume has no Otsu threshold: show its middle
         mask = np.ones(volume.shape, dtype=bool)
     where = np.argwhere(mask)
     lo, hi = where.min(axis=0), where.max(axis=0)

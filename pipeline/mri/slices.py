@@ -8,8 +8,8 @@
 - ``kspace_downsample(hr, scale)``: the LR of a crop as a scanner with fewer phase and frequency
   encodes sees it: the central 1/scale of the 2-D spectrum kept per axis, inverse transformed
   (magnitude, divided by scale^2 so intensities keep their level): 320 -> 80 as in the write-up.
-- ``UnpairedSlices``: item i = (LR crop i, HR crop perm[i]) with a permutation drawn per epoch
-  (``set_epoch``, seeded), so the generators never see which HR belongs to an LR. ``unpaired_slices``
+- ``UnpairedSlices``: ``sample(i, seed)`` = (LR crop i, an HR crop drawn from the seed), each side
+  flipped and turned by the seed, so the generators never see which HR belongs to an LR. ``unpaired_slices``
   builds one from volumes: subjects alternate between the LR side and the HR side (no subject on
   both), as an unpaired study has LR and HR scans of different people.
 """
@@ -20,7 +20,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from pipeline.errors import UserError
 from pipeline.mri.metrics import foreground_mask
@@ -68,28 +67,16 @@ def _dihedral(x: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None]  # (h,w) -> (1,h,w)
 
 
-class UnpairedSlices(Dataset):
-    """``{"lr": (1,h,w), "hr": (1,sh,sw)}`` float32 tensors; the HR partner of an LR changes every epoch."""
+class UnpairedSlices:
+    """LR (1,h,w) and HR (1,sh,sw) float32 crops by ``sample(index, seed)``; an LR's HR partner is drawn per sample."""
 
-    def __init__(self, lr: np.ndarray, hr: np.ndarray, seed: int = 0) -> None:
+    def __init__(self, lr: np.ndarray, hr: np.ndarray) -> None:
         if len(lr) == 0 or len(hr) == 0:
             raise UserError(f"unpaired slices need crops on both sides, got {len(lr)} LR and {len(hr)} HR")
-        self.lr, self.hr, self.seed = lr, hr, seed
-        self.set_epoch(0)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Draw the HR partner of every item for ``epoch`` (same seed and epoch: same pairs, any process)."""
-        rng = np.random.default_rng((self.seed, epoch))
-        self.partner = rng.permutation(max(len(self.lr), len(self.hr))) % len(self.hr)
+        self.lr, self.hr = lr, hr
 
     def __len__(self) -> int:
         return max(len(self.lr), len(self.hr))
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        lr = self.lr[i % len(self.lr)]
-        hr = self.hr[self.partner[i]]
-        return {"lr": torch.from_numpy(np.ascontiguousarray(lr))[None],  # (h,w) -> (1,h,w)
-                "hr": torch.from_numpy(np.ascontiguousarray(hr))[None]}
 
     def sample(self, i: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(LR (1,h,w), HR (1,sh,sw)) of item ``i`` as a function of ``seed`` alone (the train stage's (index,
@@ -100,7 +87,7 @@ class UnpairedSlices(Dataset):
 
 
 def unpaired_slices(volumes: Sequence[tuple[str, Volume]], size: int, scale: int = 4, axis: int = 2,
-                    seed: int = 0, min_foreground: float = MIN_FOREGROUND) -> UnpairedSlices:
+                    min_foreground: float = MIN_FOREGROUND) -> UnpairedSlices:
     """``UnpairedSlices`` from (subject, HR volume) pairs: subjects alternate LR side / HR side, in sorted order."""
     subjects = sorted({s for s, _ in volumes})
     if len(subjects) < 2:
@@ -109,4 +96,4 @@ def unpaired_slices(volumes: Sequence[tuple[str, Volume]], size: int, scale: int
     lr_crops = [slice_crops(v, axis, size, min_foreground) for s, v in volumes if s in lr_side]
     hr_crops = [slice_crops(v, axis, size, min_foreground) for s, v in volumes if s not in lr_side]
     lr = kspace_downsample(np.concatenate(lr_crops), scale)
-    return UnpairedSlices(lr, np.concatenate(hr_crops), seed)
+    return UnpairedSlices(lr, np.concatenate(hr_crops))

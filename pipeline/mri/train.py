@@ -108,7 +108,7 @@ def volume_task(cfg: Config, d: Dist) -> TrainTask:
     mri = read_record(root)  # the LR grid as mri-prepare made it
     model, arch, kwargs, note = _generator(cfg, d.device)
     patches = PatchDataset(load_pairs(root, mri, exclude_fold=cfg.mri.val_fold), c.patch, c.stride, mri,
-                           c.min_foreground, cfg.train.augment, cfg.seed)
+                           c.min_foreground, cfg.train.augment)
     loader, batches = run_loader(SeededSamples(patches), cfg, d)
     validation = VolumeValidation(validation_items(root, mri, cfg.mri.val_fold), spec_of(arch), mri,
                                   VolumeSettings.from_config(cfg.mri_infer), d.device)
