@@ -16,6 +16,8 @@ from procs import assert_ok, kill_after_first_save
 from test_train import load, log_entries
 
 from pipeline.cli import main as cli
+from pipeline.config import load_config
+from pipeline.errors import UserError
 from pipeline.losses import gradient_penalty
 from pipeline.mri.data import PatchDataset, VolumePair
 from pipeline.mri.demo_data import demo_overrides
@@ -97,6 +99,8 @@ def test_samples_are_a_function_of_index_and_seed() -> None:
     assert len({o.numpy().tobytes() for o in others}) > 2  # the seed draws flips / rotations
     lr, hr_crop = first
     assert torch.allclose(lr, hr_crop * 0.9)  # LR and HR get the same transform
+    with pytest.raises(UserError, match="mri.interp=.*lanczos.*choose from nearest, linear, cubic"):
+        PatchDataset([pair], 8, 4, load_config(None, ["mri.interp=[cubic, lanczos]"]).mri)
 
 
 def test_gradient_penalty_of_a_3d_critic_by_hand() -> None:

@@ -130,6 +130,9 @@ class PatchDataset:
 
     def __init__(self, pairs: list[VolumePair], size: int, stride: int, mri: MriConfig = _MRI,
                  min_foreground: float = MIN_FOREGROUND, augment: bool = True) -> None:
+        unknown = [m for m in mri.interp if m not in INTERPOLATIONS]
+        if unknown or not mri.interp:
+            raise UserError(f"mri.interp={list(mri.interp)}: choose from {', '.join(INTERPOLATIONS)}")
         self.mri, self.augment, self.size = mri, augment, size
         self.pairs = [VolumePair(p.item, p.lr if p.lr.shape != p.hr.shape else _mirror(p.lr, size), _mirror(p.hr, size),
                                  _mirror(p.mask, size, "constant")) for p in pairs]
