@@ -99,7 +99,7 @@ class TrainConfig:
     precision: Precision = opt(
         "auto", "autocast dtype; auto = on CUDA bf16 when a step holds >= 131072 LR pixels per GPU "
         "(batch x LR sample side^2, e.g. 16 x 128^2), else fp32 with TF32 (small steps are launch-bound); on a CPU "
-        "bf16 only with native bf16 (AMX / AVX-512 BF16), else fp32")
+        "bf16 only with native bf16 (AMX / AVX-512 BF16), else fp32; fp32 when train.deterministic")
     compile: Literal["auto", "off", "default", "reduce-overhead"] = opt(
         "auto", "torch.compile the training step for its fixed patch shape; reduce-overhead adds CUDA graphs; "
         "auto = reduce-overhead on CUDA when, at the first log point, >= 10 min of training are left (by "
@@ -122,7 +122,10 @@ class TrainConfig:
     resume: Literal["auto", "never", "force"] = opt(
         "auto", "auto = resume when models/<run>/last.pth exists; force = fail if it does not")
     deterministic: bool = opt(
-        False, "deterministic algorithms, for bit-exact resumes (the data order always depends on seed and epoch only)")
+        False, "deterministic algorithms, and fp32 under precision=auto: on the CPU a killed and resumed run ends "
+        "with exactly the weights of an uninterrupted one, and torchrun's processes or a compiled step match one "
+        "eager process to fp32 rounding, on CPUs with or without native bf16 (the data order always depends on "
+        "seed and epoch only)")
     workers: int = opt(2, "data loader workers per process (started once per run, kept across epochs)", ge=0)
     prefetch: int = opt(4, "batches each loader worker prepares ahead", ge=1)
     log_every: int = opt(20, "log scalars every this many steps", ge=1)

@@ -69,14 +69,21 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
 BF16_MIN_LR_PIXELS = 2**17
 
 
-def train_autocast_dtype(device: torch.device, precision: str, lr_pixels_per_step: int) -> torch.dtype | None:
-    """The training autocast dtype: ``autocast_dtype``, except ``auto`` on CUDA follows the step size.
+def train_autocast_dtype(device: torch.device, precision: str, lr_pixels_per_step: int,
+                         deterministic: bool = False) -> torch.dtype | None:
+    """The training autocast dtype: ``autocast_dtype``, except ``auto`` on CUDA follows the step size
+    and ``auto`` in a deterministic run is fp32.
 
     ``auto`` on CUDA: bf16 (fp16 where bf16 is unsupported) when one step carries at least
     ``BF16_MIN_LR_PIXELS`` LR pixels per GPU, fp32 with TF32 below (there bf16 only adds casts to a
     launch-bound step). On CPUs as ``autocast_dtype``: bf16 only with native bf16 instructions.
+    ``deterministic``: fp32 whatever the device. A deterministic run promises the same weights from
+    the same command (killed and resumed, or split over torchrun's processes, or compiled) up to
+    fp32 rounding; bf16 rounds each product to 8 bits of mantissa, so a different summation order
+    (DDP's split batch, a fused kernel) moves weights by ~1e-3 where fp32 moves them by ~1e-7, and
+    whether ``auto`` meant bf16 would depend on the CPU's instruction set. An explicit ``bf16`` is honoured.
     """
-    if precision == "auto" and device.type == "cuda" and lr_pixels_per_step < BF16_MIN_LR_PIXELS:
+    if precision == "auto" and (deterministic or (device.type == "cuda" and lr_pixels_per_step < BF16_MIN_LR_PIXELS)):
         return None
     return autocast_dtype(device, precision)
 

@@ -226,7 +226,8 @@ def run(cfg: Config, make_task: Callable[[Config, Dist], TrainTask]) -> None:
         seed_everything(cfg.seed)  # the same initial weights on every rank
         task = make_task(cfg, d)
         model, batches = task.generator, task.batches
-        dtype = train_autocast_dtype(d.device, t.precision, t.batch_size // d.world * task.sample_pixels)
+        dtype = train_autocast_dtype(d.device, t.precision, t.batch_size // d.world * task.sample_pixels,
+                                     t.deterministic)
         dtype = autocast_cap([model], dtype, d.device)  # fp16-unsafe architectures stay in bf16/fp32
         optimizer = build_optimizer(t, model, d.device)
         limits = [n for n in (t.max_steps, t.max_epochs * batches.steps_per_epoch) if n > 0]

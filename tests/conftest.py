@@ -12,6 +12,13 @@ import torch
 from pipeline.cli import main as cli
 
 
+@pytest.fixture(autouse=True)
+def _outside_the_working_tree(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs in an empty folder of its own: the relative defaults (data/demo, models/, submit/)
+    never read or write the checkout, whatever `python -m pipeline demo` left there."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """data/demo as `demo-data` builds it (read-only for tests: copy before changing)."""

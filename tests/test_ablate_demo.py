@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from procs import ROOT
 
 from pipeline.ablate import COLUMNS, parse_tile, settings_grid
 from pipeline.cli import main as cli
@@ -51,7 +52,7 @@ def test_precisions_that_resolve_to_one_dtype_run_once() -> None:
 def test_ablate_writes_csv_and_plot(patched_demo: Path, tmp_path: Path):
     root = tmp_path / "d"
     shutil.copytree(patched_demo, root)
-    args = ["--config", "configs/demo.yaml", "--data", str(root), f"paths.models={tmp_path / 'm'}",
+    args = ["--config", str(ROOT / "configs" / "demo.yaml"), "--data", str(root), f"paths.models={tmp_path / 'm'}",
             f"paths.submit={tmp_path / 's'}", "run=nano"]
     assert cli(["train", *args, "model.name=edsr-nano", "train.max_steps=3", "train.val_every=3",
                 "train.batch_size=4", "train.workers=0"]) == 0

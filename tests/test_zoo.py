@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from procs import ROOT
 from safetensors.torch import save_file
 from spandrel import ModelLoader
 from spandrel.architectures.ATD import ATD
@@ -195,7 +196,8 @@ def test_table_weights_load_into_model_name_and_published_presets_map_to_the_tab
 
 
 def _train(data: Path, models: Path, run: str, *extra: str) -> int:
-    return cli(["train", "--config", "configs/demo.yaml", "--data", str(data), f"paths.models={models}", f"run={run}",
+    return cli(["train", "--config", str(ROOT / "configs" / "demo.yaml"), "--data", str(data), f"paths.models={models}",
+                f"run={run}",
                 "train.max_steps=3", "train.val_every=3", "train.batch_size=4", "train.workers=0", *extra])
 
 
