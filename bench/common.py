@@ -39,7 +39,7 @@ def cpu_model() -> str:
 
 def machine(device: torch.device) -> str:
     """One line: device, CPU model and cores, native bf16 or not, torch version, commit."""
-    from pipeline.runtime import cpu_has_fast_bf16
+    from pipeline.core.runtime import cpu_has_fast_bf16
 
     commit = "?"
     try:
@@ -207,7 +207,7 @@ def demo_dataset(root: Path, *patchify: str) -> Path:
 
 def read_run_log(models: Path, run: str) -> list[dict[str, Any]]:
     """The entries of a train run's log.jsonl (``models/<run>``)."""
-    from pipeline.layout import RunLayout
-    from pipeline.train_io import read_log
+    from pipeline.core.layout import RunLayout
+    from pipeline.training.run_folder import read_log
 
     return read_log(RunLayout(models, run).log)

@@ -74,7 +74,7 @@ def measured_tflops(device_str: str, dtype: torch.dtype = torch.bfloat16, n: int
 
 def peak_tflops(device: torch.device) -> dict[str, float | None]:
     """``{"datasheet": ..., "measured": ...}`` dense peaks in TFLOP/s (bf16 on GPUs and bf16 CPUs)."""
-    from pipeline.runtime import cpu_has_fast_bf16
+    from pipeline.core.runtime import cpu_has_fast_bf16
 
     dtype = torch.bfloat16 if device.type == "cuda" or cpu_has_fast_bf16() else torch.float32
     return {"datasheet": datasheet_tflops(device), "measured": measured_tflops(str(device), dtype)}

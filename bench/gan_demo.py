@@ -23,7 +23,7 @@ from pathlib import Path
 from bench.common import add_stage_options, demo_dataset, read_run_log, save_rows, stage_device, table
 from pipeline.cli import main as cli
 from pipeline.evaluate import evaluate_folders
-from pipeline.perceptual import ImageQuality
+from pipeline.models.perceptual import ImageQuality
 
 DEMO = "configs/demo.yaml"
 # The discriminator is the U-Net's 4-feature preset: the 64-feature one takes ~7 s per update of a

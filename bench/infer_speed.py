@@ -4,7 +4,7 @@ with the FLOPs of each image and the share of the device's peak they reach.
 The reference (written here, as a faithful baseline): for each of the tiles, for each of the
 dihedral transforms, forward ONE (1,3,t,t) fp32 NCHW tensor, invert, move the output to the host,
 average the ways, paste the tile with equal weights. Our variants go through
-``pipeline.predict.predict_images`` (the code ``infer`` runs):
+``pipeline.inference.predict.predict_images`` (the code ``infer`` runs):
 
 - ``ours``: the defaults (tile batch sized to the device, ``precision=auto``, channels_last,
   ``compile=auto`` decided for ``--auto-images`` images, 18 = the contest's test set; the
@@ -50,16 +50,16 @@ from torch import nn
 
 from bench.common import RESULTS, interleaved, machine, measure, median, pick, psnr, table, write_csv
 from bench.flops import count_flops, peak_tflops, utilisation
-from pipeline.models import build_model
-from pipeline.predict import Settings, compile_choice, predict_images
-from pipeline.runtime import autocast_dtype, cpu_has_fast_bf16
+from pipeline.core.runtime import autocast_dtype, cpu_has_fast_bf16
+from pipeline.inference.predict import Settings, compile_choice, predict_images
+from pipeline.models.table import build_model
 
 CPU_CASES = ("edsr-tiny:128:32/16:8", "rrdb-tiny:64:32/16:8", "swinir-tiny:64:32/16:8",
              "edsr:64:32/16:2", "rrdb:64:32/16:2", "swinir:64:32/16:2")
 GPU_CASES = ("rrdb:512:128/64:8", "edsr:512:128/64:8", "swinir:512:128/64:8")
 
 # The reference's 8 transforms as (quarter turns, then flip the width axis): the first 2 / 4 are
-# the same sets as pipeline.ensemble's first 2 / 4 (identity + h-flip; all flips), so the outputs
+# the same sets as pipeline.inference.ensemble's first 2 / 4 (identity + h-flip; all flips), so the outputs
 # of equal ways are comparable.
 REF_WAYS = ((0, False), (0, True), (2, True), (2, False), (1, False), (1, True), (3, False), (3, True))
 

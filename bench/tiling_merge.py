@@ -1,6 +1,6 @@
 """Merge cost of the tiler: a base ``tiling.py`` (a file) against the working tree's, and on volumes.
 
-    git show 5bdb879:pipeline/tiling.py > /tmp/base_tiling.py
+    git show 5bdb879:pipeline/inference/tiling.py > /tmp/base_tiling.py
     python -m bench.tiling_merge --base /tmp/base_tiling.py [--rounds 10]
 
 Images: BENCHMARKS.md section 7's case (512 LR, 49 tiles of 128/64, hann, batch 4, a nearly free
@@ -26,7 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-import pipeline.tiling as new
+import pipeline.inference.tiling as new
 
 
 def _load(path: str) -> object:
@@ -100,7 +100,8 @@ def volumes(rounds: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base", required=True, help="a tiling.py to compare with (git show REV:pipeline/tiling.py)")
+    parser.add_argument("--base", required=True,
+                        help="a tiling.py to compare with (git show REV:pipeline/inference/tiling.py)")
     parser.add_argument("--rounds", type=int, default=10)
     args = parser.parse_args()
     base = _load(args.base)

@@ -5,7 +5,7 @@ settings (``infer``'s defaults at this geometry: 8 ways, hann, ``precision=auto`
 On CUDA ``auto`` is bf16 (issue 8's target: within 0.01 dB of fp32); on a CPU without native bf16
 it is fp32, so the script also runs the defaults with bf16 forced (``--mixed on``, slow there).
 
-Everything goes through ``pipeline.predict.predict_images`` (what ``infer`` runs). Held-out images:
+Everything goes through ``pipeline.inference.predict.predict_images`` (what ``infer`` runs). Held-out images:
 the dataset's test set when its ground truth is in ``test_hr/`` (the demo's), and the validation
 fold of ``splits.csv``. PSNR is the contest's (RGB, uint8-rounded, per image, then the mean);
 differences are paired per image and reported to 0.001 dB. The default geometry is the demo's
@@ -29,11 +29,11 @@ import torch
 from torch import nn
 
 from bench.common import RESULTS, machine, measure, pick, psnr, table, write_csv
-from pipeline.checkpoint import model_from_checkpoint
-from pipeline.images import read_float
-from pipeline.layout import DataLayout
-from pipeline.predict import Settings, predict_images
-from pipeline.runtime import autocast_dtype, precision_name
+from pipeline.core.images import read_float
+from pipeline.core.layout import DataLayout
+from pipeline.core.runtime import autocast_dtype, precision_name
+from pipeline.inference.predict import Settings, predict_images
+from pipeline.models.checkpoint import model_from_checkpoint
 
 # (label, settings) at the demo geometry; {t}/{s} are the reference tile and stride (LR pixels).
 TILINGS = (
@@ -56,7 +56,7 @@ TILINGS = (
 
 class Autocast(nn.Module):
     """``model`` under autocast to ``dtype`` on any device: how fp16 numerics are checked on a CPU
-    (pipeline.runtime refuses fp16 there because it is slow, not because it is wrong)."""
+    (pipeline.core.runtime refuses fp16 there because it is slow, not because it is wrong)."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
         super().__init__()

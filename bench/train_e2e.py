@@ -27,10 +27,10 @@ import torch
 
 from bench.common import add_stage_options, demo_dataset, measure, read_run_log, save_rows, stage_device, table
 from bench.train_speed import our_trainer
-from pipeline.config import Config, load_config
-from pipeline.dataset import read_pair
-from pipeline.layout import DataLayout
-from pipeline.models import build_model
+from pipeline.core.config import Config, load_config
+from pipeline.core.layout import DataLayout
+from pipeline.models.table import build_model
+from pipeline.training.patch_data import read_pair
 
 
 def stage_config(data: Path, models: Path, args: argparse.Namespace, workers: int) -> Config:

@@ -3,7 +3,7 @@
 Both start from the same initial weights and see the same pre-made batches in the same order
 (random patches: the content does not change the speed), so the data loader is out of the
 measurement (bench/train_e2e.py measures the whole stage). Ours is
-``pipeline.train_loop.Trainer._train_step``, set up as ``pipeline.train.main`` does it (optimizer
+``pipeline.training.loop.Trainer._train_step``, set up as ``pipeline.train.main`` does it (optimizer
 update kernel, precision rule, TF32, torch.compile through ``Trainer.use_compile``); basicsr's is
 ``SRModel.optimize_parameters`` + ``update_learning_rate``, built in-process from an options dict,
 with a loss registered in its LOSS_REGISTRY that computes the same 2*L1 + MSE, Adam with the same
@@ -49,12 +49,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import pipeline.compat  # noqa: F401  (installs the torchvision shim before any other basicsr import)
+import pipeline.core.compat  # noqa: F401  (installs the torchvision shim before any other basicsr import)
 from bench.common import interleaved, machine, measure, median, pick, save_rows, table
 from bench.flops import count_flops, peak_tflops, utilisation
-from pipeline.config import Config, with_overrides
-from pipeline.models import MODELS, build_model, model_kwargs
-from pipeline.runtime import compile_mode, enable_tf32, precision_name, train_autocast_dtype
+from pipeline.core.config import Config, with_overrides
+from pipeline.core.runtime import compile_mode, enable_tf32, precision_name, train_autocast_dtype
+from pipeline.models.table import MODELS, build_model, model_kwargs
 
 LOSS_NAME = "BenchContestLoss"  # registered once in basicsr's LOSS_REGISTRY
 BASICSR = "basicsr SRModel"
@@ -91,7 +91,7 @@ def register_loss() -> None:
         return
 
     class BenchContestLoss(nn.Module):
-        """2 * L1 + 1 * MSE, the contest loss (pipeline.losses.contest_loss with its defaults)."""
+        """2 * L1 + 1 * MSE, the contest loss (pipeline.training.losses.contest_loss with its defaults)."""
 
         def __init__(self, l1: float = 2.0, mse: float = 1.0) -> None:
             super().__init__()
@@ -143,14 +143,13 @@ def basicsr_model(name: str, init: dict, device: torch.device, steps: int, cfg: 
 def our_trainer(name: str, init: dict, device: torch.device, cfg: Config, steps: int, lr_patch: int,
                 foreach: bool = False):
     """A Trainer around the table model, set up as pipeline.train.main does (no data loader, no files)."""
-    from timm.utils import ModelEmaV3
-    from tqdm import tqdm
-
-    from pipeline.layout import RunLayout
-    from pipeline.losses import build_generator_loss
-    from pipeline.objectives import PixelObjective, build_optimizer, make_scheduler
-    from pipeline.train_io import RunLog
-    from pipeline.train_loop import Trainer
+    from pipeline.core.distributed import Dist
+    from pipeline.core.layout import RunLayout
+    from pipeline.training.loop import Trainer
+    from pipeline.training.losses import build_generator_loss
+    from pipeline.training.objectives import PixelObjective
+    from pipeline.training.task import TrainTask
+    from pipeline.training.updates import GeneratorUpdates, Schedule
 
     t = cfg.train
     model = build_model(name).to(device)
@@ -158,25 +157,25 @@ def our_trainer(name: str, init: dict, device: torch.device, cfg: Config, steps:
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     dtype = train_autocast_dtype(device, t.precision, t.batch_size * lr_patch**2)
-    optimizer = build_optimizer(t, model, device)
+    schedule = Schedule.of(t, steps, steps)
+    updates = GeneratorUpdates.build(t, model, device, dtype, schedule)
     if foreach:
-        optimizer = type(optimizer)(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay,
-                                    foreach=True, fused=False)
+        updates.optimizer = type(updates.optimizer)(model.parameters(), lr=t.learning_rate,
+                                                    weight_decay=t.weight_decay, foreach=True, fused=False)
+        updates.scheduler = schedule.build(updates.optimizer)
     run = RunLayout(Path(tempfile.gettempdir()), "train_speed")  # nothing is written (logging disabled)
 
     def to_device(x: torch.Tensor) -> torch.Tensor:  # as the image task does it (pipeline.train.image_task)
         x = x.to(device, non_blocking=True).float().div_(255)
         return x.contiguous(memory_format=torch.channels_last) if t.channels_last else x
 
-    trainer = Trainer(
-        cfg=cfg, rank=0, world=1, device=device, dtype=dtype, run=run, raw=model,
-        model=model, ema=ModelEmaV3(model, decay=t.ema_decay, use_warmup=True) if t.ema_decay > 0 else None,
-        optimizer=optimizer, scheduler=make_scheduler(t, optimizer, steps, steps),
-        scaler=torch.amp.GradScaler(device.type, enabled=dtype is torch.float16), loader=None, batches=None,
-        validation=None, to_device=to_device, objective=PixelObjective(build_generator_loss(cfg).to(device)),
-        total_steps=steps, arch=name, kwargs=model_kwargs(name))
-    trainer.bar = tqdm(disable=True)
-    trainer.log = RunLog(run, 0, enabled=False)
+    # A task without data: the bench feeds the step its own batches (Trainer._train_step).
+    task = TrainTask(generator=model, arch=name, kwargs=model_kwargs(name), loader=None, batches=None,
+                     to_device=to_device, validation=None, discriminator=None, sample_pixels=lr_patch**2,
+                     description="")
+    objective = PixelObjective(build_generator_loss(cfg).to(device), schedule)
+    trainer = Trainer(cfg=cfg, d=Dist(0, 1, device), run=run, task=task, objective=objective, updates=updates,
+                      dtype=dtype, total_steps=steps)
     trainer.use_compile(compile_mode(t.compile, device, math.inf))  # `auto` as for a long run
     return trainer
 

@@ -22,14 +22,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.config import Config, save_config, with_overrides
-from pipeline.errors import UserError
-from pipeline.files import atomic_write
-from pipeline.images import read_float, read_uint8, to_uint8
-from pipeline.layout import DataLayout, OutputLayout
-from pipeline.metrics import score_pair
-from pipeline.predict import Settings, inference_dtype, load_models, predict_images
-from pipeline.runtime import pick_device, precision_name
+from pipeline.core.config import Config, save_config, with_overrides
+from pipeline.core.errors import UserError
+from pipeline.core.files import atomic_write
+from pipeline.core.images import read_float, read_uint8, to_uint8
+from pipeline.core.layout import DataLayout, OutputLayout
+from pipeline.core.metrics import score_pair
+from pipeline.core.runtime import pick_device, precision_name
+from pipeline.inference.predict import Settings, inference_dtype, load_models, predict_images
 
 COLUMNS = ["models", "tta", "tile", "stride", "blend", "precision", "merge", "psnr", "ssim", "sec_per_image", "gain_db",
            "default"]

@@ -11,7 +11,7 @@ photo, so a re-run gives the same bytes): an isotropic Gaussian blur of the HR b
 downscale (``extra.blur``, sigma in HR pixels), Gaussian noise on the LR (``extra.noise``, 8-bit
 levels), then JPEG compression of the LR (``extra.jpeg``, quality).
 
-Written under ``--data`` (``pipeline.layout``): ``extra/<name>/{lr,hr}/<name>_<stem>.png`` (the
+Written under ``--data`` (``pipeline.core.layout``): ``extra/<name>/{lr,hr}/<name>_<stem>.png`` (the
 folder is built aside and swapped in whole; a re-run replaces the set of the same name) and its
 rows in ``extra.csv`` (img_id, source ``extra/<name>``, lr_path, hr_path). ``prepare`` then puts
 them in splits.csv with fold -1: ``patchify`` cuts them and ``train`` learns from them, but no
@@ -30,18 +30,18 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from pipeline.config import Config, ExtraConfig, save_config
-from pipeline.errors import DataError, UserError
-from pipeline.files import atomic_write, staged_dir
-from pipeline.images import images_by_stem, read_uint8, to_uint8, write_png
-from pipeline.layout import EXTRA_COLUMNS, DataLayout, check_id
+from pipeline.core.config import Config, ExtraConfig, save_config
+from pipeline.core.errors import DataError, UserError
+from pipeline.core.files import atomic_write, staged_dir
+from pipeline.core.images import images_by_stem, read_uint8, to_uint8, write_png
+from pipeline.core.layout import EXTRA_COLUMNS, DataLayout, check_id
 
 STAMP = "add-data.yaml"  # the resolved settings, written into every set this stage makes
 
 
 def degrade(hr: np.ndarray, scale: int, extra: ExtraConfig, seed: int) -> np.ndarray:
     """(H,W,3) uint8 HR -> (H/scale,W/scale,3) uint8 LR: [blur], bicubic x1/scale, [noise], [JPEG]; rounded once."""
-    from pipeline.compat import add_gaussian_noise, add_jpg_compression, bivariate_Gaussian, imresize
+    from pipeline.core.compat import add_gaussian_noise, add_jpg_compression, bivariate_Gaussian, imresize
 
     x = hr.astype(np.float64) / 255.0
     if extra.blur > 0:

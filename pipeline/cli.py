@@ -18,9 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.config import describe, load_config
-from pipeline.errors import Interrupted, UserError
-from pipeline.images import set_max_pixels
+from pipeline.core.config import describe, load_config
+from pipeline.core.errors import Interrupted, UserError
+from pipeline.core.images import set_max_pixels
 
 REPO = Path(__file__).resolve().parent.parent
 DATA_FLAG = {"--data": ("data.dir", "dataset root in the contest layout")}
@@ -28,7 +28,7 @@ VOLUMES_FLAG = {"--volumes": ("mri.dir", "folder of HR volumes (mri_splits.csv, 
 
 
 def _model_names() -> str:
-    from pipeline.models import MODELS
+    from pipeline.models.table import MODELS
 
     return "models: " + ", ".join(sorted(MODELS))
 
@@ -40,7 +40,7 @@ def _volume_model_names() -> str:
 
 
 def _train_names() -> str:
-    from pipeline.discriminators import DISCRIMINATORS
+    from pipeline.models.discriminators import DISCRIMINATORS
 
     return f"{_model_names()}\ndiscriminators (gan.discriminator): {', '.join(sorted(DISCRIMINATORS))}"
 
@@ -69,7 +69,7 @@ STAGES: dict[str, Stage] = {
         "pipeline.prepare", "check every pair and write splits.csv (folds by source image)",
         ("data",), DATA_FLAG),
     "patchify": Stage(
-        "pipeline.patches", "cut aligned LR/HR patch pairs and write patches/manifest.csv",
+        "pipeline.patchify", "cut aligned LR/HR patch pairs and write patches/manifest.csv",
         ("data", "patch"), DATA_FLAG),
     "train": Stage(
         "pipeline.train", "train a model on the patches; checkpoints in models/<run>",
@@ -210,7 +210,7 @@ def _from_worker(message: str) -> str:
     if not (message.startswith("Caught ") and "Original Traceback" in message):
         return message
     last = message.strip().splitlines()[-1]
-    return re.sub(r"^[\w.]+: ", "", last)  # "pipeline.errors.UserError: text" -> "text"
+    return re.sub(r"^[\w.]+: ", "", last)  # "pipeline.core.errors.UserError: text" -> "text"
 
 
 def _fail(message: str) -> int:

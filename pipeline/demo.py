@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline import ablate, demo_data, infer, patches, prepare, submit, train
-from pipeline.config import Config, with_overrides
+from pipeline import ablate, demo_data, infer, patchify, prepare, submit, train
+from pipeline.core.config import Config, with_overrides
+from pipeline.core.files import atomic_write
+from pipeline.core.images import read_uint8
+from pipeline.core.layout import OutputLayout, RunLayout
+from pipeline.core.steps import Steps
 from pipeline.evaluate import evaluate_folders
-from pipeline.files import atomic_write
-from pipeline.images import read_uint8
-from pipeline.layout import OutputLayout, RunLayout
-from pipeline.steps import Steps
 
 
 def score_table(rows: list[tuple[str, Path]], hr_dir: Path) -> pd.DataFrame:
@@ -39,7 +39,7 @@ def report(pred_dirs: dict[str, Path], hr_dir: Path, out: Path, crop: int = 128)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pipeline.metrics import score_pair
+    from pipeline.core.metrics import score_pair
 
     names = sorted(p.stem for p in hr_dir.glob("*.png"))
     cols = [*pred_dirs, "HR"]
@@ -73,7 +73,7 @@ def main(cfg: Config) -> None:
 
     steps.run("demo-data", demo_data.main, cfg)
     steps.run("prepare", prepare.main, cfg)
-    steps.run("patchify", patches.main, cfg)
+    steps.run("patchify", patchify.main, cfg)
     steps.run(f"train {cfg.model.name} for {cfg.demo.train_minutes:g} min", train.main, cfg)
 
     pred = {"bicubic": sub / "bicubic", f"{cfg.model.name}": sub / "pred_tta1",

@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.config import Config
-from pipeline.errors import UserError
-from pipeline.images import encode_png, read_uint8, to_uint8
+from pipeline.core.config import Config
+from pipeline.core.errors import UserError
+from pipeline.core.images import encode_png, read_uint8, to_uint8
 
 HR_SIZE = 512
 SCALE = 4
@@ -72,7 +72,7 @@ def _source_path(src: Source) -> Path:
 
 def _downscale(hr: np.ndarray) -> np.ndarray:
     """(512,512,3) uint8 -> (128,128,3) uint8 with MATLAB bicubic (antialiased), rounded once."""
-    from pipeline.compat import imresize
+    from pipeline.core.compat import imresize
 
     return to_uint8(imresize(hr.astype(np.float64) / 255.0, 1 / SCALE))
 
@@ -82,7 +82,7 @@ def _fit(photo: np.ndarray) -> np.ndarray:
     short = min(photo.shape[:2])
     if short >= HR_SIZE:
         return photo
-    from pipeline.compat import imresize
+    from pipeline.core.compat import imresize
 
     return to_uint8(imresize(photo.astype(np.float64) / 255.0, HR_SIZE / short))[:, :, :3]
 

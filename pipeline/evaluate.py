@@ -1,9 +1,9 @@
 """``evaluate``: PSNR, SSIM and NRMSE of predictions against ground truth, per image and the mean.
 
 The protocols (``competition``: RGB uint8 whole image, the contest metric; ``paper``: Y channel,
-``data.scale`` border cropped) and NRMSE are defined in ``pipeline.metrics``. The mean NRMSE over
+``data.scale`` border cropped) and NRMSE are defined in ``pipeline.core.metrics``. The mean NRMSE over
 images weighs bad images more than the mean PSNR does.
-Beside them, on the whole RGB image whatever the protocol (pipeline.perceptual.ImageQuality):
+Beside them, on the whole RGB image whatever the protocol (pipeline.models.perceptual.ImageQuality):
 ``sharpness``, the Laplacian energy of the prediction over the ground truth's (1 = as much fine detail,
 below = smoother), and ``lpips`` when ``evaluate.lpips_weights`` names the backbone's torchvision
 weights file (otherwise the column says what is missing).
@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.config import Config
-from pipeline.errors import UserError
-from pipeline.files import atomic_write
-from pipeline.images import images_by_stem, read_uint8
-from pipeline.metrics import score_pair, summary_line
-from pipeline.perceptual import ImageQuality
+from pipeline.core.config import Config
+from pipeline.core.errors import UserError
+from pipeline.core.files import atomic_write
+from pipeline.core.images import images_by_stem, read_uint8
+from pipeline.core.metrics import score_pair, summary_line
+from pipeline.models.perceptual import ImageQuality
 
 COLUMNS = ["name", "psnr", "ssim", "nrmse", "sharpness", "lpips"]
 

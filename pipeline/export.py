@@ -26,13 +26,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.checkpoint import load_checkpoint, load_weights_file, model_from_checkpoint, save_safetensors
-from pipeline.config import Config, save_config
-from pipeline.errors import UserError
-from pipeline.files import atomic_write
-from pipeline.images import read_float
-from pipeline.layout import RunLayout
-from pipeline.models import SCALE, Bicubic, card_of
+from pipeline.core.config import Config, save_config
+from pipeline.core.errors import UserError
+from pipeline.core.files import atomic_write
+from pipeline.core.images import read_float
+from pipeline.core.layout import RunLayout
+from pipeline.models.checkpoint import load_checkpoint, load_weights_file, model_from_checkpoint, save_safetensors
+from pipeline.models.table import SCALE, Bicubic, card_of
 
 MAX_DIFF = 1e-3
 TRACE_SIDE = 37  # odd and prime: every padding step of every architecture is in the trace

@@ -15,7 +15,7 @@ precision, torch.compile mode and seconds, images rerun in fp32) and ``config.ya
 (the resolved config).
 
 The output folder is built as a hidden folder beside its final place and swapped in only when
-every image is written (``pipeline.files.staged_dir``): a killed run leaves the previous
+every image is written (``pipeline.core.files.staged_dir``): a killed run leaves the previous
 predictions untouched, and ``submit`` can only ever pack one finished set of one model. An
 existing ``--output`` folder that this stage did not write (no ``timing.json``) is refused.
 
@@ -36,15 +36,15 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
-from pipeline.config import Config, save_config
-from pipeline.distributed import Dist, barrier, broadcast, gather, init_distributed, shutdown
-from pipeline.errors import UserError
-from pipeline.files import atomic_write, staged_dir
-from pipeline.images import PngWriter, images_by_stem, read_ahead, read_uint8, to_uint8
-from pipeline.layout import COMPLETE_MARK, LEADERBOARD_COLUMNS, DataLayout, OutputLayout
-from pipeline.metrics import score_pair
-from pipeline.predict import Settings, Timing, iter_predict, load_models, validate
-from pipeline.runtime import peak_memory
+from pipeline.core.config import Config, save_config
+from pipeline.core.distributed import Dist, barrier, broadcast, gather, init_distributed, shutdown
+from pipeline.core.errors import UserError
+from pipeline.core.files import atomic_write, staged_dir
+from pipeline.core.images import PngWriter, images_by_stem, read_ahead, read_uint8, to_uint8
+from pipeline.core.layout import COMPLETE_MARK, LEADERBOARD_COLUMNS, DataLayout, OutputLayout
+from pipeline.core.metrics import score_pair
+from pipeline.core.runtime import peak_memory
+from pipeline.inference.predict import Settings, Timing, check_settings, iter_predict, load_models
 
 
 def settings_for(cfg: Config) -> Settings:
@@ -127,7 +127,7 @@ def _predict(cfg: Config, d: Dist, items: list[tuple[str, Path]], hr_paths: dict
 def main(cfg: Config) -> None:
     items, hr_paths, out_dir = _work(cfg)
     settings = settings_for(cfg)
-    validate(settings)  # before any folder or model is touched
+    check_settings(settings)  # before any folder or model is touched
     d = init_distributed()
     try:
         if d.main:

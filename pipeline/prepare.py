@@ -23,12 +23,12 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from pipeline.config import Config, save_config
-from pipeline.errors import DataError
-from pipeline.files import atomic_write
-from pipeline.folds import assign_folds
-from pipeline.images import ImageError, image_size
-from pipeline.layout import EXTRA_FOLD, SPLIT_COLUMNS, DataLayout
+from pipeline.core.config import Config, save_config
+from pipeline.core.errors import DataError
+from pipeline.core.files import atomic_write
+from pipeline.core.folds import assign_folds
+from pipeline.core.images import ImageError, image_size
+from pipeline.core.layout import EXTRA_FOLD, SPLIT_COLUMNS, DataLayout
 
 
 def _size_or_error(path: Path) -> tuple[int, int] | str:

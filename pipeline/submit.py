@@ -46,11 +46,11 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from pipeline.config import Config, DataConfig
-from pipeline.errors import UserError
-from pipeline.files import atomic_write, clean_stale
-from pipeline.images import ImageError, check_pixels, image_size
-from pipeline.layout import COMPLETE_MARK, DataLayout, OutputLayout
+from pipeline.core.config import Config, DataConfig
+from pipeline.core.errors import UserError
+from pipeline.core.files import atomic_write, clean_stale
+from pipeline.core.images import ImageError, check_pixels, image_size
+from pipeline.core.layout import COMPLETE_MARK, DataLayout, OutputLayout
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 COLOUR_TYPES = {0: "grayscale", 2: "RGB", 3: "palette", 4: "grayscale+alpha", 6: "RGBA"}

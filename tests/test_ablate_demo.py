@@ -14,9 +14,9 @@ from procs import ROOT
 
 from pipeline.ablate import COLUMNS, parse_tile, settings_grid
 from pipeline.cli import main as cli
-from pipeline.config import load_config
-from pipeline.errors import UserError
-from pipeline.models import build_model
+from pipeline.core.config import load_config
+from pipeline.core.errors import UserError
+from pipeline.models.table import build_model
 
 
 def test_parse_tile():

@@ -11,10 +11,10 @@ import pytest
 
 from pipeline.add_data import degrade
 from pipeline.cli import main as cli
-from pipeline.compat import imresize
-from pipeline.config import ExtraConfig
-from pipeline.images import read_uint8, to_uint8, write_png
-from pipeline.layout import EXTRA_FOLD, DataLayout
+from pipeline.core.compat import imresize
+from pipeline.core.config import ExtraConfig
+from pipeline.core.images import read_uint8, to_uint8, write_png
+from pipeline.core.layout import EXTRA_FOLD, DataLayout
 
 
 def _smooth(h: int, w: int, seed: int) -> np.ndarray:

@@ -1,13 +1,14 @@
-"""basicsr 1.4.2 imports a module torchvision removed; pipeline.compat is the one shim."""
+"""basicsr 1.4.2 imports a module torchvision removed; pipeline.core.compat is the one shim."""
 
 import subprocess
 import sys
 
 import numpy as np
+from procs import ROOT
 
 
 def test_basicsr_names_import_through_the_shim():
-    from pipeline import compat
+    from pipeline.core import compat
 
     for name in compat.__all__:
         assert getattr(compat, name) is not None
@@ -23,6 +24,6 @@ def test_shim_is_needed_and_sufficient_in_a_fresh_interpreter():
     """Without the shim basicsr fails to import (so the shim is not dead code); with it, it imports."""
     bare = subprocess.run([sys.executable, "-c", "import basicsr"], capture_output=True, text=True)
     assert bare.returncode != 0 and "functional_tensor" in bare.stderr
-    shimmed = subprocess.run([sys.executable, "-c", "import pipeline.compat, basicsr; print('ok')"],
-                             capture_output=True, text=True)
+    shimmed = subprocess.run([sys.executable, "-c", "import pipeline.core.compat, basicsr; print('ok')"],
+                             cwd=ROOT, capture_output=True, text=True)
     assert shimmed.returncode == 0, shimmed.stderr

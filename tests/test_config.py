@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, from_dict, load_config, save_config, to_dict, with_overrides
+from pipeline.core.config import ConfigError, from_dict, load_config, save_config, to_dict, with_overrides
 
 
 def test_overrides_are_typed():

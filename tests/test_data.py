@@ -12,10 +12,10 @@ import pandas as pd
 import pytest
 
 from pipeline.cli import main as cli
-from pipeline.compat import imresize
+from pipeline.core.compat import imresize
+from pipeline.core.images import read_uint8, to_uint8, write_png
 from pipeline.demo_data import tree_digest
-from pipeline.images import read_uint8, to_uint8, write_png
-from pipeline.patches import grid
+from pipeline.patchify import grid
 
 # ---- demo dataset ---------------------------------------------------------------------------
 
@@ -55,7 +55,7 @@ def test_folds_split_by_source(patched_demo: Path):
 
 
 def test_folds_are_seeded(patched_demo: Path, tmp_path: Path):
-    from pipeline.layout import DataLayout
+    from pipeline.core.layout import DataLayout
     from pipeline.prepare import assign_folds
 
     train = DataLayout(patched_demo).train_table()

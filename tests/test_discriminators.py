@@ -6,8 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.discriminators import DISCRIMINATORS, build_discriminator, check_discriminator, discriminator_kwargs
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
+from pipeline.models.discriminators import (
+    DISCRIMINATORS,
+    build_discriminator,
+    check_discriminator,
+    discriminator_kwargs,
+)
 
 pytestmark = pytest.mark.usefixtures("fast_cpu")  # tests/conftest.py
 

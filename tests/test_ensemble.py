@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.ensemble import average_models, dihedral, dihedral_inverse, median, self_ensemble
-from pipeline.tiling import tile_forward
+from pipeline.inference.ensemble import average_models, dihedral, dihedral_inverse, median, self_ensemble
+from pipeline.inference.tiling import tile_forward
 
 
 def _symmetrise(weight: torch.Tensor) -> torch.Tensor:

@@ -12,9 +12,9 @@ import pytest
 import skimage.data
 
 from pipeline.cli import main as cli
-from pipeline.compat import calculate_psnr, calculate_ssim, imresize
+from pipeline.core.compat import calculate_psnr, calculate_ssim, imresize
+from pipeline.core.images import to_uint8, write_png
 from pipeline.evaluate import evaluate_folders, score_pair
-from pipeline.images import to_uint8, write_png
 
 
 def _photo_pairs(n: int = 3, size: int = 96) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -12,12 +12,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from pipeline.checkpoint import load_weights_file, save_checkpoint
 from pipeline.cli import main as cli
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
+from pipeline.core.images import read_uint8, write_png
 from pipeline.export import MAX_DIFF, check_image, export_onnx
-from pipeline.images import read_uint8, write_png
-from pipeline.models import build_model, card_of, model_kwargs
+from pipeline.models.checkpoint import load_weights_file, save_checkpoint
+from pipeline.models.table import build_model, card_of, model_kwargs
 
 # What the TorchScript exporter cannot express, per architecture (the reason each error must name).
 NOT_EXPORTABLE = {"dat-nano": "does not run on a 40x52 input", "atd-nano": "operator Sort",

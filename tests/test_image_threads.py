@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import pipeline.files as files
-from pipeline.images import ImageError, PngWriter, read_ahead, read_uint8, to_uint8, write_png
+import pipeline.core.files as files
+from pipeline.core.images import ImageError, PngWriter, read_ahead, read_uint8, to_uint8, write_png
 
 RNG = np.random.default_rng(0)
 

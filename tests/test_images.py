@@ -4,7 +4,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.images import ImageError, atomic_write, read_float, read_uint8, to_uint8, write_png
+from pipeline.core.images import ImageError, atomic_write, read_float, read_uint8, to_uint8, write_png
 
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, (9, 7, 3), dtype=np.uint8)

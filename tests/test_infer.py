@@ -13,15 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.checkpoint import model_from_checkpoint, save_checkpoint
 from pipeline.cli import main as cli
-from pipeline.compat import imresize
-from pipeline.errors import UserError
+from pipeline.core.compat import imresize
+from pipeline.core.errors import UserError
+from pipeline.core.images import read_float, read_uint8, to_uint8, write_png
+from pipeline.core.runtime import pick_device
 from pipeline.evaluate import evaluate_pairs
-from pipeline.images import read_float, read_uint8, to_uint8, write_png
-from pipeline.models import build_model, model_kwargs
-from pipeline.predict import Settings, predict_images
-from pipeline.runtime import pick_device
+from pipeline.inference.predict import Settings, predict_images
+from pipeline.models.checkpoint import model_from_checkpoint, save_checkpoint
+from pipeline.models.table import build_model, model_kwargs
 
 TILES = ["infer.tile=8", "infer.stride=4", "infer.margin=1", "infer.precision=fp32"]
 DEVICE = pick_device()  # where the CLI runs; the references below are computed on the same device

@@ -10,9 +10,10 @@ import torch
 import torchvision
 from torch import nn
 
-from pipeline.config import load_config
-from pipeline.errors import UserError
-from pipeline.losses import (
+from pipeline.core.config import load_config
+from pipeline.core.errors import UserError
+from pipeline.models.perceptual import IMAGENET_MEAN, IMAGENET_STD, load_vgg_features, vgg19_layer_names
+from pipeline.training.losses import (
     build_generator_loss,
     contest_loss,
     discriminator_loss,
@@ -21,7 +22,6 @@ from pipeline.losses import (
     gradient_penalty,
     total_variation,
 )
-from pipeline.perceptual import IMAGENET_MEAN, IMAGENET_STD, load_vgg_features, vgg19_layer_names
 
 
 def _softplus(x: float) -> float:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.metrics import contest_psnr, score_pair
+from pipeline.core.metrics import contest_psnr, score_pair
 
 
 def test_contest_psnr_equals_basicsr_on_random_uint8_images() -> None:

@@ -13,12 +13,12 @@ import torch
 from spandrel import MAIN_REGISTRY, SizeRequirements
 from spandrel.architectures.HAT import HAT
 
-from pipeline import zoo
-from pipeline.archs import pad_to_size
-from pipeline.checkpoint import _table_entry
-from pipeline.compat import imresize
-from pipeline.errors import UserError
-from pipeline.models import MODELS, autocast_cap, build_model, card_of, count_parameters, model_kwargs
+from pipeline.core.compat import imresize
+from pipeline.core.errors import UserError
+from pipeline.models import zoo
+from pipeline.models.archs import pad_to_size
+from pipeline.models.checkpoint import _table_entry
+from pipeline.models.table import MODELS, autocast_cap, build_model, card_of, count_parameters, model_kwargs
 
 LR_SIDE = 8
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -107,7 +107,7 @@ def _readme_rows() -> dict[str, tuple[int, str]]:
 def test_readme_table_counts_every_model(name: str) -> None:
     """Every entry, full presets included, builds; the README lists its parameter count and precisions."""
     rows = _readme_rows()
-    assert name in rows, f"README model table misses {name} (regenerate with `python -m pipeline.models`)"
+    assert name in rows, f"README model table misses {name} (regenerate with `python -m pipeline.models.table`)"
     assert rows[name] == (count_parameters(build_model(name)), " ".join(MODELS[name].precisions))
 
 

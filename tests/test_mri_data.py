@@ -13,16 +13,16 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.cli import main as cli
-from pipeline.config import CycleGanConfig, MriConfig
-from pipeline.losses import total_variation
+from pipeline.core.config import CycleGanConfig, MriConfig
 from pipeline.mri.cycle import CycleWeights, discriminator_loss, generator_loss
-from pipeline.mri.data import PatchDataset, VolumePair, load_pairs, validate, validation_items
+from pipeline.mri.data import PatchDataset, VolumePair, load_pairs, score_volumes, validation_items
 from pipeline.mri.figures import orthogonal_slices
 from pipeline.mri.lrset import read_record
 from pipeline.mri.models import build_volume_model
 from pipeline.mri.predict import VolumeSettings, spec_of
 from pipeline.mri.slices import UnpairedSlices, kspace_downsample, slice_crops, unpaired_slices
 from pipeline.mri.volumes import Volume
+from pipeline.training.losses import total_variation
 
 pytestmark = pytest.mark.usefixtures("fast_cpu")
 
@@ -93,7 +93,7 @@ def test_pairs_and_validation_of_a_prepared_folder(tmp_path: Path) -> None:
     model = build_volume_model("mdcsrn-tiny")
     torch.nn.init.zeros_(model.reconstruct.weight)  # an identity: the SR is the LR
     torch.nn.init.zeros_(model.reconstruct.bias)
-    scores = validate(model, spec_of("mdcsrn-tiny"), items, mri, VolumeSettings(tile=0), torch.device("cpu"))
+    scores = score_volumes(model, spec_of("mdcsrn-tiny"), items, mri, VolumeSettings(tile=0), torch.device("cpu"))
     assert cli(["mri-infer", f"mri.dir={root}", "mri.folds=3", "mri_infer.model=trilinear"]) == 0
     assert cli(["mri-evaluate", f"mri.dir={root}", "mri.folds=3", "--sr", str(root / "sr" / "trilinear"),
                 "mri_eval.baselines=[]"]) == 0

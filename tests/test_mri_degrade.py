@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from pipeline.config import load_config
-from pipeline.errors import UserError
+from pipeline.core.config import load_config
+from pipeline.core.errors import UserError
 from pipeline.mri.bundled import bundled_scan
 from pipeline.mri.degrade import (
     kspace_mask,

@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.checkpoint import CheckpointError, save_checkpoint
 from pipeline.cli import main as cli
-from pipeline.config import MriConfig
+from pipeline.core.config import MriConfig
+from pipeline.models.checkpoint import CheckpointError, save_checkpoint
 from pipeline.mri.degrade import finer_affine, kspace_truncate, thick_affine, thick_slices
 from pipeline.mri.demo_data import HELD_OUT, demo_overrides
 from pipeline.mri.models import build_volume_model, checkpoint_state, volume_model_from_checkpoint

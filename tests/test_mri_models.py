@@ -1,4 +1,4 @@
-"""Volume / slice networks, their table, and the N-d losses (pipeline.mri.archs, .models, pipeline.losses)."""
+"""Volume / slice networks, their table, and the N-d losses (pipeline.mri.archs, .models, pipeline.training.losses)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.errors import UserError
-from pipeline.losses import gradient_penalty, total_variation
+from pipeline.core.errors import UserError
 from pipeline.mri.models import VOLUME_MODELS, build_volume_model, register, volume_model_kwargs
+from pipeline.training.losses import gradient_penalty, total_variation
 
 
 def _params(model: nn.Module) -> int:

@@ -16,12 +16,12 @@ from procs import assert_ok, kill_after_first_save
 from test_train import load, log_entries
 
 from pipeline.cli import main as cli
-from pipeline.config import load_config
-from pipeline.errors import UserError
-from pipeline.losses import gradient_penalty
+from pipeline.core.config import load_config
+from pipeline.core.errors import UserError
 from pipeline.mri.data import PatchDataset, VolumePair
 from pipeline.mri.demo_data import demo_overrides
 from pipeline.mri.models import build_volume_model
+from pipeline.training.losses import gradient_penalty
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # in-process runs match OMP_NUM_THREADS=1 subprocesses
 

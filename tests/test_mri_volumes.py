@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from pipeline.errors import DataError
+from pipeline.core.errors import DataError
 from pipeline.mri.bundled import bundled_scans
 from pipeline.mri.splits import build_splits, read_splits, splits_path, subject_of, write_splits
 from pipeline.mri.volumes import (

@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-import pipeline.predict as predict
-from pipeline.compat import imresize
-from pipeline.errors import UserError
-from pipeline.models import build_model
-from pipeline.predict import COMPILE_MODES, Settings, compile_choice, predict_images
+import pipeline.inference.predict as predict
+from pipeline.core.compat import imresize
+from pipeline.core.errors import UserError
+from pipeline.inference.predict import COMPILE_MODES, Settings, compile_choice, predict_images
+from pipeline.models.table import build_model
 
 CONTEST_PIXELS = 49 * 8 * 128 * 128  # one 512 LR image: 49 tiles of 128^2, 8 ways
 

@@ -14,9 +14,9 @@ import torch
 import torchvision
 
 from pipeline.cli import main as cli
-from pipeline.errors import UserError
-from pipeline.images import write_png
-from pipeline.perceptual import ImageQuality, laplacian_energy, load_lpips, lpips_distance, sharpness
+from pipeline.core.errors import UserError
+from pipeline.core.images import write_png
+from pipeline.models.perceptual import ImageQuality, laplacian_energy, load_lpips, lpips_distance, sharpness
 
 
 def test_laplacian_energy_of_a_single_bright_pixel() -> None:

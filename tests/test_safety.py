@@ -22,12 +22,12 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.checkpoint import save_checkpoint
 from pipeline.cli import main as cli
-from pipeline.compat import imresize
-from pipeline.files import FILE_MODE, atomic_write, clean_stale
-from pipeline.images import encode_png, read_uint8, to_uint8, write_png
-from pipeline.models import build_model, model_kwargs
+from pipeline.core.compat import imresize
+from pipeline.core.files import FILE_MODE, atomic_write, clean_stale
+from pipeline.core.images import encode_png, read_uint8, to_uint8, write_png
+from pipeline.models.checkpoint import save_checkpoint
+from pipeline.models.table import build_model, model_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -408,7 +408,7 @@ def test_os_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[st
     def disk_full(path: Path, img: np.ndarray) -> Path:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr("pipeline.images.write_png", disk_full)
+    monkeypatch.setattr("pipeline.core.images.write_png", disk_full)
     assert cli(["infer", "model.name=bicubic", "--input", str(lr_dir), "--output", str(tmp_path / "o")]) == 2
     err = _one_line(capsys)
     assert "a.png: No space left on device (free some space" in err

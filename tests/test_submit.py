@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from pipeline.cli import main as cli
-from pipeline.images import encode_png, read_uint8, write_png
+from pipeline.core.images import encode_png, read_uint8, write_png
 from pipeline.submit import SubmissionError, check_submission, expected_outputs, write_submission
 
 IDS = ["20000", "20001", "20002"]

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.tiling import (
+from pipeline.inference.tiling import (
     CPU_PIXELS,
     CUDA_MEMORY_CAP,
     CUDA_PIXELS,

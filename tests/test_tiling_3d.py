@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.inference.tiling import TileMemoryError, merge_plan, run_tiles, tile_corners, tile_forward, tile_geometry
 from pipeline.mri.models import build_volume_model
-from pipeline.tiling import TileMemoryError, merge_plan, run_tiles, tile_corners, tile_forward, tile_geometry
 
 pytestmark = pytest.mark.usefixtures("fast_cpu")  # many small 3-D convolutions of new shapes
 

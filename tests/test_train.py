@@ -21,17 +21,18 @@ import torch
 from procs import assert_ok, kill_after_first_save, torchrun_and_alone
 
 from pipeline import train
-from pipeline.checkpoint import model_from_checkpoint
 from pipeline.cli import main as cli
-from pipeline.compat import imresize
-from pipeline.config import load_config
-from pipeline.dataset import EpochBatches, PairAugment
-from pipeline.errors import UserError
-from pipeline.images import to_uint8, write_png
-from pipeline.models import build_model
-from pipeline.objectives import build_optimizer
-from pipeline.runtime import seed_everything
+from pipeline.core.compat import imresize
+from pipeline.core.config import load_config
+from pipeline.core.errors import UserError
+from pipeline.core.images import to_uint8, write_png
+from pipeline.core.runtime import seed_everything
+from pipeline.models.checkpoint import model_from_checkpoint
+from pipeline.models.table import build_model
 from pipeline.train import build_trainable
+from pipeline.training.loader import EpochBatches
+from pipeline.training.patch_data import PairAugment
+from pipeline.training.updates import build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT_KEYS = {"params", "params_ema", "arch", "kwargs", "step", "epoch", "best_psnr", "optimizer", "scheduler",
@@ -115,7 +116,7 @@ def test_augmentation_keeps_lr_and_hr_aligned_for_all_8_transforms() -> None:
 
 
 def test_augmented_hr_still_downscales_to_its_lr(data: Path) -> None:
-    from pipeline.images import read_uint8
+    from pipeline.core.images import read_uint8
 
     lr, hr = read_uint8(data / "train/lr/0003.png"), read_uint8(data / "train/hr/0003.png")
     augment = PairAugment(crop=0, scale=4, dihedral=True)
@@ -295,8 +296,8 @@ def test_torchrun_two_processes_match_one(data: Path, tmp_path: Path) -> None:
 
 
 def test_update_kernel_precision_and_compile_rules() -> None:
-    from pipeline.runtime import AUTO_COMPILE_MIN_SECONDS, compile_mode, cpu_has_fast_bf16, optimizer_flags
-    from pipeline.runtime import train_autocast_dtype as dtype_for
+    from pipeline.core.runtime import AUTO_COMPILE_MIN_SECONDS, compile_mode, cpu_has_fast_bf16, optimizer_flags
+    from pipeline.core.runtime import train_autocast_dtype as dtype_for
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert optimizer_flags(cuda) == {"fused": True, "foreach": False}
@@ -310,7 +311,7 @@ def test_update_kernel_precision_and_compile_rules() -> None:
     assert compile_mode("auto", cuda, AUTO_COMPILE_MIN_SECONDS) == compile_mode("auto", cuda, math.inf) == \
         "reduce-overhead"
     assert compile_mode("default", cpu, 0.0) == "default"
-    from pipeline.validation import spaced_interval
+    from pipeline.training.validation import spaced_interval
 
     # 1 s validations against 10 ms steps, at most 10%: every 900 steps; fast ones keep val_every.
     assert spaced_interval(1.0, 0.01, 5, 0.1) == 900 and spaced_interval(1.0, 0.01, 5, 0.0) == 5
@@ -372,14 +373,14 @@ def test_slow_validation_is_spaced_out_unless_deterministic(data: Path, tmp_path
     assert all(math.isfinite(e["val/seconds"]) for e in log_entries(tmp_path / "spaced") if e["kind"] == "val")
 
 
-def test_profile_steps_writes_trace_ops_and_phases(data: Path, tmp_path: Path) -> None:
+def test_profile_steps_writes_trace_ops_and_sections(data: Path, tmp_path: Path) -> None:
     assert cli(train_args(data, tmp_path, "prof", "train.max_steps=12", "train.profile_steps=3",
                           "train.grad_clip=1.0")) == 0
     out = tmp_path / "prof" / "profile"
     trace = json.loads((out / "trace.json").read_text())
     names = {e.get("name") for e in trace["traceEvents"]}
     assert {"train/data", "train/forward", "train/backward", "train/optimizer", "train/ema"} <= names
-    phases = (out / "phases.txt").read_text()
+    phases = (out / "sections.txt").read_text()
     assert phases.startswith("3 profiled steps")
     for phase in ("data", "to_device", "forward", "loss", "backward", "clip", "optimizer", "ema", "after_step"):
         assert f"\n{phase} " in phases, phase
@@ -397,7 +398,7 @@ def fake_open(self, url, *args, **kwargs):
     calls.append(url)
     raise OSError("offline")
 urllib.request.OpenerDirector.open = fake_open
-import pipeline.dataset
+import pipeline.training.patch_data
 at_import = len(calls)
 from albumentations.check_version import check_for_updates
 with warnings.catch_warnings():

@@ -18,14 +18,14 @@ from test_train import ROOT, data, load, log_entries, train_args  # noqa: F401 (
 from torchvision.models import alexnet
 from torchvision.models.vgg import cfgs, make_layers
 
-from pipeline.checkpoint import model_from_checkpoint
 from pipeline.cli import main as cli
-from pipeline.config import Config, load_config
-from pipeline.discriminators import build_discriminator
-from pipeline.distributed import Dist
-from pipeline.errors import UserError
-from pipeline.losses import GeneratorLoss
-from pipeline.objectives import D_KEYS, distributed_critic
+from pipeline.core.config import Config, load_config
+from pipeline.core.distributed import Dist
+from pipeline.core.errors import UserError
+from pipeline.models.checkpoint import model_from_checkpoint
+from pipeline.models.discriminators import build_discriminator
+from pipeline.training.losses import GeneratorLoss
+from pipeline.training.objectives import D_KEYS, distributed_critic
 
 GAN = ("gan.discriminator=unet-sn-nano",)
 
@@ -303,10 +303,10 @@ def test_a_volume_task_plugs_into_the_same_trainer_and_gan_objective(tmp_path: P
     """The interface a 3-D task uses: its generator and critic from pipeline.mri.models' table,
     (B,1,D,H,W) batches in EpochBatches order, its own validation; the Trainer and the GAN objective
     (WGAN-GP with a 3-D critic) are the image task's."""
-    from pipeline.dataset import EpochBatches
     from pipeline.mri.models import build_volume_model, volume_model_kwargs
-    from pipeline.train import RunBatches, run
-    from pipeline.train_task import TrainTask
+    from pipeline.training.loader import EpochBatches, RunBatches
+    from pipeline.training.run import run
+    from pipeline.training.task import TrainTask
 
     def volume_task(cfg: Config, d: Dist) -> TrainTask:
         hr = torch.rand(10, 1, 8, 8, 8, generator=torch.Generator().manual_seed(1))

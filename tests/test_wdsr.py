@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.compat import MSRResNet
-from pipeline.models import build_model
-from pipeline.wdsr import DIV2K_MEAN, BlockA, BlockB
+from pipeline.core.compat import MSRResNet
+from pipeline.models.table import build_model
+from pipeline.models.wdsr import DIV2K_MEAN, BlockA, BlockB
 
 
 def _convs(module: nn.Module) -> list[nn.Conv2d]:

@@ -26,12 +26,12 @@ from spandrel.architectures.SAFMN import SAFMN
 from spandrel.architectures.SPAN import SPAN
 from torch import nn
 
-from pipeline import checkpoint
-from pipeline.checkpoint import CheckpointError, load_weights_file, model_from_checkpoint, save_checkpoint
 from pipeline.cli import main as cli
-from pipeline.compat import RRDBNet, imresize
-from pipeline.images import read_float, read_uint8, to_uint8, write_png
-from pipeline.models import build_model, card_of, model_kwargs
+from pipeline.core.compat import RRDBNet, imresize
+from pipeline.core.images import read_float, read_uint8, to_uint8, write_png
+from pipeline.models import checkpoint
+from pipeline.models.checkpoint import CheckpointError, load_weights_file, model_from_checkpoint, save_checkpoint
+from pipeline.models.table import build_model, card_of, model_kwargs
 
 EXACT = ["infer.tile=0", "infer.tta=1", "infer.precision=fp32", "infer.channels_last=false"]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 
 # (package, path inside it): shape, stored dtype, what it is
 BUNDLED_SCANS = (

@@ -9,17 +9,17 @@ For an LR batch ``lr`` (B,1,h,w) and an HR batch ``hr`` (B,1,4h,4w), normalised 
 ``generator_loss``: ``loss/total`` = perceptual * P + adversarial * A + tv * TV + l1 * L1 + cycle * C
 (``cycgan.*``: 1, 1, 1, 5, 10 as in the write-up), each term also returned as ``loss/<name>``:
 - A = adv(d_hr(sr)) + adv(d_lr(fake_lr)), the generator side of ``cycgan.adversarial_loss``
-  (``pipeline.losses.generator_adversarial``; relativistic also scores the real batch);
+  (``pipeline.training.losses.generator_adversarial``; relativistic also scores the real batch);
 - C = |lr_cycle - lr|_1 + |hr_cycle - hr|_1; TV = ``losses.total_variation(sr)``;
 - L1 and P compare with a target where there is one. Paired batches (``paired=True``: ``hr`` is
   the HR of ``lr``): |sr - hr|_1 and P(sr, hr), the write-up's supervised form. Unpaired (the
   default): sr has no target, so L1 = |avg4(sr) - lr|_1 + |fake_lr - avg4(hr)|_1 (each generator
   stays consistent with the fixed 4x4 average its global skip starts from: content is kept while
   the adversarial terms make it realistic) and P = P(hr_cycle, hr).
-``discriminator_loss``: ``pipeline.losses.discriminator_loss`` on each side (real hr vs sr, real lr
+``discriminator_loss``: ``pipeline.training.losses.discriminator_loss`` on each side (real hr vs sr, real lr
 vs fake_lr), summed into ``loss/d_total``.
-Schedule (``CycleObjective.learning_rate``): Adam at ``cycgan.learning_rate`` (1e-4) for the two generators
-together and for the two discriminators together, both halved every ``cycgan.halve_every`` (10,000) steps.
+Schedule (``cycle_schedule``): Adam at ``cycgan.learning_rate`` (1e-4) for the two generators together and
+for the two discriminators together, both halved every ``cycgan.halve_every`` (10,000) steps.
 """
 
 from __future__ import annotations
@@ -31,15 +31,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pipeline.checkpoint import CheckpointError
-from pipeline.config import Config, CycleGanConfig
-from pipeline.distributed import Dist
-from pipeline.errors import UserError
-from pipeline.losses import FEATURE_DISTANCES, generator_adversarial, perceptual_loss, total_variation
-from pipeline.losses import discriminator_loss as side_loss
+from pipeline.core.config import Config, CycleGanConfig
+from pipeline.core.distributed import Dist
+from pipeline.core.errors import UserError
+from pipeline.models.checkpoint import CheckpointError
 from pipeline.mri.archs import SRResCycGAN
-from pipeline.objectives import Objective, Trainer, build_optimizer, load_updates, update, updates_state
-from pipeline.train_task import TrainTask
+from pipeline.training.losses import FEATURE_DISTANCES, generator_adversarial, perceptual_loss, total_variation
+from pipeline.training.losses import discriminator_loss as side_loss
+from pipeline.training.objectives import Objective, StepContext
+from pipeline.training.task import TrainTask
+from pipeline.training.updates import Schedule, build_optimizer, load_updates, update, updates_state
 
 Perceptual = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (pred, target) -> scalar
 SCALE = 4  # SRResCycGAN's factor per side (the write-up's 80 -> 320); mri-cycle-train's too
@@ -131,14 +132,15 @@ class CycleObjective(Objective):
     generators (the discriminators carry no gradient when it steps: Adam skips them), this objective's
     own Adam the two discriminators. Per step: ``generator_loss`` (the discriminators frozen), one
     generator update, then ``discriminator_loss`` on the detached outputs, one discriminator update.
-    Both learning rates are ``cycgan.learning_rate`` halved every ``cycgan.halve_every`` steps, set
-    from the step number each step (so a resume needs no scheduler state). One process only: the
-    four networks are called directly, not through DistributedDataParallel.
+    Both learning rates are ``cycgan.learning_rate`` halved every ``cycgan.halve_every`` steps
+    (``cycle_schedule``: the objective's schedule, so the Trainer's schedulers set both). One process
+    only: the four networks are called directly, not through DistributedDataParallel.
     """
 
     name = "cycle"
 
     def __init__(self, cfg: Config, task: TrainTask, d: Dist) -> None:
+        self.schedule = cycle_schedule(cfg.cycgan)
         if d.world > 1:
             raise UserError("SRResCycGAN training runs in one process; start it without torchrun")
         net = task.generator
@@ -151,12 +153,13 @@ class CycleObjective(Objective):
             if not cfg.loss.vgg_weights:
                 raise UserError("cycgan.perceptual > 0 needs loss.vgg_weights (torchvision's vgg19-dcbb9e9d.pth); "
                                 "or set cycgan.perceptual=0")
-            from pipeline.perceptual import load_vgg_features
+            from pipeline.models.perceptual import load_vgg_features
 
             vgg = load_vgg_features(cfg.loss.vgg_weights, cfg.loss.perceptual_layers).to(d.device)
             self.perceptual = vgg_perceptual(vgg, cfg.loss.perceptual_criterion)
         self.optimizer = build_optimizer(cfg.train, net.d_hr, d.device, c.learning_rate)
         self.optimizer.add_param_group({"params": list(net.d_lr.parameters())})
+        self.scheduler = self.schedule.build(self.optimizer)
         self.scaler = torch.amp.GradScaler(d.device.type, enabled=False)  # fp32: SRResCycGAN steps run eager
         w = self.weights_
         terms = [key for weight, key in ((w.cycle, "loss/cycle"), (w.l1, "loss/l1"), (w.perceptual, "loss/perceptual"),
@@ -164,26 +167,22 @@ class CycleObjective(Objective):
         self.keys = ("loss/total", *terms, *CYCLE_D_KEYS)
         self.bar = {"g": "loss/total", "cyc": "loss/cycle", "d": "loss/d_total"}
 
-    def learning_rate(self, step: int) -> float:
-        """``cycgan.learning_rate`` halved every ``cycgan.halve_every`` steps (the write-up's schedule)."""
-        return self.c.learning_rate * 0.5 ** (step // self.c.halve_every)
+    def schedulers(self) -> list[Any]:
+        return [self.scheduler]
 
-    def step(self, tr: Trainer, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:
-        rate = self.learning_rate(tr.step)
-        for group in (*tr.optimizer.param_groups, *self.optimizer.param_groups):
-            group["lr"] = rate
+    def step(self, tr: StepContext, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:
         net, kind = self.net, self.c.adversarial_loss
         discriminators = (net.d_hr, net.d_lr)
         for d in discriminators:
             d.requires_grad_(False)  # the generators' backward leaves the discriminators alone
         try:
-            with tr.phase("loss"):
+            with tr.section("loss"):
                 losses = generator_loss(net, lr, hr, self.weights_, kind, self.perceptual)
-            update(losses["loss/total"], tr.optimizer, tr.scaler, net.generators(), tr.cfg.train.grad_clip, tr.phase)
+            update(losses["loss/total"], tr.optimizer, tr.scaler, net.generators(), tr.cfg.train.grad_clip, tr.section)
         finally:
             for d in discriminators:
                 d.requires_grad_(True)
-        with tr.phase("discriminator"):
+        with tr.section("discriminator"):
             d_losses = discriminator_loss(net, lr, hr, losses["sr"].detach(), losses["fake_lr"].detach(), kind,
                                           tr.cfg.gan.gp_weight)
             update(d_losses["loss/d_total"], self.optimizer, self.scaler, net.discriminators(), 0.0)
@@ -193,13 +192,18 @@ class CycleObjective(Objective):
         return {"objective": self.name}
 
     def state_dict(self) -> dict[str, Any]:
-        return updates_state(self.optimizer, None, self.scaler, "d_")
+        return updates_state(self.optimizer, self.scheduler, self.scaler, "d_")
 
     def load_state_dict(self, state: dict[str, Any], path: Any) -> None:
         try:
-            load_updates(state, self.optimizer, None, self.scaler, "d_")
+            load_updates(state, self.optimizer, self.scheduler, self.scaler, "d_")
         except (KeyError, RuntimeError, ValueError) as exc:
             raise CheckpointError(f"{path}: does not fit this run's discriminators: {str(exc)[:300]}") from None
+
+
+def cycle_schedule(c: CycleGanConfig) -> Schedule:
+    """The write-up's schedule: the learning rate halved every ``cycgan.halve_every`` steps."""
+    return Schedule("step", period=c.halve_every, gamma=0.5)
 
 
 def cycle_objective(cfg: Config, task: TrainTask, d: Dist, dtype: torch.dtype | None,

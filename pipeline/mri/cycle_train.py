@@ -2,8 +2,8 @@
 
 The slice task of the train stage, trained with the ``cycle`` objective (``pipeline.mri.cycle.CycleObjective``:
 both generators, both discriminators, the write-up's loss weights ``cycgan.*``, Adam at
-``cycgan.learning_rate`` halved every ``cycgan.halve_every`` steps); the loop, checkpoints and exact
-resume, EMA and logging are the Trainer's.
+``cycgan.learning_rate`` halved every ``cycgan.halve_every`` steps, the objective's schedule); the loop,
+checkpoints and exact resume, EMA and logging are the Trainer's.
 
 - data: the HR volumes of every item outside ``mri.val_fold`` (``mri_splits.csv``), cut into
   ``cycgan.hr_size`` slice crops along ``mri_infer.slice_axis`` (``slices.unpaired_slices``: the
@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import Config, with_overrides
-from pipeline.distributed import Dist
-from pipeline.errors import UserError
+from pipeline.core.config import Config, with_overrides
+from pipeline.core.distributed import Dist
+from pipeline.core.errors import UserError
 from pipeline.mri.cycle import SCALE, cycle_objective
 from pipeline.mri.data import SeededSamples
 from pipeline.mri.metrics import psnr
@@ -38,8 +38,9 @@ from pipeline.mri.predict import spec_of
 from pipeline.mri.slices import kspace_downsample, slice_crops, unpaired_slices
 from pipeline.mri.splits import read_splits
 from pipeline.mri.volumes import read_volume
-from pipeline.train import run, run_loader
-from pipeline.train_task import TrainTask
+from pipeline.training.loader import run_loader
+from pipeline.training.run import run
+from pipeline.training.task import TrainTask
 
 
 @dataclass
@@ -112,6 +113,7 @@ def main(cfg: Config) -> None:
     """Train ``cycgan.model`` on unpaired slices of ``mri.dir``; outputs in ``paths.models/run``."""
     if cfg.gan.discriminator:
         raise UserError("mri-cycle-train uses SRResCycGAN's own discriminators; leave gan.discriminator empty")
-    # The objective sets both learning rates from the step (cycgan.*): the Trainer's own schedule stays flat.
-    run(with_overrides(cfg, **{"train.learning_rate": cfg.cycgan.learning_rate, "train.scheduler": "constant"}),
+    # The generators start at cycgan.learning_rate; the objective's schedule (cycle.cycle_schedule: halved
+    # every cycgan.halve_every steps) drives both optimizers, so the saved config says train.scheduler=step.
+    run(with_overrides(cfg, **{"train.learning_rate": cfg.cycgan.learning_rate, "train.scheduler": "step"}),
         cycle_task)

@@ -14,7 +14,7 @@
   same random flips per axis and 90-degree rotation in the plane of axes 0 and 1 (where voxels are
   usually square) on both, all drawn from the one sample seed, so a sample is a function of (index,
   seed) alone and resumes are exact.
-- ``validation_items`` / ``validate``: the validation fold's LR volumes and HR references, and the
+- ``validation_items`` / ``score_volumes``: the validation fold's LR volumes and HR references, and the
   masked PSNR / SSIM / NRMSE of a model on them in real-world units (``predict.super_resolve``,
   ``metrics.score_volume``): the numbers mri-evaluate reports, before the integer rounding of a
   written file.
@@ -32,9 +32,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from pipeline.config import MriConfig
-from pipeline.errors import UserError
-from pipeline.layout import VolumeLayout
+from pipeline.core.config import MriConfig
+from pipeline.core.errors import UserError
+from pipeline.core.layout import VolumeLayout
+from pipeline.inference.tiling import tile_corners
 from pipeline.mri.degrade import INTERPOLATIONS, crop_to_multiple, to_grid
 from pipeline.mri.lrset import suffix_of
 from pipeline.mri.metrics import foreground_mask, score_volume
@@ -42,7 +43,6 @@ from pipeline.mri.models import VolumeModelSpec
 from pipeline.mri.predict import VolumeSettings, grid_factors, super_resolve
 from pipeline.mri.splits import read_splits
 from pipeline.mri.volumes import Volume, intensity_stats, read_volume
-from pipeline.tiling import tile_corners
 
 _MRI = MriConfig()  # the defaults live in the config schema, one place
 _SETTINGS = VolumeSettings()
@@ -203,7 +203,7 @@ def validation_items(root: str | Path, mri: MriConfig, val_fold: int) -> list[Va
     return out
 
 
-def validate(model: nn.Module, spec: VolumeModelSpec, items: list[ValItem], mri: MriConfig,
+def score_volumes(model: nn.Module, spec: VolumeModelSpec, items: list[ValItem], mri: MriConfig,
              settings: VolumeSettings = _SETTINGS, device: torch.device | None = None) -> pd.DataFrame:
     """item, psnr, ssim, nrmse of ``model`` on every validation item (masked, real-world units)."""
     rows = []

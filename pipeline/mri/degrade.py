@@ -21,8 +21,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from pipeline.config import MriConfig
-from pipeline.errors import UserError
+from pipeline.core.config import MriConfig
+from pipeline.core.errors import UserError
 
 INTERPOLATIONS = {"nearest": 0, "linear": 1, "cubic": 3}  # name -> spline order of scipy.ndimage
 DEGRADATIONS = ("kspace", "thick")

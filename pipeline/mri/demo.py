@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.config import Config, with_overrides
-from pipeline.errors import UserError
-from pipeline.files import atomic_write
-from pipeline.layout import RunLayout, VolumeLayout
+from pipeline.core.config import Config, with_overrides
+from pipeline.core.errors import UserError
+from pipeline.core.files import atomic_write
+from pipeline.core.layout import RunLayout, VolumeLayout
+from pipeline.core.steps import Steps
 from pipeline.mri import demo_data, evaluate, infer, prepare, train
 from pipeline.mri.figures import orthogonal_slices
 from pipeline.mri.volumes import read_volume
-from pipeline.steps import Steps
 
 
 def _report(path: Path, table: pd.DataFrame, figure: Path, cfg: Config, steps: Steps) -> None:

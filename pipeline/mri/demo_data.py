@@ -24,9 +24,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.config import Config, with_overrides
-from pipeline.files import atomic_write, staged_dir
-from pipeline.layout import VolumeLayout
+from pipeline.core.config import Config, with_overrides
+from pipeline.core.files import atomic_write, staged_dir
+from pipeline.core.layout import VolumeLayout
 from pipeline.mri.bundled import BUNDLED_SCANS, bundled_scan
 from pipeline.mri.lrset import write_lr_folder
 from pipeline.mri.splits import build_splits, write_splits

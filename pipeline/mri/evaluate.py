@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.config import Config, MriConfig
-from pipeline.errors import UserError
-from pipeline.files import atomic_write
-from pipeline.layout import VolumeLayout
-from pipeline.metrics import summary_line
+from pipeline.core.config import Config, MriConfig
+from pipeline.core.errors import UserError
+from pipeline.core.files import atomic_write
+from pipeline.core.layout import VolumeLayout
+from pipeline.core.metrics import summary_line
 from pipeline.mri.data import hr_reference
 from pipeline.mri.lrset import read_record
 from pipeline.mri.metrics import foreground_mask, score_volume

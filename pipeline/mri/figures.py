@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import UserError
-from pipeline.files import atomic_write
+from pipeline.core.errors import UserError
+from pipeline.core.files import atomic_write
 from pipeline.mri.degrade import INTERPOLATIONS, to_grid
 from pipeline.mri.metrics import foreground_mask
 

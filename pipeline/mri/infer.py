@@ -21,11 +21,12 @@ from typing import Any
 
 from torch import nn
 
-from pipeline.checkpoint import load_weights
-from pipeline.config import Config, MriConfig, save_config
-from pipeline.errors import UserError
-from pipeline.files import atomic_write, staged_dir
-from pipeline.layout import COMPLETE_MARK, RunLayout, VolumeLayout
+from pipeline.core.config import Config, MriConfig, save_config
+from pipeline.core.errors import UserError
+from pipeline.core.files import atomic_write, staged_dir
+from pipeline.core.layout import COMPLETE_MARK, RunLayout, VolumeLayout
+from pipeline.core.runtime import pick_device
+from pipeline.models.checkpoint import load_weights
 from pipeline.mri.lrset import lr_items, read_record
 from pipeline.mri.metrics import BASELINES
 from pipeline.mri.models import VolumeModelSpec, build_volume_model, volume_model_from_checkpoint
@@ -39,7 +40,6 @@ from pipeline.mri.predict import (
     write_sr,
 )
 from pipeline.mri.volumes import list_volumes, read_volume, volume_stem
-from pipeline.runtime import pick_device
 
 
 def checkpoint_path(cfg: Config) -> Path:

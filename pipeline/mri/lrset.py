@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.config import Config, MriConfig, load_config, save_config
-from pipeline.errors import UserError
-from pipeline.files import staged_dir
-from pipeline.layout import VolumeLayout
+from pipeline.core.config import Config, MriConfig, load_config, save_config
+from pipeline.core.errors import UserError
+from pipeline.core.files import staged_dir
+from pipeline.core.layout import VolumeLayout
 from pipeline.mri.degrade import make_lr, thick_affine
 from pipeline.mri.splits import read_splits
 from pipeline.mri.volumes import VOLUME_SUFFIXES, Volume, read_volume, write_volume

@@ -25,8 +25,8 @@ from scipy import ndimage
 from skimage.filters import threshold_otsu
 from skimage.metrics import normalized_root_mse, structural_similarity
 
-from pipeline.config import MriConfig
-from pipeline.errors import UserError
+from pipeline.core.config import MriConfig
+from pipeline.core.errors import UserError
 from pipeline.mri.degrade import INTERPOLATIONS, to_grid
 
 SSIM_SIGMA = 1.5

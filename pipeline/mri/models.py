@@ -1,13 +1,13 @@
 """The table of volume and slice models: name -> builder, keyword arguments, and what the model maps.
 
-Explicit like ``pipeline.models``'s image table (a second registration of a name raises), kept
+Explicit like ``pipeline.models.table``'s image table (a second registration of a name raises), kept
 apart because these models differ in kind: ``role`` says what a model is for (``generator``: a
 volume SR model; ``critic``: a WGAN-GP critic; ``cycle``: SRResCycGAN's four networks, whose
 ``forward`` is the HR generator), ``dims`` the spatial axes of its input (3 = (B,1,D,H,W),
 2 = (B,1,H,W)), ``scale`` its output / input size per spatial axis (1 = same grid).
 ``build_volume_model(name, **overrides)`` rebuilds a model from a checkpoint's name and kwargs.
 
-Checkpoints: the project's one format (``pipeline.checkpoint``: ``params`` / ``params_ema``, plain
+Checkpoints: the project's one format (``pipeline.models.checkpoint``: ``params`` / ``params_ema``, plain
 types, ``weights_only`` loads) with ``arch`` a name of this table and ``kwargs`` its full keyword
 arguments (``checkpoint_state`` builds the dict, ``save_checkpoint`` writes it);
 ``volume_model_from_checkpoint`` checks the name and the kwargs against the table before building.
@@ -23,8 +23,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from pipeline.checkpoint import CheckpointError, load_checkpoint, load_state_into
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
+from pipeline.models.checkpoint import CheckpointError, load_checkpoint, load_state_into
 from pipeline.mri.archs import MDCSRN, ConvCritic, SRResCycGAN
 
 Role = Literal["generator", "critic", "cycle"]

@@ -25,14 +25,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.config import MriConfig, MriInferConfig
-from pipeline.errors import UserError
+from pipeline.core.config import MriConfig, MriInferConfig
+from pipeline.core.errors import UserError
+from pipeline.core.runtime import pick_device
+from pipeline.inference.tiling import Forward, TileError, auto_batch, run_tiles, tile_corners, tile_geometry
 from pipeline.mri.degrade import INTERPOLATIONS, finer_affine, to_grid
 from pipeline.mri.metrics import BASELINES
 from pipeline.mri.models import VOLUME_MODELS, VolumeModelSpec
 from pipeline.mri.volumes import Volume, intensity_stats, write_volume
-from pipeline.runtime import pick_device
-from pipeline.tiling import Forward, TileError, auto_batch, run_tiles, tile_corners, tile_geometry
 
 _MRI = MriConfig()  # the defaults live in the config schema, one place
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pipeline.config import Config
-from pipeline.layout import VolumeLayout
+from pipeline.core.config import Config
+from pipeline.core.layout import VolumeLayout
 from pipeline.mri.lrset import write_lr_folder
 from pipeline.mri.splits import build_splits, write_splits
 

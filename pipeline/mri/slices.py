@@ -21,10 +21,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
+from pipeline.inference.tiling import tile_corners
 from pipeline.mri.metrics import foreground_mask
 from pipeline.mri.volumes import Volume, intensity_stats
-from pipeline.tiling import tile_corners
 
 MIN_FOREGROUND = 0.25  # share of a crop's pixels inside the anatomy for it to be a training sample
 

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.config import MriConfig
-from pipeline.errors import DataError
-from pipeline.files import atomic_write
-from pipeline.folds import assign_folds  # the project's one fold rule: a subject plays a source photo's part
-from pipeline.layout import VOLUME_SPLIT_COLUMNS as SPLIT_COLUMNS
-from pipeline.layout import VolumeLayout, read_table
+from pipeline.core.config import MriConfig
+from pipeline.core.errors import DataError
+from pipeline.core.files import atomic_write
+from pipeline.core.folds import assign_folds  # the project's one fold rule: a subject plays a source photo's part
+from pipeline.core.layout import VOLUME_SPLIT_COLUMNS as SPLIT_COLUMNS
+from pipeline.core.layout import VolumeLayout, read_table
 from pipeline.mri.volumes import list_volumes, volume_shape, volume_stem
 
 SUBJECTS_CSV = VolumeLayout(Path(".")).subjects_csv.name

@@ -1,6 +1,6 @@
 """``mri-train``: a same-grid volume model (mDCSRN) on 3-D patches of a prepared volume folder -> models/<run>/.
 
-The volume task of the train stage (``pipeline.train_task``): everything but the data is the
+The volume task of the train stage (``pipeline.training.task``): everything but the data is the
 image trainer's (``pipeline.train.run``: the loop, checkpoints and exact resume, EMA, AMP, DDP,
 the objectives). What differs:
 
@@ -13,7 +13,7 @@ the objectives). What differs:
   LR, the 3-D flips and the in-plane rotation drawn from the seed (``data.PatchDataset.sample``),
   batches (B,1,s,s,s) in ``EpochBatches``' order;
 - validation: masked PSNR (and SSIM / NRMSE, logged) in real-world units on the held-out fold's
-  whole volumes, through the inference path (``data.validate``, ``mri_infer`` tiling), against
+  whole volumes, through the inference path (``data.score_volumes``, ``mri_infer`` tiling), against
   the tricubic interpolation of the LR (k-space LR: the LR itself);
 - ``gan.discriminator``: a critic of the volume table (``critic3d``); WGAN-GP needs one without
   batch norm. The objective is the image trainer's: ``psnr`` (L1 only: ``train.loss_l1=1
@@ -29,10 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.config import Config, MriConfig
-from pipeline.distributed import Dist
-from pipeline.errors import UserError
-from pipeline.mri.data import PatchDataset, SeededSamples, ValItem, load_pairs, validate, validation_items
+from pipeline.core.config import Config, MriConfig
+from pipeline.core.distributed import Dist
+from pipeline.core.errors import UserError
+from pipeline.mri.data import PatchDataset, SeededSamples, ValItem, load_pairs, score_volumes, validation_items
 from pipeline.mri.lrset import read_record
 from pipeline.mri.metrics import score_volume
 from pipeline.mri.models import (
@@ -42,8 +42,9 @@ from pipeline.mri.models import (
     volume_model_kwargs,
 )
 from pipeline.mri.predict import VolumeSettings, grid_factors, interpolate, spec_of
-from pipeline.train import run, run_loader
-from pipeline.train_task import TrainTask
+from pipeline.training.loader import run_loader
+from pipeline.training.run import run
+from pipeline.training.task import TrainTask
 
 BASELINE = "tricubic"
 
@@ -66,7 +67,7 @@ class VolumeValidation:
     def __call__(self, model: nn.Module, dtype: torch.dtype | None) -> dict[str, float]:
         # Every rank scores every volume (a few volumes; the ranks then agree without a reduction).
         # fp32 whatever the training autocast: these are the numbers mri-evaluate reports.
-        table = validate(model, self.spec, self.items, self.mri, self.settings, self.device)
+        table = score_volumes(model, self.spec, self.items, self.mri, self.settings, self.device)
         return {k: float(table[k].mean()) for k in ("psnr", "ssim", "nrmse")}
 
     def baseline(self) -> dict[str, float]:

@@ -35,9 +35,9 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
-from pipeline.config import MriConfig
-from pipeline.errors import UserError
-from pipeline.files import atomic_write
+from pipeline.core.config import MriConfig
+from pipeline.core.errors import UserError
+from pipeline.core.files import atomic_write
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".npy")
 _MRI = MriConfig()  # the defaults live in the config schema, one place

@@ -1,15 +1,16 @@
-"""The training loop of the train stage: steps, validation, checkpoints, stopping. Setup is in train.py.
+"""The training loop: steps, validation, checkpoints, stopping. The setup is ``pipeline.training.run``.
 
-One Trainer serves every objective (pipeline/objectives.py: what a step optimises) and every task
-(pipeline/train_task.py: the data, the generator, the validation): the loop, checkpoints and
-resume, EMA, validation and best.pth, logging, divergence checks, signals and DDP live here once.
+One ``Trainer`` serves every task (``pipeline.training.task``: the data, the generator, the
+validation) and every objective (``pipeline.training.objectives``: what a step optimises): the
+loop, checkpoints and resume, EMA, validation and best.pth, logging, divergence checks, signals
+and DDP live here once.
 
 Every rank runs the same loop. Decisions that depend on the clock or on a signal (time budget,
-SIGTERM, the pace of a time-budgeted cosine schedule, train.compile=auto) are taken at log points,
-where the ranks agree through one all-reduce, so they always stop (and compile) at the same step.
-Only rank 0 writes files.
+SIGTERM, the length of a time-budgeted cosine, train.compile=auto) are ``Votes`` taken at log
+points, where the ranks agree through one all-reduce, so they always stop (and compile) at the
+same step. Only rank 0 writes files.
 
-The step may run compiled (train.compile, pipeline/train_compile.py); EMA, validation and
+The step may run compiled (train.compile, ``pipeline.training.compile``); EMA, validation and
 checkpoints always use the eager module.
 """
 
@@ -20,30 +21,27 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from timm.scheduler.scheduler import Scheduler
-from timm.utils import ModelEmaV3
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline import train_io
-from pipeline.checkpoint import CheckpointError, save_checkpoint
-from pipeline.config import Config, to_dict
-from pipeline.dataset import EpochBatches
-from pipeline.errors import UserError
-from pipeline.layout import RunLayout
-from pipeline.objectives import Objective, load_updates, updates_state
-from pipeline.runtime import compile_mode
-from pipeline.train_compile import StepCompiler
-from pipeline.train_profile import StepProfiler
-from pipeline.validation import Validation, ValidationCadence
+from pipeline.core.config import Config, to_dict
+from pipeline.core.distributed import Dist, wrap_ddp
+from pipeline.core.errors import CheckpointError, UserError
+from pipeline.core.layout import RunLayout
+from pipeline.core.runtime import compile_mode
+from pipeline.models.checkpoint import save_checkpoint
+from pipeline.training import run_folder
+from pipeline.training.compile import StepCompiler
+from pipeline.training.objectives import Objective
+from pipeline.training.profile import StepProfiler
+from pipeline.training.task import TrainTask
+from pipeline.training.updates import GeneratorUpdates, LearningRates, load_updates, updates_state
+from pipeline.training.validation import ValidationCadence
 
 PROFILE_AFTER = 5  # steps of the session (after any compile warm-up) before train.profile_steps begins
 
@@ -53,32 +51,40 @@ class TrainingDiverged(UserError):
 
 
 @dataclass
+class Votes:
+    """What the ranks decide together at a log point: each rank votes, the all-reduce keeps the largest."""
+
+    signal: bool = False  # a rank got SIGTERM / SIGINT: save and stop
+    out_of_time: bool = False  # train.max_minutes is spent
+    cosine_length: int = 0  # rank 0's estimate of a time-budgeted cosine's length in steps (0 = keep it)
+    compile: bool = False  # rank 0's vote for train.compile=auto at the first log point
+
+    def agree(self, d: Dist) -> Votes:
+        """Every rank's votes combined (any signal stops all; rank 0 alone votes on pace and compile)."""
+        if d.world == 1:
+            return self
+        shared = torch.tensor([float(self.signal), float(self.out_of_time), float(self.cosine_length),
+                               float(self.compile)], dtype=torch.float64, device=d.device)
+        dist.all_reduce(shared, op=dist.ReduceOp.MAX)
+        sig, out_of_time, length, compile_ = shared.tolist()
+        return Votes(bool(sig), bool(out_of_time), int(length), bool(compile_))
+
+
+@dataclass
 class Trainer:
-    """The state of one training session and the loop over it (see train.main for the setup)."""
+    """One training session of a run: the loop over ``task``'s batches with ``objective``'s steps."""
 
     cfg: Config
-    rank: int
-    world: int
-    device: torch.device
-    dtype: torch.dtype | None
+    d: Dist
     run: RunLayout  # models/<run>: where checkpoints, logs and plots go
-    raw: nn.Module  # the model itself: EMA, validation and checkpoints use it
-    model: nn.Module  # what the step calls: `raw`, or `raw` wrapped in DistributedDataParallel
-    ema: ModelEmaV3 | None
-    optimizer: torch.optim.Optimizer
-    scheduler: Scheduler | None
-    scaler: torch.amp.GradScaler
-    loader: DataLoader
-    batches: EpochBatches
-    validation: Validation  # the task's: metrics of a model on the held-out data, and of the baseline
-    to_device: Callable[[torch.Tensor], torch.Tensor]  # the task's: a loader tensor -> float on the device
-    objective: Objective  # what a step optimises, and its own state (a discriminator ...)
+    task: TrainTask
+    objective: Objective
+    updates: GeneratorUpdates  # the generator's optimizer, scheduler, gradient scaler and EMA
+    dtype: torch.dtype | None  # the autocast dtype of steps and validations (None = fp32)
     total_steps: int  # 0 = no step limit
-    arch: str
-    kwargs: dict[str, Any]
+    best_floor: float = -math.inf  # score of the best.pth an earlier start left on disk: never replaced by worse
     # Progress, saved in every checkpoint.
     step: int = 0
-    best: train_io.BestCheckpoint = field(init=False)  # best.pth and the validation it holds
     bad_validations: int = 0
     val_step: int = -1
     train_seconds: float = 0.0  # of earlier sessions of this run
@@ -91,30 +97,32 @@ class Trainer:
     _saved: float = field(default_factory=time.monotonic)
     _window: list[Any] = field(default_factory=list)
     _speed: tuple[float, int] = (0.0, 0)
-    log: Any = None  # train_io.RunLog, opened by fit
-    bar: Any = None  # tqdm progress bar, opened by fit
-    compiler: StepCompiler = field(init=False)  # what the step calls: `model`, eager or compiled (use_compile)
-    profiler: StepProfiler = field(init=False)  # train.profile_steps (off: its phases are no-ops)
     _session: tuple[float, int] = (0.0, 0)  # (clock, step) when this session's loop began
     _compile_pending: bool = False  # train.compile=auto waits for the first log point to decide
     _profile_from: int = -1  # the step at which the profiler starts; -1 = not yet known
-    cadence: ValidationCadence = field(init=False)  # when to validate next
 
     def __post_init__(self) -> None:
-        self.compiler = StepCompiler(self.model)
-        self.schedulers = [s for s in (self.scheduler, *self.objective.schedulers()) if s is not None]
-        self.best = train_io.BestCheckpoint(self.run.best, self.objective.best_by)
+        self.raw: nn.Module = self.task.generator  # EMA, validation and checkpoints use the model itself
+        self.model: nn.Module = wrap_ddp(self.raw, self.d)  # what the step calls (DDP under torchrun)
+        self.compiler = StepCompiler(self.model)  # `model`, eager or compiled (use_compile)
+        u = self.updates
+        self.rates = LearningRates(self.objective.schedule, [u.scheduler, *self.objective.schedulers()])
+        self.best = run_folder.BestCheckpoint(self.run.best, self.objective.best_by, floor=self.best_floor)
         t = self.cfg.train
         self.cadence = ValidationCadence(t.val_every, t.val_share, t.deterministic, self.device, self.world)
         self.profiler = StepProfiler(self.run.profile, t.profile_steps, self.device, self.main)
+        self.log = run_folder.RunLog(self.run, 0, enabled=False)  # fit opens the run's log
+        self.bar = tqdm(disable=True)  # fit opens the progress bar
 
-    @property
-    def compiled(self) -> str:
-        return self.compiler.mode
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
+    # What a step reads (objectives.StepContext).
+    device = property(lambda self: self.d.device)
+    rank = property(lambda self: self.d.rank)
+    world = property(lambda self: self.d.world)
+    main = property(lambda self: self.d.main)
+    optimizer = property(lambda self: self.updates.optimizer)
+    scaler = property(lambda self: self.updates.scaler)
+    ema = property(lambda self: self.updates.ema)
+    compiled = property(lambda self: self.compiler.mode)
 
     def say(self, text: str) -> None:
         if self.main:
@@ -123,36 +131,38 @@ class Trainer:
     def elapsed(self) -> float:
         return self.train_seconds + time.perf_counter() - self._started
 
-    def phase(self, name: str) -> contextlib.AbstractContextManager:
-        """A named part of the step, for train.profile_steps (a no-op otherwise)."""
-        return self.profiler.phase(name)
+    def section(self, name: str) -> contextlib.AbstractContextManager:
+        """A named section of the step, for train.profile_steps (a no-op otherwise)."""
+        return self.profiler.section(name)
 
     # -- checkpoints ------------------------------------------------------------------------------
 
     def weights(self) -> dict[str, Any]:
         """What best.pth and history files hold: weights and how to rebuild the model."""
-        state = {"params": self.raw.state_dict(), "arch": self.arch, "kwargs": self.kwargs, "step": self.step,
-                 "epoch": self.step // self.batches.steps_per_epoch, "best_psnr": self.best.psnr,
-                 "config": to_dict(self.cfg)}
+        state = {"params": self.raw.state_dict(), "arch": self.task.arch, "kwargs": self.task.kwargs,
+                 "step": self.step, "epoch": self.step // self.task.batches.steps_per_epoch,
+                 "best_psnr": self.best.psnr, "config": to_dict(self.cfg)}
         if self.ema is not None:
             state["params_ema"] = self.ema.module.state_dict()
         return {**state, **self.objective.weights()}
 
     def state_dict(self) -> dict[str, Any]:
         """last.pth: the weights plus everything an exact resume needs."""
-        return {**self.weights(), **updates_state(self.optimizer, self.scheduler, self.scaler),
-                "rng": train_io.rng_state(),
+        u = self.updates
+        return {**self.weights(), **updates_state(u.optimizer, u.scheduler, u.scaler),
+                "rng": run_folder.rng_state(),
                 "progress": {"bad_validations": self.bad_validations, "val_step": self.val_step,
                              "train_seconds": self.elapsed(), "best_score": self.best.score,
                              "best_step": self.best.step},
                 **self.objective.state_dict()}
 
-    def load_state(self, state: dict[str, Any], path: Path) -> None:
+    def load_state(self, state: dict[str, Any], path: Any) -> None:
+        u = self.updates
         try:
             self.raw.load_state_dict(state["params"])
             if self.ema is not None:
                 self.ema.module.load_state_dict(state.get("params_ema", state["params"]))
-            load_updates(state, self.optimizer, self.scheduler, self.scaler)
+            load_updates(state, u.optimizer, u.scheduler, u.scaler)
         except (KeyError, RuntimeError, ValueError) as exc:
             raise CheckpointError(f"{path}: does not fit this run's model/optimizer: {str(exc)[:300]}") from None
         self.objective.load_state_dict(state, path)
@@ -164,7 +174,7 @@ class Trainer:
         self.best.step = int(progress.get("best_step", -1))
         self._saved_step = self.step
         if self.world == 1:
-            train_io.set_rng_state(state["rng"])
+            run_folder.set_rng_state(state["rng"])
         else:  # one saved stream cannot continue every rank's: give each a fresh one
             torch.manual_seed(self.cfg.seed + 1_000_003 * self.step + self.rank)
 
@@ -176,7 +186,7 @@ class Trainer:
         keep = self.cfg.train.keep_last
         if history and keep > 0:
             save_checkpoint(self.run.history_path(self.step), self.weights())
-            train_io.prune_history(self.run, keep)
+            run_folder.prune_history(self.run, keep)
         self._saved = time.monotonic()
         self._saved_step = self.step
 
@@ -199,10 +209,11 @@ class Trainer:
 
     def fit(self) -> None:
         """Train until a limit, the time budget, early stopping or a signal; then validate and save."""
-        self.baseline = self.validation.baseline()
-        name = self.validation.baseline_name
-        self.say(f"{name} validation PSNR {self.baseline['psnr']:.3f} dB on {self.validation.size} images")
-        self.log = train_io.RunLog(self.run, self.step, self.main)
+        validation = self.task.validation
+        self.baseline = validation.baseline()
+        name = validation.baseline_name
+        self.say(f"{name} validation PSNR {self.baseline['psnr']:.3f} dB on {validation.size} images")
+        self.log = run_folder.RunLog(self.run, self.step, self.main)
         self.bar = tqdm(total=self.total_steps or None, initial=self.step, disable=not self.main, unit="step",
                         dynamic_ncols=True)
         # Python lets only the main thread set handlers; elsewhere (a notebook's worker) Ctrl-C is plain.
@@ -214,17 +225,17 @@ class Trainer:
             self.cadence.start(self.step)
             self._start_compile()
             reason = self._stop_reason()
-            spe = self.batches.steps_per_epoch
-            self.batches.set_position(self.step // spe, self.step % spe)
+            spe = self.task.batches.steps_per_epoch
+            self.task.batches.set_position(self.step // spe, self.step % spe)
             # One iterator for the whole session: its workers start once and run on across epochs
-            # (the loader's sampler chains them, train.RunBatches), prefetching over epoch ends.
-            batches = iter(self.loader)
+            # (the loader's sampler chains them, loader.RunBatches), prefetching over epoch ends.
+            batches = iter(self.task.loader)
             try:
                 while reason is None:
-                    with self.profiler.phase("data"):
+                    with self.section("data"):
                         lr_u8, hr_u8 = next(batches)
                     self._train_step(lr_u8, hr_u8)
-                    with self.profiler.phase("after_step"):
+                    with self.section("after_step"):
                         reason = self._after_step()
                     self.profiler.step()
             finally:
@@ -249,7 +260,7 @@ class Trainer:
         if self.val_step < 0:
             return "not validated yet"
         base, best = self.baseline["psnr"], self.best
-        psnr = f"PSNR {best.psnr:.3f} dB ({self.validation.baseline_name} {base:.3f}, {best.psnr - base:+.3f} dB)"
+        psnr = f"PSNR {best.psnr:.3f} dB ({self.task.validation.baseline_name} {base:.3f}, {best.psnr - base:+.3f} dB)"
         if best.rule == "psnr":
             return f"best validation {psnr}"
         return f"best.pth: step {best.step} by {best.rule} ({psnr})"
@@ -260,14 +271,13 @@ class Trainer:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def _train_step(self, lr_batch: torch.Tensor, hr_batch: torch.Tensor) -> None:
-        with self.phase("to_device"):
-            lr, hr = self.to_device(lr_batch), self.to_device(hr_batch)
-        for scheduler in self.schedulers:
-            scheduler.step_update(self.step)  # the learning rate of update number `step`
+        with self.section("to_device"):
+            lr, hr = self.task.to_device(lr_batch), self.task.to_device(hr_batch)
+        self.rates.set(self.step)  # the learning rates of update number `step`
         losses = self.objective.step(self, lr, hr)
         self.step += 1
         if self.ema is not None:
-            with self.phase("ema"):
+            with self.section("ema"):
                 self.ema.update(self.raw, step=self.step)
         self._window.append(torch.stack([losses[key].detach() for key in self.objective.keys]))
         self.bar.update(1)
@@ -361,14 +371,15 @@ class Trainer:
         start = time.perf_counter()
         self.raw.eval()
         model = self.ema.module if self.ema is not None else self.raw  # the weights inference will use
-        metrics = self.validation(model, self.dtype)
+        validation = self.task.validation
+        metrics = validation(model, self.dtype)
         self.raw.train()
         seconds = time.perf_counter() - start
         psnr = metrics["psnr"]
         self.last_psnr, self.val_step = psnr, self.step
         improved = self.best.offer(metrics, self.step, self.weights, write=self.main)
         self.bad_validations = 0 if improved else self.bad_validations + 1
-        base, best = self.validation.baseline_name, self.best
+        base, best = validation.baseline_name, self.best
         self.log.write(self.step, "val", {
             "val/psnr": psnr, "val/best_psnr": best.psnr, f"val/{base}_psnr": self.baseline["psnr"],
             **{f"val/{k}": v for k, v in metrics.items() if k != "psnr"},
@@ -389,33 +400,29 @@ class Trainer:
         if self.world > 1 and self.step % t.log_every:
             return None  # clock and signal decisions wait for the next point where ranks agree
         decide = self._compile_pending and self.step % t.log_every == 0 and self.step > self._session[1]
-        flags = [float(bool(self.stop_signal)), float(t.max_minutes > 0 and self.elapsed() >= t.max_minutes * 60),
-                 self._pace(), float(decide and self.main and compile_mode("auto", self.device,
-                                                                           self._seconds_left()) != "off")]
-        if self.world > 1:
-            shared = torch.tensor(flags, dtype=torch.float64, device=self.device)
-            dist.all_reduce(shared, op=dist.ReduceOp.MAX)  # any rank's signal stops all; rank 0's pace rules
-            flags = shared.tolist()
-        if flags[2] > 0:
-            for scheduler in self.schedulers:
-                scheduler.t_initial = int(flags[2])  # type: ignore[attr-defined]
+        votes = Votes(signal=bool(self.stop_signal),
+                      out_of_time=t.max_minutes > 0 and self.elapsed() >= t.max_minutes * 60,
+                      cosine_length=self._cosine_length(),
+                      compile=decide and self.main and compile_mode("auto", self.device, self._seconds_left()) != "off",
+                      ).agree(self.d)
+        if votes.cosine_length > 0:
+            self.rates.retime(votes.cosine_length)
         if decide:  # every rank reaches this step together, and follows rank 0's vote
             self._compile_pending = False
-            self.use_compile("reduce-overhead" if flags[3] else "off")
+            self.use_compile("reduce-overhead" if votes.compile else "off")
             self._profile_from = self._steady_step()
-        if flags[0]:
+        if votes.signal:
             return "signal"
-        if flags[1]:
+        if votes.out_of_time:
             return "time budget"
         return None
 
-    def _pace(self) -> float:
-        """Cosine length for a time budget without a step limit: the steps the budget allows at the
+    def _cosine_length(self) -> int:
+        """A cosine's length for a time budget without a step limit: the steps the budget allows at the
         pace so far (validations included). 0 = keep the current length."""
         t = self.cfg.train
-        if not (self.main and t.scheduler == "cosine" and not self.total_steps and t.max_minutes > 0):
-            return 0.0
+        if not (self.main and self.rates.schedule.kind == "cosine" and not self.total_steps and t.max_minutes > 0):
+            return 0
         if self.step == 0 or self.step % t.log_every:
-            return 0.0
-        return float(max(self.step + 1, t.warmup_steps + 1, round(self.step * t.max_minutes * 60 / self.elapsed())))
-
+            return 0
+        return max(self.step + 1, t.warmup_steps + 1, round(self.step * t.max_minutes * 60 / self.elapsed()))

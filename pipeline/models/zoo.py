@@ -34,8 +34,8 @@ from spandrel.architectures.SAFMN import SAFMN
 from spandrel.architectures.SPAN import SPAN
 from torch import nn
 
-from pipeline.archs import SCALE, Padded
-from pipeline.errors import CheckpointError
+from pipeline.core.errors import CheckpointError
+from pipeline.models.archs import SCALE, Padded
 
 ALL_PRECISIONS = ("fp32", "bf16", "fp16")
 SPANDREL_PREFIX = "spandrel:"  # checkpoint arch of a detected model outside the table: spandrel:<ArchId>

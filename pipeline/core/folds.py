@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pipeline.errors import DataError
+from pipeline.core.errors import DataError
 
 
 def assign_folds(train: pd.DataFrame, folds: int, seed: int) -> pd.Series:

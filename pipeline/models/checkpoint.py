@@ -32,11 +32,11 @@ from safetensors.torch import save_file
 from spandrel import MAIN_REGISTRY, canonicalize_state_dict
 from torch import nn
 
-from pipeline import zoo
-from pipeline.errors import CheckpointError
-from pipeline.files import atomic_write
-from pipeline.models import MODELS, ModelCard, build_model, card_of, count_parameters, model_kwargs
-from pipeline.zoo import SPANDREL_PREFIX, plain
+from pipeline.core.errors import CheckpointError
+from pipeline.core.files import atomic_write
+from pipeline.models import zoo
+from pipeline.models.table import MODELS, ModelCard, build_model, card_of, count_parameters, model_kwargs
+from pipeline.models.zoo import SPANDREL_PREFIX, plain
 
 __all__ = ["CheckpointError", "check_table_kwargs", "load_checkpoint", "load_state_into", "load_weights",
            "load_weights_file", "model_from_checkpoint", "save_checkpoint", "save_model_card", "save_safetensors",

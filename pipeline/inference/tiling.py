@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 
 Forward = Callable[[torch.Tensor], torch.Tensor]  # (N,C,*s) -> (N,C,*(scale*s)), 2 or 3 spatial axes
 Size = int | tuple[int, ...]  # one value for every spatial axis, or one per axis

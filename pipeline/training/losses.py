@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import Config
-from pipeline.perceptual import VGGFeatures, load_vgg_features
+from pipeline.core.config import Config
+from pipeline.models.perceptual import VGGFeatures, load_vgg_features
 
 ADVERSARIAL_KINDS = ("vanilla", "relativistic", "wgan-gp")
 

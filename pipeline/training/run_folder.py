@@ -1,4 +1,4 @@
-"""The train stage's run folder (``pipeline.layout.RunLayout``): step history, RNG state, log.jsonl,
+"""The train stage's run folder (``pipeline.core.layout.RunLayout``): step history, RNG state, log.jsonl,
 TensorBoard, curves, and the rules that keep trained weights safe.
 
 models/<run>/
@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.checkpoint import save_checkpoint
-from pipeline.files import atomic_write
-from pipeline.layout import RunLayout
+from pipeline.core.files import atomic_write
+from pipeline.core.layout import RunLayout
+from pipeline.models.checkpoint import save_checkpoint
 
 PLOT_SECONDS = 60.0
 

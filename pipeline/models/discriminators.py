@@ -1,7 +1,7 @@
-"""The discriminator table: name -> builder and keyword arguments (basicsr's networks, via pipeline.compat).
+"""The discriminator table: name -> builder and keyword arguments (basicsr's networks, via pipeline.core.compat).
 
 Every discriminator maps an HR-sized image (B,3,H,W) in [0,1] to logits: ``vgg*`` to one logit per
-image (B,1), ``unet-sn*`` to one logit per pixel (B,1,H,W). The adversarial losses (pipeline.losses)
+image (B,1), ``unet-sn*`` to one logit per pixel (B,1,H,W). The adversarial losses (pipeline.training.losses)
 average over whatever shape comes back.
 
 Input sizes: SRGAN's VGG-style discriminator ends in a dense layer over a 4x4 map after five (or
@@ -20,9 +20,9 @@ from typing import Any, Literal
 
 from torch import nn
 
-from pipeline.compat import UNetDiscriminatorSN, VGGStyleDiscriminator
-from pipeline.errors import UserError
-from pipeline.models import SCALE
+from pipeline.core.compat import UNetDiscriminatorSN, VGGStyleDiscriminator
+from pipeline.core.errors import UserError
+from pipeline.models.table import SCALE
 
 
 def _vgg(num_feat: int, input_size: int, norm: Literal["batch", "layer"]) -> nn.Module:

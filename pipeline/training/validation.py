@@ -1,6 +1,6 @@
 """Validation of the train stage: the contest metric on the whole images of the held-out fold.
 
-The Trainer (pipeline/train_loop.py) takes its validation from the task it trains, as anything
+The Trainer (pipeline/training/loop.py) takes its validation from the task it trains, as anything
 with the ``Validation`` interface: ``ImageValidation`` here (contest PSNR on whole images, plus
 LPIPS when its weights are given, against MATLAB bicubic); a volume task brings its own (masked
 volume PSNR against the interpolated input).
@@ -21,11 +21,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline.dataset import read_pair
-from pipeline.images import read_ahead
-from pipeline.layout import Pair
-from pipeline.metrics import contest_psnr
-from pipeline.runtime import autocast
+from pipeline.core.images import read_ahead
+from pipeline.core.layout import Pair
+from pipeline.core.metrics import contest_psnr
+from pipeline.core.runtime import autocast
+from pipeline.training.patch_data import read_pair
 
 
 class Validation(Protocol):
@@ -62,16 +62,16 @@ class ImageValidation:
         return len(self.pairs)
 
     def __call__(self, model: nn.Module, dtype: torch.dtype | None) -> dict[str, float]:
-        return validate_model(model, self.pairs, self.scale, self.device, dtype, self.channels_last, self.rank,
+        return score_images(model, self.pairs, self.scale, self.device, dtype, self.channels_last, self.rank,
                               self.world, self.lpips)
 
     def baseline(self) -> dict[str, float]:
-        return validate_model(bicubic(self.device), self.pairs, self.scale, self.device, None, False, self.rank,
+        return score_images(bicubic(self.device), self.pairs, self.scale, self.device, None, False, self.rank,
                               self.world, self.lpips)
 
 
 @torch.inference_mode()
-def validate_model(model: nn.Module, pairs: list[Pair], scale: int, device: torch.device, dtype: torch.dtype | None,
+def score_images(model: nn.Module, pairs: list[Pair], scale: int, device: torch.device, dtype: torch.dtype | None,
                    channels_last: bool, rank: int = 0, world: int = 1,
                    lpips: nn.Module | None = None) -> dict[str, float]:
     """Mean contest PSNR (and LPIPS of the uint8 prediction, given ``lpips``) over whole images;
@@ -142,6 +142,6 @@ class ValidationCadence:
 
 
 def bicubic(device: torch.device) -> nn.Module:
-    from pipeline.models import Bicubic
+    from pipeline.models.table import Bicubic
 
     return Bicubic().to(device)

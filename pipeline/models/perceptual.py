@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torchvision.models.vgg import cfgs, make_layers
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 
 VGG19_FILE = "vgg19-dcbb9e9d.pth"
 LPIPS_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
@@ -162,7 +162,7 @@ def laplacian_energy(img: np.ndarray) -> float:
     Y is basicsr's ``rgb2ycbcr(img / 255, y_only=True) * 255``; L = Y[i-1,j] + Y[i+1,j] + Y[i,j-1]
     + Y[i,j+1] - 4 Y[i,j] for 1 <= i <= H-2, 1 <= j <= W-2 (no padding, so borders add nothing).
     """
-    from pipeline.compat import rgb2ycbcr
+    from pipeline.core.compat import rgb2ycbcr
 
     y = rgb2ycbcr(img.astype(np.float32) / 255.0, y_only=True).astype(np.float64) * 255.0
     lap = y[:-2, 1:-1] + y[2:, 1:-1] + y[1:-1, :-2] + y[1:-1, 2:] - 4.0 * y[1:-1, 1:-1]
@@ -191,7 +191,7 @@ class ImageQuality:
         self.lpips: nn.Module | None = None
         self.missing = f"missing: set evaluate.lpips_weights ({LPIPS_FILES.get(lpips_net, lpips_net)})"
         if lpips_weights:
-            from pipeline.runtime import pick_device
+            from pipeline.core.runtime import pick_device
 
             self.lpips = load_lpips(lpips_net, lpips_weights).to(device or pick_device())
 

@@ -36,8 +36,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.errors import DataError, UserError
-from pipeline.images import images_by_stem
+from pipeline.core.errors import DataError, UserError
+from pipeline.core.images import images_by_stem
 
 ID_RULE = "letters, digits, '_', '.', '-'; starting with a letter, digit or '_'; at most 128 characters"
 _SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
@@ -330,7 +330,7 @@ class RunLayout:
     log = property(lambda self: self.dir / "log.jsonl")
     curves = property(lambda self: self.dir / "curves.png")
     tb = property(lambda self: self.dir / "tb")
-    profile = property(lambda self: self.dir / "profile")  # train.profile_steps: trace.json, ops.txt, phases.txt
+    profile = property(lambda self: self.dir / "profile")  # train.profile_steps: trace.json, ops.txt, sections.txt
 
     def checkpoint(self, which: str) -> Path:
         """``best`` or ``last``."""

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -45,7 +45,7 @@ def contest_psnr(sr: torch.Tensor, hr: torch.Tensor) -> float:
 
 def score_pair(sr: np.ndarray, hr: np.ndarray, protocol: str = "competition", scale: int = 4) -> dict[str, float]:
     """PSNR, SSIM and NRMSE of one (H,W,3) uint8 RGB prediction against its ground truth."""
-    from pipeline.compat import calculate_psnr, calculate_ssim
+    from pipeline.core.compat import calculate_psnr, calculate_ssim
 
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown protocol {protocol!r}; choose {' or '.join(PROTOCOLS)}")

@@ -8,7 +8,7 @@ Edges that do not divide (``patch.edge``): ``shift`` adds a last row/column of p
 the bottom/right edge (overlapping its neighbour), so every pixel is used; ``drop`` leaves the
 remainder out, as patchify itself does.
 
-Output in ``<data>/patches/`` (``pipeline.layout.PatchLayout``): ``lr/<patch_id>.png``,
+Output in ``<data>/patches/`` (``pipeline.core.layout.PatchLayout``): ``lr/<patch_id>.png``,
 ``hr/<patch_id>.png``, ``manifest.csv`` (patch_id, img_id, fold, y, x, lr_path, hr_path; y, x =
 LR top-left), ``config.yaml``, ``fingerprint.yaml``. Idempotent: each finished image leaves
 ``done/<img_id>.json`` with the size and modification time of its two source files; a re-run skips
@@ -31,11 +31,11 @@ import yaml
 from patchify import patchify
 from tqdm import tqdm
 
-from pipeline.config import Config, PatchConfig, save_config, to_dict
-from pipeline.errors import DataError, UserError
-from pipeline.files import atomic_write, clean_stale
-from pipeline.images import encode_png, read_uint8
-from pipeline.layout import MANIFEST_COLUMNS, DataLayout, PatchLayout
+from pipeline.core.config import Config, PatchConfig, save_config, to_dict
+from pipeline.core.errors import DataError, UserError
+from pipeline.core.files import atomic_write, clean_stale
+from pipeline.core.images import encode_png, read_uint8
+from pipeline.core.layout import MANIFEST_COLUMNS, DataLayout, PatchLayout
 
 
 def grid(length: int, size: int, stride: int, edge: str) -> list[int]:

@@ -1,8 +1,8 @@
 """What the train stage trains on what: the ``TrainTask`` a setup hands to the Trainer.
 
-The Trainer (pipeline/train_loop.py) owns everything that is the same for every kind of data:
+The Trainer (pipeline/training/loop.py) owns everything that is the same for every kind of data:
 the loop, checkpoints and exact resume, EMA, logging, signals, time budgets and DDP. An objective
-(pipeline/objectives.py) owns what one step optimises. A task owns the rest, which depends on the
+(pipeline/training/objectives.py) owns what one step optimises. A task owns the rest, which depends on the
 data: the generator and how a checkpoint rebuilds it, the discriminators that fit its samples,
 the training batches, how a batch reaches the device, and the validation.
 
@@ -25,8 +25,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from pipeline.dataset import EpochBatches
-from pipeline.validation import Validation
+from pipeline.training.loader import EpochBatches
+from pipeline.training.validation import Validation
 
 
 @dataclass
@@ -48,5 +48,5 @@ class TrainTask:
     note: str = ""  # said once at the start (e.g. what was detected in a weights file)
     save_card: Callable[[Path], Any] | None = None  # writes models/<run>/model.yaml once the start's checks pass
     # A builder (cfg, task, dist, dtype, total_steps) -> Objective this task trains with (e.g. the cycle
-    # objective of pipeline/mri/cycle.py); None = the config's, from pipeline.objectives.OBJECTIVES.
+    # objective of pipeline/mri/cycle.py); None = the config's, from pipeline.training.objectives.OBJECTIVES.
     objective: Callable[..., Any] | None = None

@@ -27,14 +27,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.checkpoint import CheckpointError, load_weights_file, model_from_checkpoint
-from pipeline.config import Config, InferConfig
-from pipeline.ensemble import MERGES, average_models
-from pipeline.errors import UserError
-from pipeline.layout import RunLayout
-from pipeline.models import Bicubic, autocast_cap, build_model, card_of
-from pipeline.runtime import autocast, autocast_dtype, peak_memory, pick_device, precision_name
-from pipeline.tiling import Forward, TileError, auto_batch, effective_tile, run_tiles, tile_grid
+from pipeline.core.config import Config, InferConfig
+from pipeline.core.errors import UserError
+from pipeline.core.layout import RunLayout
+from pipeline.core.runtime import autocast, autocast_dtype, peak_memory, pick_device, precision_name
+from pipeline.inference.ensemble import MERGES, average_models
+from pipeline.inference.tiling import Forward, TileError, auto_batch, effective_tile, run_tiles, tile_grid
+from pipeline.models.checkpoint import CheckpointError, load_weights_file, model_from_checkpoint
+from pipeline.models.table import Bicubic, autocast_cap, build_model, card_of
 
 COMPILE_MODES = ("off", "default", "reduce-overhead", "auto")
 # When ``compile=auto`` compiles. Measured on one H100 (RRDB, 512 LR, 49 tiles of 128^2 x 8 ways,
@@ -108,7 +108,7 @@ class Timing:
         }
 
 
-def validate(settings: Settings) -> None:
+def check_settings(settings: Settings) -> None:
     """Settings errors as one-line ``UserError`` before any model runs."""
     s = settings
     if s.tta not in (1, 2, 4, 8):
@@ -200,7 +200,7 @@ def iter_predict(models: Sequence[nn.Module], items: Iterable[tuple[str, np.ndar
     ``total_images`` (default: ``len(items)`` when it has one, else 1) is what ``compile=auto``
     weighs the compile time against; the first image's geometry stands for the others.
     """
-    validate(settings)
+    check_settings(settings)
     free = is_parameter_free(models)
     dtype = inference_dtype(models, device, settings.precision)
     timing.precision = precision_name(dtype)

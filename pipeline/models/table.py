@@ -19,13 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline import zoo
-from pipeline.archs import SCALE, Padded
-from pipeline.compat import EDSR, MSRResNet, RRDBNet, SwinIR
-from pipeline.errors import UserError
-from pipeline.runtime import precision_name
-from pipeline.wdsr import wdsr_a, wdsr_b
-from pipeline.zoo import ALL_PRECISIONS, plain
+from pipeline.core.compat import EDSR, MSRResNet, RRDBNet, SwinIR
+from pipeline.core.errors import UserError
+from pipeline.core.runtime import precision_name
+from pipeline.models import zoo
+from pipeline.models.archs import SCALE, Padded
+from pipeline.models.wdsr import wdsr_a, wdsr_b
+from pipeline.models.zoo import ALL_PRECISIONS, plain
 
 
 def _matlab_bicubic_matrix(n_in: int, scale: int) -> torch.Tensor:
@@ -167,7 +167,7 @@ register("edsr-nano", _edsr, "EDSR 8 features, 1 block (tests)", num_feat=8, num
 register("srcnn", SRCNN, "SRCNN 9-5-5 on bicubic-upscaled input", features=(64, 32), kernels=(9, 5, 5))
 register("bicubic", Bicubic, "MATLAB-compatible bicubic, no parameters (the baseline)", precisions=("fp32",))
 
-# The published architectures, through spandrel (pipeline/zoo.py). Full presets are the papers' x4
+# The published architectures, through spandrel (pipeline/models/zoo.py). Full presets are the papers' x4
 # configurations; -tiny runs a forward+backward on a 16x16 LR batch in about a second on a 2-core
 # CPU, -nano is for tests. Arguments spandrel cannot read from a state dict (img_size,
 # drop_path_rate, conv_scale ...) keep its defaults, so published files map back to these entries.
@@ -229,7 +229,7 @@ register("esrgan-tiny", zoo.ESRGAN_FAMILY, "ESRGAN RRDB 24 features, 2 blocks (C
 register("esrgan-nano", zoo.ESRGAN_FAMILY, "ESRGAN RRDB 8 features, 1 block (tests)", num_filters=8, num_blocks=1)
 
 # Generators of the perceptual / adversarial write-ups (issue 10): SRResNet is SRGAN's generator as basicsr's
-# MSRResNet (no batch norm, bilinear skip); WDSR is ours (pipeline/wdsr.py).
+# MSRResNet (no batch norm, bilinear skip); WDSR is ours (pipeline/models/wdsr.py).
 def _srresnet(**kw: Any) -> nn.Module:
     return MSRResNet(num_in_ch=3, num_out_ch=3, upscale=SCALE, **kw)
 
@@ -310,7 +310,7 @@ def autocast_cap(models: Sequence[nn.Module], dtype: torch.dtype | None, device:
 
 
 def markdown_table() -> str:
-    """The README's model table (``python -m pipeline.models``): every entry, its parameters and precisions."""
+    """The README's model table (``python -m pipeline.models.table``): every entry, its parameters and precisions."""
     rows = ["| model | parameters | precisions | what it is |", "|---|---:|---|---|"]
     for name, spec in MODELS.items():
         params = count_parameters(build_model(name))

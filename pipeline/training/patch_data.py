@@ -1,24 +1,20 @@
-"""Training data of the train stage: patch pairs, their augmentation and the data order.
+"""The image task's training data: patch pairs and their augmentation, by (index, sample seed).
 
-The data order is a pure function of (seed, epoch): epoch ``e`` visits the training patches in the
-permutation drawn from ``default_rng([seed, e])``, and each visit carries its own sample seed drawn
-from the same generator. Crops and dihedral transforms depend only on that sample seed, never on a
-worker's RNG, so the batches are the same with 0 or 8 loader workers, and a resumed run can start
-mid-epoch at the exact sample by skipping the steps it has already done.
+Crops and dihedral transforms depend only on the sample seed that the data order
+(``pipeline.training.loader.EpochBatches``) gives each visit, never on a worker's RNG, so the
+batches are the same with 0 or 8 loader workers and a resumed run continues at the exact sample.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import albumentations as A
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
-from pipeline.errors import DataError
-from pipeline.images import ImageError, read_uint8
-from pipeline.layout import Pair
+from pipeline.core.errors import DataError
+from pipeline.core.images import ImageError, read_uint8
+from pipeline.core.layout import Pair
 
 
 def read_pair(pair: Pair, scale: int) -> tuple[np.ndarray, np.ndarray]:
@@ -83,45 +79,3 @@ class PatchDataset(Dataset):
         lr, hr = read_pair(self.pairs[index], self.scale)
         lr, hr = self.augment(lr, hr, seed)
         return _chw(lr), _chw(hr)
-
-
-class EpochBatches(Sampler[list[tuple[int, int]]]):
-    """Global batches of one epoch, this process's share of each; resumable at any step.
-
-    Global batch ``b`` of epoch ``e`` is ``perm_e[b*B:(b+1)*B]``; process ``rank`` of ``world``
-    takes the ``rank``-th contiguous slice of B/world samples, so every process sees a different
-    part of the same global batch and the union is what one process would have seen (the
-    DistributedSampler contract, with the resume offset it lacks). The tail that does not fill a
-    global batch is dropped, so all steps have the same batch size.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
-        if batch_size % world:
-            raise DataError(f"train.batch_size={batch_size} is the global batch and must divide by the "
-                            f"{world} processes")
-        if n < batch_size:
-            raise DataError(f"only {n} training patches for train.batch_size={batch_size}; lower the batch "
-                            "size or cut more patches (smaller patch.stride)")
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.rank, self.world = rank, world
-        self.steps_per_epoch = n // batch_size
-        self.epoch, self.start = 0, 0
-
-    def set_position(self, epoch: int, start: int) -> None:
-        """The next iteration yields epoch ``epoch`` from its step ``start`` on."""
-        self.epoch, self.start = epoch, start
-
-    def order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(permutation of the patches, one sample seed per position) of an epoch."""
-        rng = np.random.default_rng([self.seed % 2**63, epoch])
-        return rng.permutation(self.n), rng.integers(0, 2**31, size=self.n)
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        perm, seeds = self.order(self.epoch)
-        share = self.batch_size // self.world
-        for step in range(self.start, self.steps_per_epoch):
-            first = step * self.batch_size + self.rank * share
-            yield [(int(perm[i]), int(seeds[i])) for i in range(first, first + share)]
-
-    def __len__(self) -> int:
-        return self.steps_per_epoch - self.start

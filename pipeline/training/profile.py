@@ -1,6 +1,6 @@
 """``train.profile_steps=N``: where the time of a training step goes, measured by torch.profiler.
 
-The loop marks its phases (``train/data`` = waiting for the loader, ``train/to_device``,
+The loop marks the sections of a step (``train/data`` = waiting for the loader, ``train/to_device``,
 ``train/forward``, ``train/discriminator`` (a GAN step's critic updates),
 ``train/loss``, ``train/backward``, ``train/clip``, ``train/optimizer``,
 ``train/ema``, ``train/after_step`` = logging, validation and checkpoints at their steps) with
@@ -9,9 +9,9 @@ profiler up, N steps are recorded, and models/<run>/profile/ gets:
 
     trace.json   Chrome / Perfetto trace (chrome://tracing, https://ui.perfetto.dev)
     ops.txt      the top operators by self time (device time on a GPU, CPU time otherwise)
-    phases.txt   milliseconds per step of each phase, and its share of the step
+    sections.txt milliseconds per step of each section, and its share of the step
 
-Training goes on unprofiled afterwards. Off (the default), a phase is a no-op context.
+Training goes on unprofiled afterwards. Off (the default), a section is a no-op context.
 """
 
 from __future__ import annotations
@@ -22,15 +22,15 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function, schedule
 
-from pipeline.files import atomic_write
+from pipeline.core.files import atomic_write
 
-PHASES = ("data", "to_device", "forward", "discriminator", "loss", "backward", "clip", "optimizer", "ema",
+SECTIONS = ("data", "to_device", "forward", "discriminator", "loss", "backward", "clip", "optimizer", "ema",
           "after_step")  # discriminator: a GAN step's critic updates
-_NO_PHASE = contextlib.nullcontext()
+_NO_SECTION = contextlib.nullcontext()
 
 
 class StepProfiler:
-    """Profiles ``steps`` training steps; ``phase(name)`` marks a part of a step, ``step()`` ends one."""
+    """Profiles ``steps`` training steps; ``section(name)`` marks a part of a step, ``step()`` ends one."""
 
     def __init__(self, out: Path, steps: int, device: torch.device, enabled: bool) -> None:
         """``out``: the run's profile folder (``RunLayout.profile``)."""
@@ -49,8 +49,8 @@ class StepProfiler:
                              schedule=schedule(wait=0, warmup=1, active=self.steps, repeat=1))
         self._prof.start()
 
-    def phase(self, name: str) -> contextlib.AbstractContextManager:
-        return record_function(f"train/{name}") if self._prof is not None else _NO_PHASE
+    def section(self, name: str) -> contextlib.AbstractContextManager:
+        return record_function(f"train/{name}") if self._prof is not None else _NO_SECTION
 
     def step(self) -> None:
         if self._prof is not None:
@@ -72,19 +72,19 @@ class StepProfiler:
         ops = events.table(sort_by="self_device_time_total" if on_gpu else "self_cpu_time_total", row_limit=25)
         with atomic_write(self.out / "ops.txt") as tmp:
             tmp.write_text(ops + "\n")
-        self.summary = phase_table(events, max(1, min(self.steps, self._calls - 1)), on_gpu)
-        with atomic_write(self.out / "phases.txt") as tmp:
+        self.summary = section_table(events, max(1, min(self.steps, self._calls - 1)), on_gpu)
+        with atomic_write(self.out / "sections.txt") as tmp:
             tmp.write_text(self.summary + "\n")
         self.enabled = False  # one profile per session
-        self._prof = None  # later phases and steps are plain again (the profiler has stopped itself)
+        self._prof = None  # later sections and steps are plain again (the profiler has stopped itself)
 
 
-def phase_table(events: list, steps: int, on_gpu: bool) -> str:
-    """Milliseconds per step of each marked phase (CPU wall time of the range; on a GPU also the
-    device time of the kernels it launched) and its share of the summed phases."""
+def section_table(events: list, steps: int, on_gpu: bool) -> str:
+    """Milliseconds per step of each marked section (CPU wall time of the range; on a GPU also the
+    device time of the kernels it launched) and its share of the summed sections."""
     by_name = {e.key: e for e in events}
     rows = []
-    for name in PHASES:
+    for name in SECTIONS:
         e = by_name.get(f"train/{name}")
         if e is None:
             continue
@@ -92,7 +92,7 @@ def phase_table(events: list, steps: int, on_gpu: bool) -> str:
         gpu = getattr(e, "device_time_total", 0.0) / 1e3 / steps if on_gpu else None
         rows.append((name, cpu, gpu))
     total = sum(cpu for _, cpu, _ in rows) or 1.0
-    head = f"{'phase':<11} {'ms/step (CPU)':>14} {'share':>6}" + (f" {'ms/step (GPU)':>14}" if on_gpu else "")
+    head = f"{'section':<11} {'ms/step (CPU)':>14} {'share':>6}" + (f" {'ms/step (GPU)':>14}" if on_gpu else "")
     lines = [f"{steps} profiled steps", head]
     for name, cpu, gpu in rows:
         lines.append(f"{name:<11} {cpu:>14.2f} {100 * cpu / total:>5.1f}%" + (f" {gpu:>14.2f}" if on_gpu else ""))

@@ -1,10 +1,10 @@
 """What a training step optimises: the objective table of the train stage.
 
-The Trainer (pipeline/train_loop.py) runs the loop, checkpoints, resume, EMA, validation,
+The Trainer (pipeline/training/loop.py) runs the loop, checkpoints, resume, EMA, validation,
 logging, signals and DDP for every objective; an ``Objective`` owns one step's arithmetic and the
 state only it has. ``OBJECTIVES`` maps a name to its builder; ``objective_name(cfg)`` picks it:
 
-- ``psnr`` (``PixelObjective``): the generator loss (``pipeline.losses.GeneratorLoss``: 2 L1 + MSE
+- ``psnr`` (``PixelObjective``): the generator loss (``pipeline.training.losses.GeneratorLoss``: 2 L1 + MSE
   by default, plus perceptual / TV terms when weighted), one generator update per step; the step
   may be compiled (train.compile); best.pth = best validation PSNR.
 - ``gan`` (``GanObjective``, on when gan.discriminator names one): per step, gan.critic_steps
@@ -24,31 +24,30 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
 import torch
-from timm.scheduler import CosineLRScheduler, StepLRScheduler
 from timm.scheduler.scheduler import Scheduler
 from torch import nn
 
-from pipeline.checkpoint import CheckpointError, load_checkpoint, state_dict_from
-from pipeline.config import Config, TrainConfig
-from pipeline.distributed import Dist, wrap_ddp
-from pipeline.errors import UserError
-from pipeline.losses import GeneratorLoss, build_generator_loss, discriminator_loss, full_precision
-from pipeline.models import count_parameters
-from pipeline.runtime import autocast, optimizer_flags
-from pipeline.train_compile import StepCompiler
-from pipeline.train_task import TrainTask
+from pipeline.core.config import Config
+from pipeline.core.distributed import Dist, wrap_ddp
+from pipeline.core.errors import UserError
+from pipeline.core.runtime import autocast
+from pipeline.models.checkpoint import CheckpointError, load_checkpoint, state_dict_from
+from pipeline.models.table import count_parameters
+from pipeline.training.compile import StepCompiler
+from pipeline.training.losses import GeneratorLoss, build_generator_loss, discriminator_loss, full_precision
+from pipeline.training.task import TrainTask
+from pipeline.training.updates import Schedule, build_optimizer, load_updates, update, updates_state
 
 D_KEYS = ("loss/d_total", "loss/d_real", "loss/d_fake", "loss/d_gp")
-Phase = Callable[[str], contextlib.AbstractContextManager]
 
 
-class Trainer(Protocol):
-    """What a step reads of the Trainer (pipeline/train_loop.py), which imports this module."""
+class StepContext(Protocol):
+    """What a step reads of the loop (the ``Trainer`` of pipeline/training/loop.py, which imports this module)."""
 
     cfg: Config
     device: torch.device
@@ -60,80 +59,7 @@ class Trainer(Protocol):
     compiler: StepCompiler
     step: int
 
-    def phase(self, name: str) -> contextlib.AbstractContextManager: ...
-
-
-def _no_phase(_name: str) -> contextlib.AbstractContextManager:
-    return contextlib.nullcontext()
-
-
-# -- optimizers and schedulers (the generator's and the discriminator's) ------------------------------
-
-
-def build_optimizer(t: TrainConfig, model: nn.Module, device: torch.device,
-                    learning_rate: float | None = None) -> torch.optim.Optimizer:
-    """Adam / AdamW with this device's update kernel (runtime.optimizer_flags: fused on CUDA)."""
-    optimizer_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[t.optimizer]
-    rate = t.learning_rate if learning_rate is None else learning_rate
-    return optimizer_cls(model.parameters(), lr=rate, weight_decay=t.weight_decay, **optimizer_flags(device))
-
-
-def make_scheduler(t: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int,
-                   total_steps: int) -> Scheduler | None:
-    """timm schedulers, stepped per update (t_in_epochs=False) so a resume mid-epoch is exact.
-
-    A cosine run with only a time budget starts with a provisional length; the loop re-estimates it
-    from the measured pace at every log point (Trainer._pace) so the decay ends with the budget.
-    With no limit at all (train until stopped) the cosine never gets going: a constant rate.
-    """
-    if t.scheduler == "step":
-        return StepLRScheduler(optimizer, decay_t=t.step_epochs * steps_per_epoch, decay_rate=t.step_gamma,
-                               t_in_epochs=False)
-    if t.scheduler == "cosine":
-        length = max(total_steps or 10**9, t.warmup_steps + 1)
-        return CosineLRScheduler(optimizer, t_initial=length, lr_min=t.min_learning_rate, warmup_t=t.warmup_steps,
-                                 warmup_lr_init=t.min_learning_rate, t_in_epochs=False)
-    return None
-
-
-def load_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
-    """Saved param groups replace the current ones, flags included: keep this device's fused /
-    foreach choice (a run may resume on another device), which also places Adam's step counts."""
-    flags = {k: optimizer.defaults[k] for k in ("fused", "foreach") if k in optimizer.defaults}
-    optimizer.load_state_dict({**saved, "param_groups": [{**g, **flags} for g in saved["param_groups"]]})
-
-
-def updates_state(optimizer: torch.optim.Optimizer, scheduler: Scheduler | None, scaler: torch.amp.GradScaler,
-                  prefix: str = "") -> dict[str, Any]:
-    """The states of an optimizer, its scheduler and its gradient scaler, as last.pth keeps them."""
-    return {f"{prefix}optimizer": optimizer.state_dict(), f"{prefix}scheduler": scheduler.state_dict() if scheduler
-            else {}, f"{prefix}scaler": scaler.state_dict()}
-
-
-def load_updates(state: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler: Scheduler | None,
-                 scaler: torch.amp.GradScaler, prefix: str = "") -> None:
-    """Inverse of ``updates_state`` (KeyError / ValueError when ``state`` does not fit)."""
-    load_optimizer(optimizer, state[f"{prefix}optimizer"])
-    if scheduler is not None and state[f"{prefix}scheduler"]:
-        scheduler.load_state_dict(state[f"{prefix}scheduler"])
-    if state[f"{prefix}scaler"]:
-        scaler.load_state_dict(state[f"{prefix}scaler"])
-
-
-def update(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-           parameters: Iterable[nn.Parameter], grad_clip: float, phase: Phase = _no_phase) -> None:
-    """One optimizer update from ``loss``: scaled backward, optional clipping of the true gradient, step."""
-    with phase("backward"):
-        scaler.scale(loss).backward()
-    if grad_clip > 0:
-        with phase("clip"):
-            scaler.unscale_(optimizer)  # clip the true gradient, not the fp16-scaled one
-            nn.utils.clip_grad_norm_(parameters, grad_clip)
-    with phase("optimizer"):
-        scaler.step(optimizer)
-        scaler.update()
-        # Gradients die with the step that made them: CUDA graphs reuse their memory next step.
-        optimizer.zero_grad(set_to_none=True)
+    def section(self, name: str) -> contextlib.AbstractContextManager: ...
 
 
 # -- the objectives ---------------------------------------------------------------------------------
@@ -146,17 +72,18 @@ class Objective:
     compiles = False  # train.compile may compile the generator's forward and backward
     best_by = "psnr"  # what best.pth keeps: psnr, lpips or last (gan.best)
 
-    def __init__(self, loss: GeneratorLoss) -> None:
+    def __init__(self, loss: GeneratorLoss, schedule: Schedule) -> None:
         self.loss = loss
+        self.schedule = schedule  # the learning-rate schedule of every optimizer of the run
         self.keys: tuple[str, ...] = loss.keys  # the losses ``step`` returns, in this order
         self.bar = {"loss": "loss/total"}  # progress-bar label -> loss key
 
-    def step(self, tr: Trainer, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:
+    def step(self, tr: StepContext, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:
         """One training step on a batch (``lr``, ``hr`` on the device); returns the losses."""
         raise NotImplementedError
 
     def schedulers(self) -> list[Scheduler]:
-        """Learning-rate schedulers besides the generator's (stepped and re-timed with it)."""
+        """Learning-rate schedulers besides the generator's (``schedule``'s, stepped and re-timed with it)."""
         return []
 
     def parameters(self) -> list[torch.Tensor]:
@@ -198,13 +125,13 @@ class PixelObjective(Objective):
     name = "psnr"
     compiles = True
 
-    def step(self, tr: Trainer, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:
+    def step(self, tr: StepContext, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:
         tr.compiler.begin_step()
-        with tr.phase("forward"), autocast(tr.device, tr.dtype):
+        with tr.section("forward"), autocast(tr.device, tr.dtype):
             sr = tr.compiler.call(lr)  # (b,3,h,w) -> (b,3,4h,4w)
-        with tr.phase("loss"):
+        with tr.section("loss"):
             losses = self.loss(sr.float(), hr)  # fp32 loss whatever the autocast
-        update(losses["loss/total"], tr.optimizer, tr.scaler, tr.raw.parameters(), tr.cfg.train.grad_clip, tr.phase)
+        update(losses["loss/total"], tr.optimizer, tr.scaler, tr.raw.parameters(), tr.cfg.train.grad_clip, tr.section)
         return losses
 
 
@@ -268,9 +195,9 @@ class GanObjective(Objective):
 
     name = "gan"
 
-    def __init__(self, loss: GeneratorLoss, cfg: Config, task: TrainTask, d: Dist, dtype: torch.dtype | None,
-                 total_steps: int) -> None:
-        super().__init__(loss)
+    def __init__(self, loss: GeneratorLoss, schedule: Schedule, cfg: Config, task: TrainTask, d: Dist,
+                 dtype: torch.dtype | None) -> None:
+        super().__init__(loss, schedule)
         g = self.gan = cfg.gan
         self.kind, self.rank, self.seed = g.loss, d.rank, cfg.seed
         self.global_batch = cfg.train.batch_size
@@ -284,7 +211,7 @@ class GanObjective(Objective):
         critic_loss = CriticLoss(self.critic, g.loss, g.gp_weight, functools.partial(autocast, d.device, dtype))
         self.critic_step = wrap_ddp(critic_loss, d)
         self.optimizer = build_optimizer(cfg.train, self.critic, d.device, g.learning_rate)
-        self.scheduler = make_scheduler(cfg.train, self.optimizer, task.batches.steps_per_epoch, total_steps)
+        self.scheduler = schedule.build(self.optimizer)
         self.scaler = torch.amp.GradScaler(d.device.type, enabled=dtype is torch.float16)
         self.keys = (*loss.keys, *D_KEYS)
         self.bar = {"g": "loss/total", "adv": "loss/adversarial", "d": "loss/d_total"}
@@ -316,16 +243,16 @@ class GanObjective(Objective):
     def rate_settings(self, cfg: Config) -> str:
         return f"{super().rate_settings(cfg)}, gan.learning_rate={self.gan.learning_rate:g}"
 
-    def step(self, tr: Trainer, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:
+    def step(self, tr: StepContext, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:
         self.sample_size = hr[0].numel()
-        with tr.phase("forward"), autocast(tr.device, tr.dtype):
+        with tr.section("forward"), autocast(tr.device, tr.dtype):
             sr = tr.model(lr)  # (b,3,h,w) -> (b,3,4h,4w), eager (through DDP under torchrun)
         sr = full_precision(sr)
         # NCHW for the discriminator: basicsr's VGG discriminator flattens its last map with view().
         real, fake = hr.contiguous(), sr.contiguous()
-        with tr.phase("discriminator"):
+        with tr.section("discriminator"):
             d_losses = self._update_critic(tr.step, real, fake.detach())
-        with tr.phase("loss"):
+        with tr.section("loss"):
             self.critic.requires_grad_(False)  # the generator's backward leaves the critic's gradients alone
             with autocast(tr.device, tr.dtype):
                 fake_logits = full_precision(self.critic(fake))
@@ -336,7 +263,7 @@ class GanObjective(Objective):
             losses = self.loss(sr, hr, fake_logits, real_logits)
         try:
             update(losses["loss/total"], tr.optimizer, tr.scaler, tr.raw.parameters(), tr.cfg.train.grad_clip,
-                   tr.phase)
+                   tr.section)
         finally:
             self.critic.requires_grad_(True)
         return {**losses, **d_losses}
@@ -398,11 +325,13 @@ class GanObjective(Objective):
 
 
 def _psnr(cfg: Config, task: TrainTask, d: Dist, dtype: torch.dtype | None, total_steps: int) -> Objective:
-    return PixelObjective(build_generator_loss(cfg).to(d.device))
+    return PixelObjective(build_generator_loss(cfg).to(d.device),
+                          Schedule.of(cfg.train, task.batches.steps_per_epoch, total_steps))
 
 
 def _gan(cfg: Config, task: TrainTask, d: Dist, dtype: torch.dtype | None, total_steps: int) -> Objective:
-    return GanObjective(build_generator_loss(cfg).to(d.device), cfg, task, d, dtype, total_steps)
+    return GanObjective(build_generator_loss(cfg).to(d.device),
+                        Schedule.of(cfg.train, task.batches.steps_per_epoch, total_steps), cfg, task, d, dtype)
 
 
 OBJECTIVES: dict[str, Callable[[Config, TrainTask, Dist, torch.dtype | None, int], Objective]] = {

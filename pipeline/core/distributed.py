@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipeline.runtime import pick_device
+from pipeline.core.runtime import pick_device
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from pipeline.errors import UserError
-from pipeline.files import atomic_write
+from pipeline.core.errors import UserError
+from pipeline.core.files import atomic_write
 
 # Image sizes are checked against our own cap (check_pixels), set by data.max_pixels; PIL's
 # separate decompression-bomb warning would only add noise before it.

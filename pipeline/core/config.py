@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 
 
 class ConfigError(UserError):
@@ -131,7 +131,7 @@ class TrainConfig:
     log_every: int = opt(20, "log scalars every this many steps", ge=1)
     profile_steps: int = opt(
         0, "torch.profiler over this many steps (after the warm-up): models/<run>/profile/ gets trace.json, "
-        "ops.txt, phases.txt; 0 = off", ge=0)
+        "ops.txt, sections.txt; 0 = off", ge=0)
 
 
 @dataclass(frozen=True)
@@ -310,7 +310,7 @@ class CycleGanConfig:
     l1: float = opt(5.0, "weight of the L1 content term", ge=0)
     cycle: float = opt(10.0, "weight of the cycle terms (LR -> HR -> LR and HR -> LR -> HR)", ge=0)
     adversarial_loss: Literal["vanilla", "relativistic", "wgan-gp"] = opt(
-        "vanilla", "adversarial kind for both discriminators (pipeline/losses.py)")
+        "vanilla", "adversarial kind for both discriminators (pipeline/training/losses.py)")
     learning_rate: float = opt(1e-4, "Adam learning rate of all four networks", ge=0)
     halve_every: int = opt(10000, "optimizer steps between halvings of the learning rate", ge=1)
     model: str = opt("srrescycgan", "the SRResCycGAN entry of the volume model table that mri-cycle-train trains")
@@ -319,7 +319,7 @@ class CycleGanConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Generator loss terms beside the pixel loss (train.loss_l1, train.loss_mse); see pipeline/losses.py."""
+    """Generator loss terms beside the pixel loss (train.loss_l1, train.loss_mse); see pipeline/training/losses.py."""
 
     perceptual: float = opt(0.0, "weight of the VGG19 feature loss; > 0 needs loss.vgg_weights", ge=0)
     perceptual_layers: tuple[str, ...] = opt(
@@ -331,7 +331,8 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class GanConfig:
-    """Adversarial fine-tuning (the train stage's GAN mode); pipeline/objectives.py, discriminators.py, losses.py."""
+    """Adversarial fine-tuning (the train stage's GAN mode): pipeline/training/objectives.py, losses.py and
+    pipeline/models/discriminators.py."""
 
     discriminator: str = opt(
         "", "discriminator from the table (vgg128, vgg256, vgg128-ln, unet-sn, ...): turns GAN fine-tuning on "
@@ -576,7 +577,7 @@ def from_dict(values: dict[str, Any]) -> Config:
 
 def save_config(cfg: Config, path: str | Path, sections: tuple[str, ...] = ()) -> Path:
     """Write the resolved config (all of it, or the top level plus ``sections``) atomically."""
-    from pipeline.files import atomic_write
+    from pipeline.core.files import atomic_write
 
     values = to_dict(cfg)
     if sections:

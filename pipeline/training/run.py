@@ -1,0 +1,152 @@
+"""``run(cfg, make_task)``: one training run of any task, from setup to the last save.
+
+One process, or one per GPU under ``torchrun`` (DistributedDataParallel; train.batch_size stays the
+global batch, each rank takes batch_size/world of it). The setup: the process group and device,
+deterministic algorithms, seeds, the task (``make_task(cfg, dist)``: generator, data, validation),
+the precision, the objective, the generator's updates, and the resume point; then the
+``Trainer`` (pipeline/training/loop.py) trains until a limit.
+
+On a GPU the setup follows measured rules (pipeline/core/runtime.py): a fused Adam update, TF32 for
+fp32, bf16 only for steps large enough to be arithmetic-bound, torch.compile of PSNR steps where
+the run is long enough (train.compile, applied by the loop); the loader's workers live for the
+whole session. ``last.pth`` holds the full training state, so a run killed at any moment resumes
+from its last save; with train.deterministic on the CPU the resumed run ends with exactly the
+weights of an uninterrupted one (tests/test_train.py and tests/test_train_gan.py check with SIGKILL).
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from pipeline.core.config import Config, save_config
+from pipeline.core.distributed import Dist, barrier, init_distributed, shutdown
+from pipeline.core.errors import Interrupted, UserError
+from pipeline.core.files import clean_stale
+from pipeline.core.layout import RunLayout
+from pipeline.core.runtime import enable_tf32, peak_memory, precision_name, seed_everything, train_autocast_dtype
+from pipeline.models.checkpoint import CheckpointError, load_checkpoint
+from pipeline.models.table import autocast_cap, count_parameters
+from pipeline.training import run_folder
+from pipeline.training.loop import Trainer
+from pipeline.training.objectives import Objective, build_objective, check_objective
+from pipeline.training.task import TrainTask
+from pipeline.training.updates import GeneratorUpdates
+
+
+def _check(cfg: Config) -> None:
+    # (numeric bounds are checked when the config loads: pipeline.core.config.opt)
+    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("train.precision=fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
+    check_objective(cfg)
+
+
+def _moved_aside_advice(path: Path, problem: str) -> CheckpointError:
+    return CheckpointError(f"{path}: {problem}; use another run name, or train.resume=never to start over (the old "
+                           "run is moved aside, not deleted)")
+
+
+def _resume_from(cfg: Config, d: Dist, run: RunLayout, arch: str, objective: Objective) -> tuple[dict | None, float]:
+    """(state of last.pth when resuming, else None; score of the best.pth already on disk, else -inf).
+
+    ``arch`` is what this start builds (the table name, or ``spandrel:<ArchId>`` for a detected file).
+    Trained weights are never deleted: ``train.resume=never`` over a run that has any moves the old
+    folder aside (rank 0, saying where) before starting. All checks happen before anything moves.
+    """
+    if cfg.train.resume == "force" and not run.last.is_file():
+        raise UserError(f"train.resume=force but {run.last} does not exist")
+    state = None
+    if cfg.train.resume != "never" and run.last.is_file():
+        state = load_checkpoint(run.last, map_location=d.device)
+        if state.get("arch") != arch:
+            raise _moved_aside_advice(run.last, f"a {state.get('arch')} run, but this start builds {arch}")
+        if state.get("objective", "psnr") != objective.name:
+            raise _moved_aside_advice(run.last, f"the state of a {state.get('objective', 'psnr')} run, but this is a "
+                                                f"{objective.name} run (a GAN fine-tune of a PSNR run starts a new run "
+                                                f"with model.pretrained={run.best})")
+    floor = -math.inf
+    if cfg.train.resume == "never":
+        if d.rank == 0 and run.dir.exists() and run.has_weights():
+            moved = run_folder.move_aside(run)
+            print(f"train.resume=never: the earlier run {run.dir} was moved to {moved}", flush=True)
+    elif run.best.is_file():
+        best = load_checkpoint(run.best)
+        if best.get("arch") != arch:
+            raise _moved_aside_advice(run.best, f"weights of a {best.get('arch')} run, but this start builds {arch}")
+        if best.get("best_by", "psnr") != objective.best_by:
+            raise _moved_aside_advice(run.best, f"chosen by {best.get('best_by', 'psnr')}, but this run keeps the "
+                                                f"best by {objective.best_by} (gan.best)")
+        floor = run_folder.best_score_of(best, objective.best_by)
+    barrier(d)  # no rank reads the folder while rank 0 may be moving it
+    return state, floor
+
+
+def run(cfg: Config, make_task: Callable[[Config, Dist], TrainTask]) -> None:
+    """Train the task ``make_task(cfg, dist)`` builds with the objective of ``cfg``; outputs in ``paths.models/run``."""
+    t = cfg.train
+    _check(cfg)
+    d = init_distributed(t.deterministic)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        run_dir = RunLayout(Path(cfg.paths.models), cfg.run)
+        if d.device.type == "cuda":
+            enable_tf32()  # fp32 steps (precision auto on small steps, or fp32) run on the tensor cores
+        if t.deterministic:
+            # warn_only: a GPU op without a deterministic kernel (nearest upsampling's backward)
+            # names itself in a warning instead of killing the run at its first step.
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        elif d.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # one patch size: autotuned kernels pay off
+        seed_everything(cfg.seed)  # the same initial weights on every rank
+        task = make_task(cfg, d)
+        dtype = train_autocast_dtype(d.device, t.precision, t.batch_size // d.world * task.sample_pixels,
+                                     t.deterministic)
+        dtype = autocast_cap([task.generator], dtype, d.device)  # fp16-unsafe architectures stay in bf16/fp32
+        limits = [n for n in (t.max_steps, t.max_epochs * task.batches.steps_per_epoch) if n > 0]
+        total_steps = min(limits) if limits else 0
+        objective = build_objective(cfg, task, d, dtype, total_steps)
+        updates = GeneratorUpdates.build(t, task.generator, d.device, dtype, objective.schedule)
+        state, best_floor = _resume_from(cfg, d, run_dir, task.arch, objective)
+        torch.manual_seed(cfg.seed + d.rank)  # ranks draw different drop-path masks
+
+        trainer = Trainer(cfg=cfg, d=d, run=run_dir, task=task, objective=objective, updates=updates, dtype=dtype,
+                          total_steps=total_steps, best_floor=best_floor)
+        if state is not None:
+            trainer.load_state(state, run_dir.last)
+        if d.rank == 0:  # only now that every check passed: a failed start leaves the old config
+            save_config(cfg, run_dir.config)
+            if task.save_card is not None:
+                task.save_card(run_dir.model_card)
+            for folder in (run_dir.dir, run_dir.history_dir):
+                clean_stale(folder)  # temporary checkpoint files of a killed earlier session
+        trainer.say(_start_line(cfg, trainer, dtype)
+                    + (f"; resuming {run_dir.last} at step {trainer.step}" if state else "")
+                    + (f"\n{task.note}" if task.note else ""))
+        with peak_memory(d.device) as memory:
+            trainer.fit()
+        trainer.say(f"peak memory {memory['peak_mib']:.0f} MiB")
+        if trainer.stop_signal:
+            raise Interrupted(getattr(signal, trainer.stop_signal),
+                              f"stopped by {trainer.stop_signal} at step {trainer.step} after saving {run_dir.last}; "
+                              "the same command resumes")
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+        shutdown(d)
+
+
+def _start_line(cfg: Config, trainer: Trainer, dtype: torch.dtype | None) -> str:
+    t, objective, task, d = cfg.train, trainer.objective, trainer.task, trainer.d
+    fp32 = "fp32 (TF32)" if d.device.type == "cuda" else "fp32"
+    update = "fused" if trainer.optimizer.defaults.get("fused") else "foreach"
+    group = f" (DDP, {dist.get_backend()})" if d.distributed else ""
+    what = f"train {task.arch} ({count_parameters(task.generator) / 1e6:.3f}M parameters){objective.describe()}"
+    compile_ = t.compile if objective.compiles else f"off ({objective.name.upper()} steps run eager)"
+    return (f"{what} on {d.device} x{d.world}{group}, {precision_name(dtype) if dtype else fp32}, {update} "
+            f"{t.optimizer}, compile {compile_}, "
+            f"{task.description}, {task.batches.steps_per_epoch} steps/epoch, global batch {t.batch_size}")
