@@ -12,7 +12,7 @@ ensemble): the best validation PSNR and the last one, minus bicubic on the same 
         --recipes "defaults:-:" "gpu-quick:configs/gpu-quick.yaml:"
 
 The CPU default recipes are the demo's geometry (the contest's divided by 4): `defaults` with
-patch.size=128 (the defaults' 512 would leave one patch per demo image), `gpu-quick` as shipped,
+patchify.size=128 (the defaults' 512 would leave one patch per demo image), `gpu-quick` as shipped,
 and `demo` (configs/demo.yaml, the recipe tuned for minutes on a 2-core CPU).
 """
 
@@ -27,7 +27,7 @@ from pathlib import Path
 from bench.common import add_stage_options, read_run_log, save_rows, stage_device, table
 from pipeline.cli import main as cli
 
-CPU_RECIPES = ("defaults:-:patch.size=128", "gpu-quick:configs/gpu-quick.yaml:", "demo:configs/demo.yaml:")
+CPU_RECIPES = ("defaults:-:patchify.size=128", "gpu-quick:configs/gpu-quick.yaml:", "demo:configs/demo.yaml:")
 OWN_FILES = ("splits.csv", "patches")  # what prepare / patchify write into a dataset root
 
 

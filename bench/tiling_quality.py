@@ -111,7 +111,7 @@ def main() -> None:
     device = pick(args.device)
     if not args.checkpoint.is_file():
         raise SystemExit(f"{args.checkpoint}: checkpoint not found; train one first (see --help)")
-    model, meta = model_from_checkpoint(args.checkpoint, args.weights)
+    model, meta = model_from_checkpoint(args.checkpoint, args.weights == "ema")
     items = held_out(args.data, args.fold, args.splits.split(","))
     lrs, hrs = [it[2] for it in items], [it[3] for it in items]
     info = machine(device)

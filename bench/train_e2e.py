@@ -100,7 +100,7 @@ def main() -> None:
     args = p.parse_args()
     device = stage_device(args.device)
     with tempfile.TemporaryDirectory(prefix="train_e2e_") as tmp:
-        data = args.data or demo_dataset(Path(tmp), f"patch.size={args.patch}")
+        data = args.data or demo_dataset(Path(tmp), f"patchify.size={args.patch}")
         rows = []
         for workers in args.workers:
             # The step alone is measured right before and right after the stage run, so a shared

@@ -64,13 +64,13 @@ STAGES: dict[str, Stage] = {
         ("demo",), {"--out": ("demo.out", "where to write the dataset")}),
     "add-data": Stage(
         "pipeline.add_data", "extra training pairs from a folder of HR photos (bicubic x1/4, optional degradations)",
-        ("data", "extra"), {**DATA_FLAG, "--from": ("extra.source", "folder of HR photos")}),
+        ("data", "add_data"), {**DATA_FLAG, "--from": ("add_data.source", "folder of HR photos")}),
     "prepare": Stage(
         "pipeline.prepare", "check every pair and write splits.csv (folds by source image)",
         ("data",), DATA_FLAG),
     "patchify": Stage(
         "pipeline.patchify", "cut aligned LR/HR patch pairs and write patches/manifest.csv",
-        ("data", "patch"), DATA_FLAG),
+        ("data", "patchify"), DATA_FLAG),
     "train": Stage(
         "pipeline.train", "train a model on the patches; checkpoints in models/<run>",
         ("data", "model", "train", "loss", "gan", "paths"), DATA_FLAG, _train_names),
@@ -100,8 +100,9 @@ STAGES: dict[str, Stage] = {
         "models/<run>", ("mri", "mri_train", "model", "train", "loss", "gan", "mri_infer", "paths"), VOLUMES_FLAG,
         _volume_model_names),
     "mri-cycle-train": Stage(
-        "pipeline.mri.cycle_train", "volumes: train SRResCycGAN (cycgan.*) on unpaired LR / HR slices; models/<run>",
-        ("mri", "cycgan", "train", "loss", "mri_infer", "paths"), VOLUMES_FLAG, _volume_model_names),
+        "pipeline.mri.cycle_train",
+        "volumes: train SRResCycGAN (mri_cycle_train.*) on unpaired LR / HR slices; models/<run>",
+        ("mri", "mri_cycle_train", "train", "loss", "mri_infer", "paths"), VOLUMES_FLAG, _volume_model_names),
     "mri-infer": Stage(
         "pipeline.mri.infer", "volumes: super-resolve LR volumes (a volume checkpoint, or trilinear/tricubic)",
         ("mri", "mri_infer", "paths"),
@@ -109,9 +110,9 @@ STAGES: dict[str, Stage] = {
          "--output": ("mri_infer.output", "folder for the SR volumes")}, _volume_model_names),
     "mri-evaluate": Stage(
         "pipeline.mri.evaluate", "volumes: masked PSNR / SSIM / NRMSE of SR volumes, baselines as rows",
-        ("mri", "mri_eval"),
-        {**VOLUMES_FLAG, "--sr": ("mri_eval.sr", "folder of SR volumes"),
-         "--csv": ("mri_eval.csv", "table to write")}),
+        ("mri", "mri_evaluate"),
+        {**VOLUMES_FLAG, "--sr": ("mri_evaluate.sr", "folder of SR volumes"),
+         "--csv": ("mri_evaluate.csv", "table to write")}),
     "demo-mri": Stage(
         "pipeline.mri.demo", "volumes: every stage on the bundled MRI scans (L1 + WGAN-GP mri-train), a score "
         "table against trilinear / tricubic, a figure and a report", ("demo_mri", "mri_train", "train", "gan"), {},

@@ -43,12 +43,12 @@ def _model(cfg: Config) -> tuple[nn.Module, Path, str]:
     """The model to export, the path without suffix it goes to, and what it came from."""
     run = RunLayout(Path(cfg.paths.models), cfg.run)
     if cfg.model.weights:
-        model = load_weights_file(cfg.model.weights, cfg.model.name, cfg.export.weights)
+        model = load_weights_file(cfg.model.weights, cfg.model.name, cfg.export.ema)
         return model.eval(), run.dir / Path(cfg.model.weights).stem, cfg.model.weights
     path = run.checkpoint(cfg.export.checkpoint)
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found (train run {cfg.run!r} first, or export --weights FILE)")
-    model, _meta = model_from_checkpoint(path, cfg.export.weights)
+    model, _meta = model_from_checkpoint(path, cfg.export.ema)
     return model, run.dir / cfg.export.checkpoint, str(path)
 
 

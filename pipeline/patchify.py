@@ -1,10 +1,10 @@
 """``patchify``: cut every training pair into aligned LR/HR patches (the patchify package).
 
-Geometry: ``patch.size`` and ``patch.stride`` are HR pixels and must divide by the scale; the
+Geometry: ``patchify.size`` and ``patchify.stride`` are HR pixels and must divide by the scale; the
 LR grid uses size/scale and stride/scale, so LR patch (y, x) covers exactly HR (scale*y, scale*x).
 The default 512/512 on 2048^2 HR gives the reference team's 16 patches per image.
 
-Edges that do not divide (``patch.edge``): ``shift`` adds a last row/column of patches flush with
+Edges that do not divide (``patchify.edge``): ``shift`` adds a last row/column of patches flush with
 the bottom/right edge (overlapping its neighbour), so every pixel is used; ``drop`` leaves the
 remainder out, as patchify itself does.
 
@@ -31,7 +31,7 @@ import yaml
 from patchify import patchify
 from tqdm import tqdm
 
-from pipeline.core.config import Config, PatchConfig, save_config, to_dict
+from pipeline.core.config import Config, PatchifyConfig, save_config, to_dict
 from pipeline.core.errors import DataError, UserError
 from pipeline.core.files import atomic_write, clean_stale
 from pipeline.core.images import encode_png, read_uint8
@@ -97,7 +97,7 @@ def _patch_image(job: tuple) -> list[tuple]:
                         f"{lr.shape[1]}x{lr.shape[0]} (run prepare first)")
     if lr_size > min(lr.shape[:2]):
         raise UserError(f"{lr_path}: LR {lr.shape[1]}x{lr.shape[0]} is smaller than the "
-                        f"patch ({lr_size}); lower patch.size")
+                        f"patch ({lr_size}); lower patchify.size")
     lr_patches = _cut(lr, lr_size, lr_stride, edge)
     hr_patches = _cut(hr, lr_size * scale, lr_stride * scale, edge)
     rows = []
@@ -129,20 +129,20 @@ def _finished(patches: PatchLayout, img_id: str, lr: Path, hr: Path) -> list[lis
 
 def _fingerprint(cfg: Config, splits_path: Path) -> dict:
     """What all patches depend on: geometry and the exact splits file."""
-    return {"patch": {k: v for k, v in to_dict(cfg.patch).items() if k != "workers"},
+    return {"patchify": {k: v for k, v in to_dict(cfg.patchify).items() if k != "workers"},
             "scale": cfg.data.scale,
             "splits_sha256": hashlib.sha256(splits_path.read_bytes()).hexdigest()}
 
 
-def check_geometry(patch: PatchConfig, scale: int) -> tuple[int, int]:
+def check_geometry(opts: PatchifyConfig, scale: int) -> tuple[int, int]:
     """(LR size, LR stride) from the HR settings, or a UserError naming the bad setting."""
-    stride = patch.stride or patch.size
-    for key, value in (("patch.size", patch.size), ("patch.stride", stride)):
+    stride = opts.stride or opts.size
+    for key, value in (("patchify.size", opts.size), ("patchify.stride", stride)):
         if value <= 0 or value % scale:
             raise UserError(f"{key}={value} must be a positive multiple of the scale ({scale}) at HR scale")
-    if stride > patch.size:
-        raise UserError(f"patch.stride={stride} is larger than patch.size={patch.size}: pixels would be skipped")
-    return patch.size // scale, stride // scale
+    if stride > opts.size:
+        raise UserError(f"patchify.stride={stride} is larger than patchify.size={opts.size}: pixels would be skipped")
+    return opts.size // scale, stride // scale
 
 
 def _open_folder(patches: PatchLayout, fingerprint: dict) -> None:
@@ -168,7 +168,7 @@ def _open_folder(patches: PatchLayout, fingerprint: dict) -> None:
 
 def main(cfg: Config) -> None:
     data = DataLayout(Path(cfg.data.dir))
-    lr_size, lr_stride = check_geometry(cfg.patch, cfg.data.scale)
+    lr_size, lr_stride = check_geometry(cfg.patchify, cfg.data.scale)
     splits = data.splits()
     patches = data.patches
     _open_folder(patches, _fingerprint(cfg, data.splits_csv))
@@ -185,11 +185,11 @@ def main(cfg: Config) -> None:
             rows[r.img_id] = done
         else:
             todo.append((str(data.root), str(patches.dir), r.img_id, int(r.fold), r.lr_path, r.hr_path, lr_size,
-                         lr_stride, cfg.data.scale, cfg.patch.edge))
+                         lr_stride, cfg.data.scale, cfg.patchify.edge))
     skipped = len(splits) - len(todo)
     if todo:
-        if cfg.patch.workers > 1 and len(todo) > 1:
-            with ProcessPoolExecutor(cfg.patch.workers) as pool:
+        if cfg.patchify.workers > 1 and len(todo) > 1:
+            with ProcessPoolExecutor(cfg.patchify.workers) as pool:
                 results = list(tqdm(pool.map(_patch_image, todo), total=len(todo), desc="patchify", unit="img"))
         else:
             results = [_patch_image(job) for job in tqdm(todo, desc="patchify", unit="img")]
@@ -198,7 +198,7 @@ def main(cfg: Config) -> None:
     manifest = pd.DataFrame([row for i in splits["img_id"] for row in rows[i]], columns=list(MANIFEST_COLUMNS))
     with atomic_write(patches.manifest) as tmp:
         manifest.to_csv(tmp, index=False)
-    save_config(cfg, patches.config, sections=("data", "patch"))
+    save_config(cfg, patches.config, sections=("data", "patchify"))
     per_fold = manifest.groupby("fold").size().to_dict()
     print(f"{len(manifest)} patch pairs (LR {lr_size} / HR {lr_size * cfg.data.scale}, stride "
           f"{lr_stride * cfg.data.scale} HR) from {len(splits)} images ({skipped} already done); "

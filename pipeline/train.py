@@ -27,7 +27,7 @@ from pipeline.core.errors import UserError
 from pipeline.core.layout import DataLayout
 from pipeline.models.checkpoint import load_weights_file, save_model_card
 from pipeline.models.discriminators import build_discriminator, check_discriminator, discriminator_kwargs
-from pipeline.models.table import build_model, card_of, count_parameters
+from pipeline.models.table import build_model, card_of, check_scale, count_parameters
 from pipeline.training.loader import EpochBatches, run_loader
 from pipeline.training.patch_data import PairAugment, PatchDataset, read_pair
 from pipeline.training.run import run
@@ -63,6 +63,7 @@ def image_task(cfg: Config, d: Dist) -> TrainTask:
     """The 2-D image task: the model table's ``model.name``, the patches of ``data.dir``, contest PSNR
     (and LPIPS with evaluate.lpips_weights) on the held-out fold's whole images against bicubic."""
     t = cfg.train
+    check_scale(cfg.data.scale)
     model = build_trainable(cfg).to(d.device)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)

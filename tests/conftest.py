@@ -29,11 +29,11 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def patched_demo(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of the demo dataset after `prepare` and `patchify patch.size=128` (LR 32 / HR 128)."""
+    """A copy of the demo dataset after `prepare` and `patchify patchify.size=128` (LR 32 / HR 128)."""
     root = tmp_path_factory.mktemp("patched") / "demo"
     shutil.copytree(demo_root, root)
     assert cli(["prepare", "--data", str(root)]) == 0
-    assert cli(["patchify", "--data", str(root), "patch.size=128", "patch.workers=1"]) == 0
+    assert cli(["patchify", "--data", str(root), "patchify.size=128", "patchify.workers=1"]) == 0
     return root
 
 

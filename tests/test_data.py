@@ -86,9 +86,9 @@ def test_patches_are_aligned(patched_demo: Path):
 def test_patchify_is_idempotent_and_rebuilds_on_change(patched_demo: Path, tmp_path: Path, capsys):
     root = tmp_path / "d"
     shutil.copytree(patched_demo, root)
-    assert cli(["patchify", "--data", str(root), "patch.size=128", "patch.workers=1"]) == 0
+    assert cli(["patchify", "--data", str(root), "patchify.size=128", "patchify.workers=1"]) == 0
     assert "10 already done" in capsys.readouterr().out
-    assert cli(["patchify", "--data", str(root), "patch.size=96", "patch.stride=64", "patch.workers=1"]) == 0
+    assert cli(["patchify", "--data", str(root), "patchify.size=96", "patchify.stride=64", "patchify.workers=1"]) == 0
     manifest = pd.read_csv(root / "patches" / "manifest.csv")
     assert len(manifest) == 10 * 8 * 8  # LR 24 / stride 16 on 128: 0..96 plus a flush 104
     assert sorted(manifest["y"].unique()) == [0, 16, 32, 48, 64, 80, 96, 104]
@@ -184,8 +184,8 @@ def test_patchify_refuses_bad_geometry(tmp_path: Path, capsys):
     assert cli(["patchify", "--data", str(root)]) == 2
     assert "splits.csv: not found; run `python -m pipeline prepare" in capsys.readouterr().err
     assert cli(["prepare", "--data", str(root), "data.workers=1"]) == 0
-    assert cli(["patchify", "--data", str(root), "patch.size=30"]) == 2
-    assert "patch.size=30 must be a positive multiple of the scale (4)" in capsys.readouterr().err
-    assert cli(["patchify", "--data", str(root), "patch.size=64", "patch.workers=1"]) == 2
+    assert cli(["patchify", "--data", str(root), "patchify.size=30"]) == 2
+    assert "patchify.size=30 must be a positive multiple of the scale (4)" in capsys.readouterr().err
+    assert cli(["patchify", "--data", str(root), "patchify.size=64", "patchify.workers=1"]) == 2
     assert "smaller than the patch" in capsys.readouterr().err
     assert not (root / "patches" / "manifest.csv").exists()

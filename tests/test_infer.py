@@ -109,7 +109,7 @@ def test_checkpoint_on_test_set_then_submit(env: tuple) -> None:
     data, models, submit, sizes = env
     assert _infer(data, models, submit, *TILES, "infer.tta=2") == 0
     pred = submit / "r" / "pred"
-    ema, _ = model_from_checkpoint(models / "r" / "best.pth", "ema")
+    ema, _ = model_from_checkpoint(models / "r" / "best.pth", ema=True)
     settings = Settings(tta=2, tile=8, stride=4, margin=1, precision="fp32")
     ids = list(sizes)
     expected, _ = predict_images([ema], [read_float(data / "test" / "lr" / f"{i}.png") for i in ids], settings,
@@ -120,7 +120,7 @@ def test_checkpoint_on_test_set_then_submit(env: tuple) -> None:
         _assert_same_png(got, sr)
     timing = json.loads((pred / "timing.json").read_text())
     assert timing["images"] == 3 and timing["tile_forwards"] > 3 * 2  # several tiles x 2 ways each
-    assert _infer(data, models, submit, *TILES, "infer.tta=2", "infer.weights=params",
+    assert _infer(data, models, submit, *TILES, "infer.tta=2", "infer.ema=false",
                   "--output", str(submit / "raw")) == 0
     assert not np.array_equal(read_uint8(submit / "raw" / "20000.png"), read_uint8(pred / "20000.png"))
     assert cli(["submit", "--data", str(data), "run=r", f"paths.submit={submit}"]) == 0
@@ -150,7 +150,7 @@ def test_last_k_checkpoints_and_extra_runs_are_averaged(env: tuple) -> None:
     settings = Settings(tta=1, tile=8, stride=4, margin=1, precision="fp32")
 
     def load(path: Path) -> nn.Module:
-        return model_from_checkpoint(path, "ema")[0]
+        return model_from_checkpoint(path, ema=True)[0]
 
     cases = {
         "last": (["infer.last_k=2"], [models / "r" / "history" / f"step_{s:08d}.pth" for s in (20, 30)]),

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.cli import main as cli
-from pipeline.core.config import CycleGanConfig, MriConfig
-from pipeline.mri.cycle import CycleWeights, discriminator_loss, generator_loss
+from pipeline.core.config import MriConfig, MriCycleTrainConfig
+from pipeline.mri.cycle import CycleMix, discriminator_loss, generator_loss
 from pipeline.mri.data import PatchDataset, VolumePair, load_pairs, score_volumes, validation_items
 from pipeline.mri.figures import orthogonal_slices
 from pipeline.mri.lrset import read_record
@@ -96,7 +96,7 @@ def test_pairs_and_validation_of_a_prepared_folder(tmp_path: Path) -> None:
     scores = score_volumes(model, spec_of("mdcsrn-tiny"), items, mri, VolumeSettings(tile=0), torch.device("cpu"))
     assert cli(["mri-infer", f"mri.dir={root}", "mri.folds=3", "mri_infer.model=trilinear"]) == 0
     assert cli(["mri-evaluate", f"mri.dir={root}", "mri.folds=3", "--sr", str(root / "sr" / "trilinear"),
-                "mri_eval.baselines=[]"]) == 0
+                "mri_evaluate.baselines=[]"]) == 0
     written = pd.read_csv(root / "scores" / "trilinear.csv")
     np.testing.assert_allclose(scores["psnr"].iloc[0], written["psnr"].iloc[0], atol=0.05)  # LR == SR, rounding
 
@@ -130,7 +130,7 @@ def test_slice_crops_and_unpaired_sides() -> None:
 
 
 @pytest.fixture
-def cycgan() -> torch.nn.Module:
+def mri_cycle_train() -> torch.nn.Module:
     torch.manual_seed(0)
     return build_volume_model("srrescycgan-tiny")
 
@@ -140,46 +140,46 @@ def _toy(batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.rand(batch, 1, 8, 8, generator=g), torch.rand(batch, 1, 32, 32, generator=g)
 
 
-def test_generator_loss_is_the_write_ups_weighted_sum(cycgan: torch.nn.Module) -> None:
+def test_generator_loss_is_the_write_ups_weighted_sum(mri_cycle_train: torch.nn.Module) -> None:
     # the write-up's schedule (CycleObjective.learning_rate; applied in test_mri_train's SRResCycGAN run)
-    assert CycleGanConfig().learning_rate == 1e-4 and CycleGanConfig().halve_every == 10000
+    assert MriCycleTrainConfig().learning_rate == 1e-4 and MriCycleTrainConfig().halve_every == 10000
     lr, hr = _toy()
-    assert CycleWeights() == CycleWeights(1.0, 1.0, 1.0, 5.0, 10.0)  # perceptual, adversarial, tv, l1, cycle
+    assert CycleMix() == CycleMix(1.0, 1.0, 1.0, 5.0, 10.0)  # perceptual, adversarial, tv, l1, cycle
 
     def toy_perceptual(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return (F.avg_pool2d(pred, 2) - F.avg_pool2d(target, 2)).square().mean()
 
-    terms = generator_loss(cycgan, lr, hr, CycleWeights(), "vanilla", toy_perceptual)
+    terms = generator_loss(mri_cycle_train, lr, hr, CycleMix(), "vanilla", toy_perceptual)
     with torch.no_grad():  # every term by hand from the four networks
-        sr, fake = cycgan.g_hr(lr), cycgan.g_lr(hr)
-        cycle = (cycgan.g_lr(sr) - lr).abs().mean() + (cycgan.g_hr(fake) - hr).abs().mean()
+        sr, fake = mri_cycle_train.g_hr(lr), mri_cycle_train.g_lr(hr)
+        cycle = (mri_cycle_train.g_lr(sr) - lr).abs().mean() + (mri_cycle_train.g_hr(fake) - hr).abs().mean()
         l1 = (F.avg_pool2d(sr, 4) - lr).abs().mean() + (fake - F.avg_pool2d(hr, 4)).abs().mean()
-        perceptual = toy_perceptual(cycgan.g_hr(fake), hr)
-        adversarial = (F.binary_cross_entropy_with_logits(cycgan.d_hr(sr), torch.ones(2, 1))
-                       + F.binary_cross_entropy_with_logits(cycgan.d_lr(fake), torch.ones(2, 1)))
+        perceptual = toy_perceptual(mri_cycle_train.g_hr(fake), hr)
+        adversarial = (F.binary_cross_entropy_with_logits(mri_cycle_train.d_hr(sr), torch.ones(2, 1))
+                       + F.binary_cross_entropy_with_logits(mri_cycle_train.d_lr(fake), torch.ones(2, 1)))
         total = perceptual + adversarial + total_variation(sr) + 5 * l1 + 10 * cycle
     for key, want in (("cycle", cycle), ("l1", l1), ("perceptual", perceptual), ("adversarial", adversarial),
                       ("tv", total_variation(sr))):
         torch.testing.assert_close(terms[f"loss/{key}"].detach(), want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(terms["loss/total"].detach(), total, rtol=1e-5, atol=1e-6)
-    paired = generator_loss(cycgan, lr, hr, CycleWeights(perceptual=0, adversarial=0, tv=0, cycle=0), paired=True)
+    paired = generator_loss(mri_cycle_train, lr, hr, CycleMix(perceptual=0, adversarial=0, tv=0, cycle=0), paired=True)
     assert set(paired) == {"loss/total", "loss/l1", "sr", "fake_lr"}
     torch.testing.assert_close(paired["loss/total"].detach(), 5 * (sr - hr).abs().mean(), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="perceptual"):
-        generator_loss(cycgan, lr, hr)  # a positive perceptual weight needs the function
+        generator_loss(mri_cycle_train, lr, hr)  # a positive perceptual weight needs the function
 
 
-def test_generator_and_discriminator_steps_train_their_own_networks(cycgan: torch.nn.Module) -> None:
+def test_generator_and_discriminator_steps_train_their_own_networks(mri_cycle_train: torch.nn.Module) -> None:
     lr, hr = _toy()
-    weights = CycleWeights(perceptual=0)
-    terms = generator_loss(cycgan, lr, hr, weights, "relativistic")
+    weights = CycleMix(perceptual=0)
+    terms = generator_loss(mri_cycle_train, lr, hr, weights, "relativistic")
     terms["loss/total"].backward()
-    assert all(p.grad is not None for p in cycgan.generators())
-    cycgan.zero_grad(set_to_none=True)
-    d = discriminator_loss(cycgan, lr, hr, terms["sr"], terms["fake_lr"], "wgan-gp")
+    assert all(p.grad is not None for p in mri_cycle_train.generators())
+    mri_cycle_train.zero_grad(set_to_none=True)
+    d = discriminator_loss(mri_cycle_train, lr, hr, terms["sr"], terms["fake_lr"], "wgan-gp")
     d["loss/d_total"].backward()
-    assert all(p.grad is None for p in cycgan.generators())  # fakes are detached for the critics
-    assert all(p.grad is not None for p in cycgan.discriminators())
+    assert all(p.grad is None for p in mri_cycle_train.generators())  # fakes are detached for the critics
+    assert all(p.grad is not None for p in mri_cycle_train.discriminators())
     torch.testing.assert_close(d["loss/d_total"], d["loss/d_hr"] + d["loss/d_lr"])
 
 

@@ -62,12 +62,12 @@ def test_volume_checkpoint_round_trip_and_refusals(tmp_path: Path) -> None:
     model = build_volume_model("mdcsrn-tiny", growth=3)
     ema = {k: v + 0.01 if v.is_floating_point() else v for k, v in model.state_dict().items()}
     path = save_checkpoint(tmp_path / "best.pth", checkpoint_state("mdcsrn-tiny", model, {"growth": 3}, ema, step=7))
-    loaded, name, meta = volume_model_from_checkpoint(path, "params")
+    loaded, name, meta = volume_model_from_checkpoint(path, ema=False)
     x = torch.rand(1, 1, 6, 7, 8)
     assert name == "mdcsrn-tiny" and meta["step"] == 7 and meta["kwargs"]["growth"] == 3
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model.eval()(x))
-        ema_model = volume_model_from_checkpoint(path, "ema")[0]
+        ema_model = volume_model_from_checkpoint(path, ema=True)[0]
         assert not torch.allclose(ema_model(x), loaded(x))  # EMA weights preferred when asked
     state = torch.load(path, weights_only=True)
     for change, message in (({"kwargs": {"growth": 3, "depth": 9}}, "no argument"),
@@ -182,7 +182,7 @@ def test_mri_prepare_thick_slices_and_the_trilinear_baseline(tmp_path: Path) -> 
     assert sr.dtype == np.uint16 and sr.shape == (24, 20, 16)
     # The recorded degradation wins over the stage's own config: thick is read back from lr/.
     assert cli(["mri-evaluate", f"mri.dir={root}", "mri.folds=3", "--sr", str(root / "sr" / "trilinear"),
-                "mri_eval.baselines=[nearest]"]) == 0
+                "mri_evaluate.baselines=[nearest]"]) == 0
     table = pd.read_csv(root / "scores" / "trilinear.csv")
     means = table[table["item"] == "mean"].set_index("method")["psnr"]
     assert means["trilinear"] > means["nearest"]

@@ -158,16 +158,17 @@ def test_wgan_gp_sigkill_then_resume_equals_uninterrupted(volumes: tuple[Path, l
 
 def cycle_args(volumes: tuple[Path, list[str]], models: Path, run: str, *extra: str) -> list[str]:
     """SRResCycGAN-tiny on the demo's 32 / 8 px slices, batch 2, no perceptual term (no VGG19 file in tests)."""
-    return ["mri-cycle-train", *volumes[1], f"run={run}", f"paths.models={models}", "cycgan.model=srrescycgan-tiny",
-            "cycgan.hr_size=32", "cycgan.perceptual=0", "train.batch_size=2", "train.workers=0",
+    return ["mri-cycle-train", *volumes[1], f"run={run}", f"paths.models={models}",
+            "mri_cycle_train.model=srrescycgan-tiny", "mri_cycle_train.hr_size=32", "mri_cycle_train.perceptual=0",
+            "train.batch_size=2", "train.workers=0",
             "train.val_every=1000", "train.log_every=5", "train.save_every=5", "train.val_share=0",
             "train.precision=fp32", *extra]
 
 
 def test_srrescycgan_sigkill_then_resume_equals_uninterrupted_and_mri_infer_reads_it(
         volumes: tuple[Path, list[str]], tmp_path: Path) -> None:
-    extra = ("train.max_steps=24", "train.deterministic=true", "train.ema_decay=0.9", "cycgan.halve_every=10",
-             "cycgan.adversarial_loss=wgan-gp")
+    extra = ("train.max_steps=24", "train.deterministic=true", "train.ema_decay=0.9", "mri_cycle_train.halve_every=10",
+             "mri_cycle_train.adversarial_loss=wgan-gp")
     resumed, reference = sigkill_and_resume(lambda run: cycle_args(volumes, tmp_path, run, *extra), tmp_path, 24)
     assert reference["objective"] == "cycle" and reference["arch"] == "srrescycgan-tiny"
     # the whole SRResCycGAN is saved (both generators, both discriminators), and each of them trained
@@ -175,7 +176,7 @@ def test_srrescycgan_sigkill_then_resume_equals_uninterrupted_and_mri_infer_read
     for part in ("g_hr.", "g_lr.", "d_hr.", "d_lr."):
         assert any(k.startswith(part) and not torch.equal(v, start[k]) for k, v in reference["params"].items()), part
     train = [e for e in log_entries(tmp_path / "reference") if e["kind"] == "train"]
-    # Adam at 1e-4 halved every cycgan.halve_every (10) steps; a log at step s shows the rate of update s - 1
+    # Adam at 1e-4 halved every mri_cycle_train.halve_every (10) steps; a log at step s shows the rate of update s - 1
     assert [(e["step"], e["learning_rate"]) for e in train] == [(5, 1e-4), (10, 1e-4), (15, 5e-5), (20, 5e-5)]
     assert all(e["loss/d_hr"] + e["loss/d_lr"] == pytest.approx(e["loss/d_total"]) for e in train)
     assert all(e["loss/cycle"] > 0 and e["loss/tv"] > 0 for e in train)

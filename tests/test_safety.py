@@ -118,7 +118,7 @@ def test_edited_splits_and_manifest_are_checked_too(tmp_path: Path, capsys: pyte
     splits = pd.read_csv(root / "splits.csv", dtype=str)
     splits.loc[0, "img_id"] = "../x"
     splits.to_csv(root / "splits.csv", index=False)
-    assert cli(["patchify", "--data", str(root), "patch.size=16", "patch.workers=1"]) == 2
+    assert cli(["patchify", "--data", str(root), "patchify.size=16", "patchify.workers=1"]) == 2
     assert "splits.csv: img_id '../x' is not a safe name" in _one_line(capsys)
     assert not (tmp_path / "x_0000_0000.png").exists() and not (root / "patches" / "manifest.csv").exists()
 
@@ -198,7 +198,7 @@ def test_infer_refuses_an_output_folder_it_did_not_write(tmp_path: Path, capsys:
 def trainable(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = _dataset(tmp_path_factory.mktemp("trainable") / "data", n=6, lr=16)
     assert cli(["prepare", "--data", str(root), "data.workers=1", "data.folds=3"]) == 0
-    assert cli(["patchify", "--data", str(root), "patch.size=32", "patch.workers=1"]) == 0
+    assert cli(["patchify", "--data", str(root), "patchify.size=32", "patchify.workers=1"]) == 0
     return root
 
 
@@ -354,7 +354,7 @@ def test_patchify_recuts_a_corrected_image(trainable: Path, tmp_path: Path, caps
     import shutil
 
     shutil.copytree(trainable, root)
-    args = ["patchify", "--data", str(root), "patch.size=32", "patch.workers=1"]
+    args = ["patchify", "--data", str(root), "patchify.size=32", "patchify.workers=1"]
     assert cli(args) == 0
     assert "6 already done" in capsys.readouterr().out
     fixed = np.full((64, 64, 3), 200, np.uint8)  # the same size, other pixels
@@ -373,7 +373,7 @@ def test_patchify_refuses_a_patches_folder_it_did_not_make(trainable: Path, tmp_
     shutil.copytree(trainable, root, ignore=shutil.ignore_patterns("patches"))
     (root / "patches").mkdir()
     (root / "patches" / "my_own_crops.txt").write_text("keep me")
-    assert cli(["patchify", "--data", str(root), "patch.size=32", "patch.workers=1"]) == 2
+    assert cli(["patchify", "--data", str(root), "patchify.size=32", "patchify.workers=1"]) == 2
     assert "patches: exists but was not made by patchify" in _one_line(capsys)
     assert (root / "patches" / "my_own_crops.txt").read_text() == "keep me"
 

@@ -37,6 +37,7 @@ def opt(default: Any, help: str, *, ge: float | None = None, gt: float | None = 
 
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+CompileMode = Literal["auto", "off", "default", "reduce-overhead"]  # torch.compile modes, or auto / off
 MAX_PAD = 512  # infer.pad: LR pixels of reflection per side; more only costs memory
 
 
@@ -51,7 +52,8 @@ class DataConfig:
     dir: str = opt("data/demo", "dataset root in the contest layout (--data)")
     folds: int = opt(5, "number of folds; images are assigned by source image", ge=2)
     val_fold: int = opt(0, "fold held out for validation, ablation and the leaderboard", ge=0)
-    scale: int = opt(4, "upscaling factor: HR side = scale x LR side", ge=1)
+    scale: int = opt(4, "upscaling factor: HR side = scale x LR side; prepare / patchify / submit / evaluate take "
+                        "any, while train and infer check it against the models (all x4)", ge=1)
     workers: int = opt(2, "processes that decode images while checking the dataset", ge=0)
     max_pixels: int = opt(
         8192 * 8192, "largest image (width x height) any stage decodes; larger files are refused before "
@@ -59,7 +61,7 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class PatchConfig:
+class PatchifyConfig:
     size: int = opt(512, "HR patch side in pixels (must divide by data.scale); the LR patch is size/scale", ge=1)
     stride: int = opt(0, "HR stride between patches (must divide by data.scale); 0 = size (no overlap)", ge=0)
     edge: Literal["shift", "drop"] = opt(
@@ -100,9 +102,9 @@ class TrainConfig:
         "auto", "autocast dtype; auto = on CUDA bf16 when a step holds >= 131072 LR pixels per GPU "
         "(batch x LR sample side^2, e.g. 16 x 128^2), else fp32 with TF32 (small steps are launch-bound); on a CPU "
         "bf16 only with native bf16 (AMX / AVX-512 BF16), else fp32; fp32 when train.deterministic")
-    compile: Literal["auto", "off", "default", "reduce-overhead"] = opt(
+    compile: CompileMode = opt(
         "auto", "torch.compile the training step for its fixed patch shape; reduce-overhead adds CUDA graphs; "
-        "auto = reduce-overhead on CUDA when, at the first log point, >= 10 min of training are left (by "
+        "auto = reduce-overhead on CUDA when, at the first log point, >= ~7.2 min of training are left (by "
         "max_minutes, or max_steps at the pace so far; no limit counts as long), else off (~2-3 min warm-up); "
         "PSNR runs only: GAN fine-tunes (gan.discriminator) run eager")
     channels_last: bool = opt(True, "NHWC memory format for convolutions")
@@ -152,13 +154,13 @@ class InferConfig:
         "mean", "how the ensemble's ways, then the models of infer.runs/last_k, are merged per pixel: 'mean' or "
         "'median' (the reference contest's winner took the median of 8 ways); median holds every way's output "
         "of a tile batch at once: ways x the batch's SR output in memory")
-    compile: Literal["off", "default", "reduce-overhead", "auto"] = opt(
+    compile: CompileMode = opt(
         "auto", "torch.compile the model for the fixed tile batch (time reported as compile_seconds); "
         "'reduce-overhead' adds CUDA graphs; auto = 'default' only on CUDA when images x tiles x ways x tile "
         "area >= ~1.1e9 LR pixels (~170 images of 512^2 at 49 tiles x 8 ways): compiling RRDB took 46-62 s on "
         "an H100 and saved ~0.7 s/image; never on the CPU (minutes of compiling, no gain measured)")
     checkpoint: Literal["best", "last"] = opt("best", "which checkpoint of the run")
-    weights: Literal["ema", "params"] = opt("ema", "prefer EMA weights (falls back to params)")
+    ema: bool = opt(True, "a checkpoint's EMA weights (params_ema) when it has them; false = its raw weights (params)")
     runs: tuple[str, ...] = opt((), "extra runs averaged at the output (multi-model ensemble)")
     last_k: int = opt(0, "average the outputs of the run's last k kept checkpoints; 0 = off", ge=0)
     input: str = opt("", "folder of LR images (--input); default: the dataset's test set")
@@ -197,7 +199,7 @@ class AblateConfig:
 
 
 @dataclass(frozen=True)
-class ExtraConfig:
+class AddDataConfig:
     source: str = opt("", "folder of HR photos to add as training pairs (--from)")
     name: str = opt("", "name of this set (default: the --from folder's name); ids become <name>_<file stem>")
     blur: float = opt(0.0, "sigma (HR pixels) of an isotropic Gaussian blur before the x1/scale bicubic; 0 = none",
@@ -270,7 +272,7 @@ class MriInferConfig:
         "baselines; a volume model name (pipeline/mri/models.py) = that model with mri_infer.pretrained weights")
     checkpoint: str = opt("best", "best or last of models/<run>, or the path of a volume checkpoint file")
     pretrained: str = opt("", "bare weights (params_ema / params / state dict) for mri_infer.model")
-    weights: Literal["ema", "params"] = opt("ema", "prefer EMA weights (falls back to params)")
+    ema: bool = opt(True, "a checkpoint's EMA weights (params_ema) when it has them; false = its raw weights (params)")
     tile: int = opt(64, "tile side in voxels, per axis (an axis shorter than it is taken whole); 0 = whole volume",
                     ge=0)
     stride: int = opt(48, "voxels between tiles", ge=1)
@@ -290,7 +292,7 @@ class MriInferConfig:
 
 
 @dataclass(frozen=True)
-class MriEvalConfig:
+class MriEvaluateConfig:
     """mri-evaluate: masked PSNR / SSIM / NRMSE per volume (pipeline/mri/metrics.py)."""
 
     sr: str = opt("", "folder of SR volumes (--sr); default: <mri.dir>/sr/<run>")
@@ -301,7 +303,7 @@ class MriEvalConfig:
 
 
 @dataclass(frozen=True)
-class CycleGanConfig:
+class MriCycleTrainConfig:
     """SRResCycGAN on slices (pipeline/mri/cycle.py): the write-up's loss weights and schedule."""
 
     perceptual: float = opt(1.0, "weight of the VGG19 feature loss (needs loss.vgg_weights)", ge=0)
@@ -367,7 +369,7 @@ class ExportConfig:
         "(weights only, arch and kwargs in the metadata)")
     opset: int = opt(17, "ONNX opset version (ONNX export needs 9 or later)", ge=9)
     checkpoint: Literal["best", "last"] = opt("best", "which checkpoint of the run; the output is models/<run>/<it>.*")
-    weights: Literal["ema", "params"] = opt("ema", "prefer EMA weights (falls back to params)")
+    ema: bool = opt(True, "a checkpoint's EMA weights (params_ema) when it has them; false = its raw weights (params)")
     image: str = opt("", "LR image the ONNX check runs on; default: a 40x52 crop of a photo scikit-image ships")
 
 
@@ -377,21 +379,21 @@ class Config:
     seed: int = opt(0, "global seed (splits, data order, initialisation)")
     paths: PathsConfig = field(default_factory=PathsConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    patch: PatchConfig = field(default_factory=PatchConfig)
+    patchify: PatchifyConfig = field(default_factory=PatchifyConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     infer: InferConfig = field(default_factory=InferConfig)
     submit: SubmitConfig = field(default_factory=SubmitConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     ablate: AblateConfig = field(default_factory=AblateConfig)
-    extra: ExtraConfig = field(default_factory=ExtraConfig)
+    add_data: AddDataConfig = field(default_factory=AddDataConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     mri: MriConfig = field(default_factory=MriConfig)
     mri_infer: MriInferConfig = field(default_factory=MriInferConfig)
     demo_mri: DemoMriConfig = field(default_factory=DemoMriConfig)
     mri_train: MriTrainConfig = field(default_factory=MriTrainConfig)
-    mri_eval: MriEvalConfig = field(default_factory=MriEvalConfig)
-    cycgan: CycleGanConfig = field(default_factory=CycleGanConfig)
+    mri_evaluate: MriEvaluateConfig = field(default_factory=MriEvaluateConfig)
+    mri_cycle_train: MriCycleTrainConfig = field(default_factory=MriCycleTrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     gan: GanConfig = field(default_factory=GanConfig)
     export: ExportConfig = field(default_factory=ExportConfig)

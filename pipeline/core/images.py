@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from pipeline.core.config import DataConfig
 from pipeline.core.errors import UserError
 from pipeline.core.files import atomic_write
 
@@ -41,8 +42,7 @@ class ImageError(UserError):
     """An image that is missing, unreadable or of the wrong shape; the message names the file."""
 
 
-DEFAULT_MAX_PIXELS = 8192 * 8192  # 16x the contest's 2048^2 HR images
-_limits = {"max_pixels": DEFAULT_MAX_PIXELS}
+_limits = {"max_pixels": DataConfig().max_pixels}  # until the CLI sets data.max_pixels
 
 
 def set_max_pixels(limit: int) -> None:

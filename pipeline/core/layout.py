@@ -182,7 +182,7 @@ class DataLayout:
 
     def extra_dir(self, name: str) -> Path:
         """``extra/<name>``: one set of extra pairs made by add-data (``lr/``, ``hr/``, ``add-data.yaml``)."""
-        return self.root / "extra" / check_id(name, "extra.name", "name")
+        return self.root / "extra" / check_id(name, "add_data.name", "name")
 
     def extra_table(self) -> pd.DataFrame:
         """img_id, source, lr_path, hr_path of the extra training pairs (empty without extra.csv)."""

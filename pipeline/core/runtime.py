@@ -7,6 +7,7 @@ import functools
 import os
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -103,21 +104,52 @@ def optimizer_flags(device: torch.device) -> dict[str, bool]:
     return {"fused": True, "foreach": False} if device.type == "cuda" else {"fused": False, "foreach": True}
 
 
-# A compiled training step pays back its warm-up only on a long enough run. Measured on an H100
-# (RRDB, batch 16, LR 64, fused Adam): eager 127 samples/s; mode=reduce-overhead (CUDA graphs) 324
-# after a 132 s warm-up (break-even after ~3.6 min); mode=default 149 after 136 s (~15 min).
-# `auto` compiles with CUDA graphs when at least this much training time is left, ~4x the warm-up.
-AUTO_COMPILE_MIN_SECONDS = 600.0
+# -- torch.compile: the one rule of `auto` (train.compile, infer.compile) -------------------------------
+# Compiling pays when the time it saves is at least COMPILE_MARGIN times its one-off cost (the
+# compile and warm-up): the gains below were measured on one model (RRDB), and others may gain less.
+# Never on the CPU: minutes of compiling on 2 cores, and no gain was measured there (BENCHMARKS.md).
+COMPILE_MARGIN = 2.0
+
+
+@dataclass(frozen=True)
+class CompileGain:
+    """A measured torch.compile: its one-off cost, the share of eager time it saves, the mode."""
+
+    cost_seconds: float
+    saved_share: float
+    mode: str
+
+    @property
+    def min_eager_seconds(self) -> float:
+        """Eager seconds of work ahead from which compiling pays (the rule of ``auto_compile``)."""
+        return COMPILE_MARGIN * self.cost_seconds / self.saved_share
+
+
+# Training step, H100 (RRDB, batch 16, LR 64, fused Adam): eager 127 samples/s; mode=reduce-overhead
+# (CUDA graphs) 324 after a 132 s warm-up (break-even after ~3.6 min), so `auto` compiles when
+# ~7 min of training are left; mode=default gained far less (149 after 136 s).
+TRAIN_COMPILE = CompileGain(132.0, 1 - 127 / 324, "reduce-overhead")
+AUTO_COMPILE_MIN_SECONDS = TRAIN_COMPILE.min_eager_seconds
+# Inference, H100 (RRDB, 512 LR, 49 tiles of 128^2 x 8 ways, 4 tiles per forward, bf16;
+# shared/measurements/h100-2026-11-23/rrdb_infer_levers.txt): compiling and warming up took
+# 46-62 s, then an image took 1.35 s instead of 2.05 s.
+INFER_COMPILE = CompileGain(60.0, 0.7 / 2.05, "default")
+INFER_EAGER_SECONDS_PER_PIXEL = 2.05 / (49 * 8 * 128 * 128)  # LR pixels through the model (tiles x ways)
+
+
+def auto_compile(setting: str, device: torch.device, eager_seconds: float, gain: CompileGain) -> str:
+    """The torch.compile mode for a compile setting ('off' = eager). Explicit modes are honoured;
+    ``auto`` compiles in ``gain.mode`` on CUDA when ``eager_seconds`` of work lie ahead, at least
+    ``gain.min_eager_seconds`` (the saving is COMPILE_MARGIN x the cost)."""
+    if setting != "auto":
+        return setting
+    pays = device.type == "cuda" and eager_seconds >= gain.min_eager_seconds
+    return gain.mode if pays else "off"
 
 
 def compile_mode(setting: str, device: torch.device, seconds_left: float) -> str:
-    """The torch.compile mode for ``train.compile`` ('off' = eager). ``seconds_left``: the training
-    time still ahead (inf for a run without limits); only ``auto`` looks at it and at the device."""
-    if setting != "auto":
-        return setting
-    if device.type == "cuda" and seconds_left >= AUTO_COMPILE_MIN_SECONDS:
-        return "reduce-overhead"
-    return "off"
+    """``train.compile``: ``auto_compile`` for ``seconds_left`` of training ahead (inf: no limits)."""
+    return auto_compile(setting, device, seconds_left, TRAIN_COMPILE)
 
 
 def precision_name(dtype: torch.dtype | None) -> str:

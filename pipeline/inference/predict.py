@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import typing
 from collections.abc import Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,42 +28,45 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.core.config import Config, InferConfig
+from pipeline.core.config import CompileMode, Config, InferConfig
 from pipeline.core.errors import UserError
 from pipeline.core.layout import RunLayout
-from pipeline.core.runtime import autocast, autocast_dtype, peak_memory, pick_device, precision_name
+from pipeline.core.runtime import (
+    INFER_COMPILE,
+    INFER_EAGER_SECONDS_PER_PIXEL,
+    auto_compile,
+    autocast,
+    autocast_dtype,
+    peak_memory,
+    pick_device,
+    precision_name,
+)
 from pipeline.inference.ensemble import MERGES, average_models
 from pipeline.inference.tiling import Forward, TileError, auto_batch, effective_tile, run_tiles, tile_grid
 from pipeline.models.checkpoint import CheckpointError, load_weights_file, model_from_checkpoint
-from pipeline.models.table import Bicubic, autocast_cap, build_model, card_of
+from pipeline.models.table import Bicubic, autocast_cap, build_model, card_of, check_scale
 
-COMPILE_MODES = ("off", "default", "reduce-overhead", "auto")
-# When ``compile=auto`` compiles. Measured on one H100 (RRDB, 512 LR, 49 tiles of 128^2 x 8 ways,
-# 4 tiles per forward, bf16; shared/measurements/h100-2026-11-23/rrdb_infer_levers.txt): compiling
-# and warming up took 46-62 s, then an image took 1.35 s instead of 2.05 s, ~0.7 s saved per
-# 49 x 8 x 128^2 = 6.4M LR pixels through the model. Compile pays after ~86 such images; 'auto'
-# asks for twice that (the gain was measured on one model) and never compiles on the CPU, where
-# compiling takes minutes on 2 cores and no gain was measured (BENCHMARKS.md).
-COMPILE_COST_S = 60.0
-COMPILE_GAIN_S_PER_PIXEL = 0.7 / (49 * 8 * 128 * 128)
-COMPILE_MARGIN = 2.0
+COMPILE_MODES = typing.get_args(CompileMode)
+
+
+_INFER = InferConfig()  # the defaults live in the config schema
 
 
 @dataclass(frozen=True)
 class Settings:
-    """The inference settings an ablation varies (see ``InferConfig`` for their meaning)."""
+    """The inference settings an ablation varies (see ``InferConfig`` for their meaning and defaults)."""
 
-    tta: int = 8
-    tile: int = 128
-    stride: int = 64
-    blend: str = "hann"
-    pad: int = 0
-    margin: int = 0
-    batch: int = 0
-    precision: str = "auto"
-    channels_last: bool = True
-    merge: str = "mean"
-    compile: str = "auto"
+    tta: int = _INFER.tta
+    tile: int = _INFER.tile
+    stride: int = _INFER.stride
+    blend: str = _INFER.blend
+    pad: int = _INFER.pad
+    margin: int = _INFER.margin
+    batch: int = _INFER.batch
+    precision: str = _INFER.precision
+    channels_last: bool = _INFER.channels_last
+    merge: str = _INFER.merge
+    compile: str = _INFER.compile
 
     @classmethod
     def from_config(cls, infer: InferConfig) -> Settings:
@@ -139,13 +143,10 @@ def inference_dtype(models: Sequence[nn.Module], device: torch.device, precision
 
 
 def compile_choice(setting: str, device: torch.device, lr_pixels: int) -> str:
-    """'off' or the ``torch.compile`` mode to use, for ``lr_pixels`` (images x tiles x ways x tile area)
-    that each model will process. Explicit modes are honoured; 'auto' follows ``COMPILE_*``."""
-    if setting != "auto":
-        return setting
-    if device.type != "cuda":
-        return "off"
-    return "default" if lr_pixels * COMPILE_GAIN_S_PER_PIXEL >= COMPILE_MARGIN * COMPILE_COST_S else "off"
+    """``infer.compile``: ``runtime.auto_compile`` for ``lr_pixels`` (images x tiles x ways x tile area)
+    through each model; at RRDB's measured pace compiling pays after ~86 contest images of 49 x 8 tiles,
+    so ``auto`` waits for ~170 (COMPILE_MARGIN)."""
+    return auto_compile(setting, device, lr_pixels * INFER_EAGER_SECONDS_PER_PIXEL, INFER_COMPILE)
 
 
 def _forward(models: Sequence[nn.Module], settings: Settings, device: torch.device,
@@ -307,7 +308,7 @@ def weights_file_models(path: str | Path, cfg: Config) -> tuple[list[nn.Module],
     the one model in it, and a description for tables. What was detected is printed."""
     if cfg.model.weights and (cfg.infer.runs or cfg.infer.last_k):
         raise CheckpointError(f"model.weights={path} runs that file alone; drop infer.runs / infer.last_k")
-    model = load_weights_file(path, cfg.model.name, cfg.infer.weights)
+    model = load_weights_file(path, cfg.model.name, cfg.infer.ema)
     card = card_of(model)
     if card.note:
         print(card.note)
@@ -316,6 +317,7 @@ def weights_file_models(path: str | Path, cfg: Config) -> tuple[list[nn.Module],
 
 def load_models(cfg: Config) -> tuple[list[nn.Module], str]:
     """Models to average and a description for tables: bicubic, bare pretrained weights, or checkpoints."""
+    check_scale(cfg.data.scale)
     if cfg.model.weights:  # infer --weights FILE: that file alone, architecture detected
         return weights_file_models(cfg.model.weights, cfg)
     if cfg.model.name == "bicubic":
@@ -325,9 +327,9 @@ def load_models(cfg: Config) -> tuple[list[nn.Module], str]:
         return weights_file_models(cfg.model.pretrained, cfg)
     models, archs = [], []
     for path in checkpoint_paths(cfg):
-        model, meta = model_from_checkpoint(path, cfg.infer.weights)
+        model, meta = model_from_checkpoint(path, cfg.infer.ema)
         models.append(model)
         archs.append(str(meta.get("arch", "?")))
     what = f"last{cfg.infer.last_k}" if cfg.infer.last_k else cfg.infer.checkpoint
-    desc = "+".join(dict.fromkeys(archs)) + f" ({len(models)}x {what} {cfg.infer.weights})"
+    desc = "+".join(dict.fromkeys(archs)) + f" ({len(models)}x {what} {'ema' if cfg.infer.ema else 'params'})"
     return models, desc

@@ -40,7 +40,7 @@ from pipeline.models.zoo import SPANDREL_PREFIX, plain
 
 __all__ = ["CheckpointError", "check_table_kwargs", "load_checkpoint", "load_state_into", "load_weights",
            "load_weights_file", "model_from_checkpoint", "save_checkpoint", "save_model_card", "save_safetensors",
-           "state_dict_from"]
+           "state_dict_from", "weights_key"]
 
 _TRAINING_STATE = ("params", "params_ema", "optimizer", "scheduler", "scaler", "rng")
 PRODUCER = "sr-pipeline"
@@ -97,6 +97,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
+def weights_key(ema: bool) -> str:
+    """Which weights of our checkpoint to use: ``params_ema`` (the EMA, what inference prefers) or ``params``."""
+    return "params_ema" if ema else "params"
+
+
 def state_dict_from(state: dict[str, Any], path: str | Path, prefer: str = "params_ema") -> dict[str, torch.Tensor]:
     """The weights in a file: ``prefer``'s dict when present, else unwrapped as spandrel does.
 
@@ -119,9 +124,10 @@ def _load_into(model: nn.Module, weights: dict[str, torch.Tensor], path: str | P
         raise CheckpointError(f"{path}: weights do not fit {what}: {first}") from None
 
 
-def load_weights(model: nn.Module, path: str | Path, prefer: str = "params_ema") -> None:
-    """Load a weights file (any layout above) into ``model``; a key or shape mismatch names the file."""
-    _load_into(model, state_dict_from(load_checkpoint(path), path, prefer), path, "the model")
+def load_weights(model: nn.Module, path: str | Path, ema: bool = True) -> None:
+    """Load a weights file (any layout above) into ``model``, its EMA first when ``ema``; a key or shape
+    mismatch names the file."""
+    _load_into(model, state_dict_from(load_checkpoint(path), path, weights_key(ema)), path, "the model")
 
 
 def _short(value: Any) -> str:
@@ -171,13 +177,13 @@ def _rebuild(state: dict[str, Any], path: str | Path, prefer: str) -> nn.Module:
     return model
 
 
-def model_from_checkpoint(path: str | Path, weights: str = "ema") -> tuple[nn.Module, dict[str, Any]]:
+def model_from_checkpoint(path: str | Path, ema: bool = True) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model one of our checkpoints describes and load its weights (EMA first when asked)."""
     state = load_checkpoint(path)
     if "arch" not in state:
         raise CheckpointError(f"{path}: no 'arch' entry; run a published weights file with --weights "
                               "(architecture detected) or train from it with model.pretrained")
-    model = _rebuild(state, path, "params_ema" if weights == "ema" else "params")
+    model = _rebuild(state, path, weights_key(ema))
     meta = {k: v for k, v in state.items() if k not in _TRAINING_STATE}
     return model.eval(), meta
 
@@ -206,7 +212,7 @@ def _table_entry(found: zoo.Detected) -> str | None:
     return None
 
 
-def load_weights_file(path: str | Path, name: str = "", weights: str = "ema") -> nn.Module:
+def load_weights_file(path: str | Path, name: str = "", ema: bool = True) -> nn.Module:
     """Any weights file -> a model holding its weights, with a card saying what it is and how it was found.
 
     Our checkpoints rebuild themselves (``model.name`` is then ignored, said in the card's note);
@@ -215,7 +221,7 @@ def load_weights_file(path: str | Path, name: str = "", weights: str = "ema") ->
     one has exactly its hyper-parameters, else as ``spandrel:<ArchId>``.
     """
     state = load_checkpoint(path)
-    prefer = "params_ema" if weights == "ema" else "params"
+    prefer = weights_key(ema)
     if "arch" in state:
         model = _rebuild(state, path, prefer)
         card = card_of(model)
@@ -263,10 +269,9 @@ def card_record(model: nn.Module, pretrained: str = "") -> dict[str, Any]:
     return record
 
 
-def load_state_into(model: nn.Module, state: dict[str, Any], path: str | Path, weights: str = "ema",
+def load_state_into(model: nn.Module, state: dict[str, Any], path: str | Path, ema: bool = True,
                     ) -> dict[str, Any]:
     """Load a checkpoint dict's weights into an already built ``model`` (EMA first when asked); returns the
     dict's other entries. For models of other tables (volume models) whose arguments their table checked."""
-    prefer = "params_ema" if weights == "ema" else "params"
-    _load_into(model, state_dict_from(state, path, prefer), path, str(state.get("arch")))
+    _load_into(model, state_dict_from(state, path, weights_key(ema)), path, str(state.get("arch")))
     return {k: v for k, v in state.items() if k not in _TRAINING_STATE}

@@ -7,7 +7,7 @@ average over whatever shape comes back.
 Input sizes: SRGAN's VGG-style discriminator ends in a dense layer over a 4x4 map after five (or
 six) stride-2 stages, so it takes exactly ``input_size`` = 128 (or 256) pixel squares: the HR crops
 the generator is trained on must be that size (``train.crop`` = 32 LR pixels for 128, or
-``patch.size=128`` with ``train.crop=0``). The U-Net discriminator takes any size divisible by 8
+``patchify.size=128`` with ``train.crop=0``). The U-Net discriminator takes any size divisible by 8
 (three stride-2 stages, then skip connections at each scale). ``check_discriminator`` says so
 before training starts instead of failing inside the first step.
 """
@@ -93,7 +93,7 @@ def check_discriminator(name: str, loss: str, hr_size: int) -> None:
                         f"{hr_size}: set train.crop={fixed // SCALE} (LR pixels) or pick a unet-sn discriminator")
     if hr_size % spec.multiple:
         raise UserError(f"gan.discriminator={name} needs HR crops whose side divides by {spec.multiple}, "
-                        f"got {hr_size}: change train.crop or patch.size")
+                        f"got {hr_size}: change train.crop or patchify.size")
     if loss == "wgan-gp" and spec.kwargs.get("norm") == "batch":
         raise UserError(f"gan.loss=wgan-gp needs a critic without batch norm (the gradient penalty is per "
                         f"sample); gan.discriminator={name} has it: use vgg128-ln or unet-sn")

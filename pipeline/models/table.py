@@ -275,6 +275,14 @@ def build_model(name: str, **overrides: Any) -> nn.Module:
     return model
 
 
+def check_scale(scale: int) -> None:
+    """``data.scale`` against the models: every table model, and every weights file the pipeline accepts
+    (``zoo.detect`` refuses the others), upscales by ``SCALE``."""
+    if scale != SCALE:
+        raise UserError(f"data.scale={scale}, but every model of the table and every weights file this pipeline "
+                        f"accepts is x{SCALE}; a x{scale} dataset can be prepared and scored, not trained or inferred")
+
+
 def model_kwargs(name: str, **overrides: Any) -> dict[str, Any]:
     """The full keyword arguments ``build_model(name, **overrides)`` uses (stored in checkpoints)."""
     kwargs = {**MODELS[name].kwargs, **overrides}

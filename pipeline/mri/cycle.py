@@ -7,8 +7,8 @@ For an LR batch ``lr`` (B,1,h,w) and an HR batch ``hr`` (B,1,4h,4w), normalised 
     fake_lr = g_lr(hr),  hr_cycle = g_hr(fake_lr)    HR -> LR -> HR
 
 ``generator_loss``: ``loss/total`` = perceptual * P + adversarial * A + tv * TV + l1 * L1 + cycle * C
-(``cycgan.*``: 1, 1, 1, 5, 10 as in the write-up), each term also returned as ``loss/<name>``:
-- A = adv(d_hr(sr)) + adv(d_lr(fake_lr)), the generator side of ``cycgan.adversarial_loss``
+(``mri_cycle_train.*``: 1, 1, 1, 5, 10 as in the write-up), each term also returned as ``loss/<name>``:
+- A = adv(d_hr(sr)) + adv(d_lr(fake_lr)), the generator side of ``mri_cycle_train.adversarial_loss``
   (``pipeline.training.losses.generator_adversarial``; relativistic also scores the real batch);
 - C = |lr_cycle - lr|_1 + |hr_cycle - hr|_1; TV = ``losses.total_variation(sr)``;
 - L1 and P compare with a target where there is one. Paired batches (``paired=True``: ``hr`` is
@@ -18,8 +18,8 @@ For an LR batch ``lr`` (B,1,h,w) and an HR batch ``hr`` (B,1,4h,4w), normalised 
   the adversarial terms make it realistic) and P = P(hr_cycle, hr).
 ``discriminator_loss``: ``pipeline.training.losses.discriminator_loss`` on each side (real hr vs sr, real lr
 vs fake_lr), summed into ``loss/d_total``.
-Schedule (``cycle_schedule``): Adam at ``cycgan.learning_rate`` (1e-4) for the two generators together and
-for the two discriminators together, both halved every ``cycgan.halve_every`` (10,000) steps.
+Schedule (``cycle_schedule``): Adam at ``mri_cycle_train.learning_rate`` (1e-4) for the two generators together and
+for the two discriminators together, both halved every ``mri_cycle_train.halve_every`` (10,000) steps.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pipeline.core.config import Config, CycleGanConfig
+from pipeline.core.config import Config, GanConfig, MriCycleTrainConfig
 from pipeline.core.distributed import Dist
 from pipeline.core.errors import UserError
 from pipeline.models.checkpoint import CheckpointError
@@ -45,12 +45,12 @@ from pipeline.training.updates import Schedule, build_optimizer, load_updates, u
 Perceptual = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (pred, target) -> scalar
 SCALE = 4  # SRResCycGAN's factor per side (the write-up's 80 -> 320); mri-cycle-train's too
 CYCLE_D_KEYS = ("loss/d_total", "loss/d_hr", "loss/d_lr")
-_DEFAULTS = CycleGanConfig()  # the defaults live in the config schema, one place
+_DEFAULTS = MriCycleTrainConfig()  # the defaults live in the config schema, one place
 
 
 @dataclass(frozen=True)
-class CycleWeights:
-    """Weights of the generator terms (``cycgan.*``); 0 switches a term off (it is then not computed)."""
+class CycleMix:
+    """Weights of the generator terms (``mri_cycle_train.*``); 0 switches a term off (it is then not computed)."""
 
     perceptual: float = _DEFAULTS.perceptual
     adversarial: float = _DEFAULTS.adversarial
@@ -59,7 +59,7 @@ class CycleWeights:
     cycle: float = _DEFAULTS.cycle
 
     @classmethod
-    def from_config(cls, c: CycleGanConfig) -> CycleWeights:
+    def from_config(cls, c: MriCycleTrainConfig) -> CycleMix:
         return cls(c.perceptual, c.adversarial, c.tv, c.l1, c.cycle)
 
 
@@ -77,15 +77,15 @@ def _down(x: torch.Tensor) -> torch.Tensor:
     return F.avg_pool2d(x, SCALE)  # (B,1,4h,4w) -> (B,1,h,w)
 
 
-def generator_loss(net: SRResCycGAN, lr: torch.Tensor, hr: torch.Tensor, weights: CycleWeights = CycleWeights(),
+def generator_loss(net: SRResCycGAN, lr: torch.Tensor, hr: torch.Tensor, mix: CycleMix = CycleMix(),
                    kind: str = _DEFAULTS.adversarial_loss, perceptual: Perceptual | None = None,
                    paired: bool = False) -> dict[str, torch.Tensor]:
     """The generators' loss terms and ``loss/total`` (module docstring); also ``sr`` and ``fake_lr`` for the critics."""
     if hr.shape[-2:] != (lr.shape[-2] * SCALE, lr.shape[-1] * SCALE):
         raise ValueError(f"hr {tuple(hr.shape)} must be {SCALE}x lr {tuple(lr.shape)} per side")
-    if weights.perceptual > 0 and perceptual is None:
+    if mix.perceptual > 0 and perceptual is None:
         raise ValueError("a positive perceptual weight needs the perceptual function (vgg_perceptual)")
-    w = weights
+    w = mix
     sr = net.g_hr(lr)  # (B,1,h,w) -> (B,1,4h,4w)
     fake_lr = net.g_lr(hr)  # (B,1,4h,4w) -> (B,1,h,w)
     terms: dict[str, torch.Tensor] = {}
@@ -115,8 +115,8 @@ def generator_loss(net: SRResCycGAN, lr: torch.Tensor, hr: torch.Tensor, weights
 
 
 def discriminator_loss(net: SRResCycGAN, lr: torch.Tensor, hr: torch.Tensor, sr: torch.Tensor,
-                       fake_lr: torch.Tensor, kind: str = _DEFAULTS.adversarial_loss, gp_weight: float = 10.0,
-                       ) -> dict[str, torch.Tensor]:
+                       fake_lr: torch.Tensor, kind: str = _DEFAULTS.adversarial_loss,
+                       gp_weight: float = GanConfig().gp_weight) -> dict[str, torch.Tensor]:
     """Both discriminators' losses: real ``hr`` vs ``sr`` on the HR side, real ``lr`` vs ``fake_lr`` on the LR side."""
     hr_side = side_loss(kind, net.d_hr, hr, sr, gp_weight)
     lr_side = side_loss(kind, net.d_lr, lr, fake_lr, gp_weight)
@@ -132,7 +132,7 @@ class CycleObjective(Objective):
     generators (the discriminators carry no gradient when it steps: Adam skips them), this objective's
     own Adam the two discriminators. Per step: ``generator_loss`` (the discriminators frozen), one
     generator update, then ``discriminator_loss`` on the detached outputs, one discriminator update.
-    Both learning rates are ``cycgan.learning_rate`` halved every ``cycgan.halve_every`` steps
+    Both learning rates are ``mri_cycle_train.learning_rate`` halved every ``mri_cycle_train.halve_every`` steps
     (``cycle_schedule``: the objective's schedule, so the Trainer's schedulers set both). One process
     only: the four networks are called directly, not through DistributedDataParallel.
     """
@@ -140,19 +140,19 @@ class CycleObjective(Objective):
     name = "cycle"
 
     def __init__(self, cfg: Config, task: TrainTask, d: Dist) -> None:
-        self.schedule = cycle_schedule(cfg.cycgan)
+        self.schedule = cycle_schedule(cfg.mri_cycle_train)
         if d.world > 1:
             raise UserError("SRResCycGAN training runs in one process; start it without torchrun")
         net = task.generator
         if not isinstance(net, SRResCycGAN):
             raise UserError(f"the cycle objective trains SRResCycGAN, not {type(net).__name__}")
-        c = self.c = cfg.cycgan
-        self.net, self.weights_ = net, CycleWeights.from_config(c)
+        c = self.c = cfg.mri_cycle_train
+        self.net, self.mix = net, CycleMix.from_config(c)
         self.perceptual = None
         if c.perceptual > 0:
             if not cfg.loss.vgg_weights:
-                raise UserError("cycgan.perceptual > 0 needs loss.vgg_weights (torchvision's vgg19-dcbb9e9d.pth); "
-                                "or set cycgan.perceptual=0")
+                raise UserError("mri_cycle_train.perceptual > 0 needs loss.vgg_weights (torchvision's "
+                                "vgg19-dcbb9e9d.pth); or set mri_cycle_train.perceptual=0")
             from pipeline.models.perceptual import load_vgg_features
 
             vgg = load_vgg_features(cfg.loss.vgg_weights, cfg.loss.perceptual_layers).to(d.device)
@@ -161,7 +161,7 @@ class CycleObjective(Objective):
         self.optimizer.add_param_group({"params": list(net.d_lr.parameters())})
         self.scheduler = self.schedule.build(self.optimizer)
         self.scaler = torch.amp.GradScaler(d.device.type, enabled=False)  # fp32: SRResCycGAN steps run eager
-        w = self.weights_
+        w = self.mix
         terms = [key for weight, key in ((w.cycle, "loss/cycle"), (w.l1, "loss/l1"), (w.perceptual, "loss/perceptual"),
                                          (w.tv, "loss/tv"), (w.adversarial, "loss/adversarial")) if weight > 0]
         self.keys = ("loss/total", *terms, *CYCLE_D_KEYS)
@@ -177,7 +177,7 @@ class CycleObjective(Objective):
             d.requires_grad_(False)  # the generators' backward leaves the discriminators alone
         try:
             with tr.section("loss"):
-                losses = generator_loss(net, lr, hr, self.weights_, kind, self.perceptual)
+                losses = generator_loss(net, lr, hr, self.mix, kind, self.perceptual)
             update(losses["loss/total"], tr.optimizer, tr.scaler, net.generators(), tr.cfg.train.grad_clip, tr.section)
         finally:
             for d in discriminators:
@@ -188,7 +188,7 @@ class CycleObjective(Objective):
             update(d_losses["loss/d_total"], self.optimizer, self.scaler, net.discriminators(), 0.0)
         return {**{k: losses[k] for k in self.keys if k in losses}, **d_losses}
 
-    def weights(self) -> dict[str, Any]:
+    def model_checkpoint(self) -> dict[str, Any]:
         return {"objective": self.name}
 
     def state_dict(self) -> dict[str, Any]:
@@ -201,8 +201,8 @@ class CycleObjective(Objective):
             raise CheckpointError(f"{path}: does not fit this run's discriminators: {str(exc)[:300]}") from None
 
 
-def cycle_schedule(c: CycleGanConfig) -> Schedule:
-    """The write-up's schedule: the learning rate halved every ``cycgan.halve_every`` steps."""
+def cycle_schedule(c: MriCycleTrainConfig) -> Schedule:
+    """The write-up's schedule: the learning rate halved every ``mri_cycle_train.halve_every`` steps."""
     return Schedule("step", period=c.halve_every, gamma=0.5)
 
 

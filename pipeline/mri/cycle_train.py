@@ -1,12 +1,13 @@
-"""``mri-cycle-train``: SRResCycGAN (``cycgan.model``) on unpaired LR / HR slices of a volume folder -> models/<run>/.
+"""``mri-cycle-train``: SRResCycGAN (``mri_cycle_train.model``) on unpaired LR / HR slices -> models/<run>/.
 
-The slice task of the train stage, trained with the ``cycle`` objective (``pipeline.mri.cycle.CycleObjective``:
-both generators, both discriminators, the write-up's loss weights ``cycgan.*``, Adam at
-``cycgan.learning_rate`` halved every ``cycgan.halve_every`` steps, the objective's schedule); the loop,
-checkpoints and exact resume, EMA and logging are the Trainer's.
+The slice task of the train stage, trained with the ``cycle`` objective
+(``pipeline.mri.cycle.CycleObjective``: both generators, both discriminators, the write-up's loss
+weights ``mri_cycle_train.*``, Adam at ``mri_cycle_train.learning_rate`` halved every
+``mri_cycle_train.halve_every`` steps, the objective's schedule); the loop, checkpoints and exact
+resume, EMA and logging are the Trainer's.
 
 - data: the HR volumes of every item outside ``mri.val_fold`` (``mri_splits.csv``), cut into
-  ``cycgan.hr_size`` slice crops along ``mri_infer.slice_axis`` (``slices.unpaired_slices``: the
+  ``mri_cycle_train.hr_size`` slice crops along ``mri_infer.slice_axis`` (``slices.unpaired_slices``: the
   subjects alternate between the LR side, k-space downsampled 4x in-plane, and the HR side, so no
   subject is on both); sample (index, seed) = LR crop ``index`` and an HR crop drawn from the seed,
   each flipped / turned by the seed (``UnpairedSlices.sample``);
@@ -84,12 +85,13 @@ def _hr_volumes(cfg: Config, held_out: bool) -> list[tuple[str, Any]]:
 
 def cycle_task(cfg: Config, d: Dist) -> TrainTask:
     """The SRResCycGAN slice task (module docstring) for ``pipeline.train.run``."""
-    c, axis = cfg.cycgan, cfg.mri_infer.slice_axis
+    c, axis = cfg.mri_cycle_train, cfg.mri_infer.slice_axis
     name = c.model
     if spec_of(name).role != "cycle":
-        raise UserError(f"cycgan.model={name} is a {spec_of(name).role}; mri-cycle-train trains srrescycgan models")
+        raise UserError(f"mri_cycle_train.model={name} is a {spec_of(name).role}; mri-cycle-train trains "
+                        "srrescycgan models")
     if c.hr_size % SCALE:
-        raise UserError(f"cycgan.hr_size={c.hr_size} must divide by {SCALE}")
+        raise UserError(f"mri_cycle_train.hr_size={c.hr_size} must divide by {SCALE}")
     model = build_volume_model(name).to(d.device)
     slices = unpaired_slices(_hr_volumes(cfg, False), c.hr_size, SCALE, axis)
     loader, batches = run_loader(SeededSamples(slices), cfg, d)
@@ -110,10 +112,10 @@ def cycle_task(cfg: Config, d: Dist) -> TrainTask:
 
 
 def main(cfg: Config) -> None:
-    """Train ``cycgan.model`` on unpaired slices of ``mri.dir``; outputs in ``paths.models/run``."""
+    """Train ``mri_cycle_train.model`` on unpaired slices of ``mri.dir``; outputs in ``paths.models/run``."""
     if cfg.gan.discriminator:
         raise UserError("mri-cycle-train uses SRResCycGAN's own discriminators; leave gan.discriminator empty")
-    # The generators start at cycgan.learning_rate; the objective's schedule (cycle.cycle_schedule: halved
-    # every cycgan.halve_every steps) drives both optimizers, so the saved config says train.scheduler=step.
-    run(with_overrides(cfg, **{"train.learning_rate": cfg.cycgan.learning_rate, "train.scheduler": "step"}),
+    # The generators start at mri_cycle_train.learning_rate; the objective's schedule (cycle.cycle_schedule: halved
+    # every mri_cycle_train.halve_every steps) drives both optimizers, so the saved config says train.scheduler=step.
+    run(with_overrides(cfg, **{"train.learning_rate": cfg.mri_cycle_train.learning_rate, "train.scheduler": "step"}),
         cycle_task)

@@ -4,7 +4,7 @@ For every volume of the SR folder (``--sr``, default ``<mri.dir>/sr/<run>``), na
 the HR is the item's volume in ``mri_splits.csv`` (cropped to whole thick slices for thick-slice LR,
 ``degrade.crop_to_multiple``), the foreground mask and data range come from it
 (``metrics.foreground_mask``, ``mri.mask_dilate``), and the SR and each baseline of
-``mri_eval.baselines`` (the item's LR in ``<mri.dir>/lr`` interpolated onto the HR grid, rounded to
+``mri_evaluate.baselines`` (the item's LR in ``<mri.dir>/lr`` interpolated onto the HR grid, rounded to
 the LR file's dtype as a written SR volume is) are scored by ``metrics.score_volume``. Rows: one per
 method and item, then one mean per method; written to ``--csv`` (default
 ``<mri.dir>/scores/<SR folder name>.csv``). The last line is ``PSNR <mean> SSIM <mean>`` of the SR.
@@ -77,14 +77,14 @@ def with_means(table: pd.DataFrame) -> pd.DataFrame:
 def main(cfg: Config) -> None:
     root = Path(cfg.mri.dir)
     layout = VolumeLayout(root)
-    sr_dir = Path(cfg.mri_eval.sr) if cfg.mri_eval.sr else layout.sr_dir(cfg.run)
-    if not cfg.mri_eval.sr and not sr_dir.is_dir():
+    sr_dir = Path(cfg.mri_evaluate.sr) if cfg.mri_evaluate.sr else layout.sr_dir(cfg.run)
+    if not cfg.mri_evaluate.sr and not sr_dir.is_dir():
         raise UserError(f"{sr_dir}: not found; run `mri-infer run={cfg.run}` first, or name a folder with --sr")
     sr_files = {volume_stem(p): p for p in list_volumes(sr_dir)}
     mri = read_record(root)
-    scores = score_items(root, sr_files, sr_dir.name, cfg.mri_eval.baselines, mri)
+    scores = score_items(root, sr_files, sr_dir.name, cfg.mri_evaluate.baselines, mri)
     table = with_means(scores)
-    csv = Path(cfg.mri_eval.csv) if cfg.mri_eval.csv else layout.scores_csv(sr_dir.name)
+    csv = Path(cfg.mri_evaluate.csv) if cfg.mri_evaluate.csv else layout.scores_csv(sr_dir.name)
     with atomic_write(csv) as tmp:
         table.to_csv(tmp, index=False, float_format="%.6f")
     print(f"{len(sr_files)} volume(s) of {sr_dir}, masked (Otsu foreground dilated {mri.mask_dilate} voxels)")

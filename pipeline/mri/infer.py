@@ -61,11 +61,11 @@ def load_volume_model(cfg: Config) -> tuple[nn.Module, VolumeModelSpec, str]:
             raise UserError(f"mri_infer.model={c.model} needs mri_infer.pretrained (weights); for the run's own "
                             "checkpoint leave mri_infer.model empty")
         model = build_volume_model(c.model)
-        load_weights(model, c.pretrained, "params_ema" if c.weights == "ema" else "params")
+        load_weights(model, c.pretrained, c.ema)
         return model.eval(), spec, f"{c.model} ({Path(c.pretrained).name})"
     path = checkpoint_path(cfg)
-    model, name, meta = volume_model_from_checkpoint(path, c.weights)
-    return model, spec_of(name), f"{name} ({path.name}, step {meta.get('step', '?')}, {c.weights})"
+    model, name, meta = volume_model_from_checkpoint(path, c.ema)
+    return model, spec_of(name), f"{name} ({path.name}, step {meta.get('step', '?')}, {'ema' if c.ema else 'params'})"
 
 
 def work(cfg: Config) -> tuple[list[tuple[str, Path]], Path, MriConfig]:

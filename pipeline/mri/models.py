@@ -99,7 +99,7 @@ def checkpoint_state(name: str, model: nn.Module, kwargs: dict[str, Any] | None 
     return {**state, "arch": name, "kwargs": plain, **extra}
 
 
-def volume_model_from_checkpoint(path: str | Path, weights: str = "ema") -> tuple[nn.Module, str, dict[str, Any]]:
+def volume_model_from_checkpoint(path: str | Path, ema: bool = True) -> tuple[nn.Module, str, dict[str, Any]]:
     """(model in eval mode, its table name, the checkpoint's other entries) of a volume checkpoint."""
     state = load_checkpoint(path)
     name = state.get("arch")
@@ -114,5 +114,5 @@ def volume_model_from_checkpoint(path: str | Path, weights: str = "ema") -> tupl
     except UserError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     model = VOLUME_MODELS[name].builder(**{k: tuple(v) if isinstance(v, list) else v for k, v in full.items()})
-    meta = load_state_into(model, state, path, weights)
+    meta = load_state_into(model, state, path, ema)
     return model.eval(), name, meta

@@ -35,20 +35,21 @@ from pipeline.mri.models import VOLUME_MODELS, VolumeModelSpec
 from pipeline.mri.volumes import Volume, intensity_stats, write_volume
 
 _MRI = MriConfig()  # the defaults live in the config schema, one place
+_MRI_INFER = MriInferConfig()
 
 
 @dataclass(frozen=True)
 class VolumeSettings:
-    """How a volume goes through a model (see ``MriInferConfig`` for each field)."""
+    """How a volume goes through a model (see ``MriInferConfig`` for each field and its default)."""
 
-    tile: int = 64
-    stride: int = 48
-    margin: int = 0
-    pad: int = 0
-    blend: str = "hann"
-    batch: int = 0
-    interp: str = "cubic"
-    slice_axis: int = 2
+    tile: int = _MRI_INFER.tile
+    stride: int = _MRI_INFER.stride
+    margin: int = _MRI_INFER.margin
+    pad: int = _MRI_INFER.pad
+    blend: str = _MRI_INFER.blend
+    batch: int = _MRI_INFER.batch
+    interp: str = _MRI_INFER.interp
+    slice_axis: int = _MRI_INFER.slice_axis
 
     @classmethod
     def from_config(cls, c: MriInferConfig) -> VolumeSettings:

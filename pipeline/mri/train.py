@@ -85,7 +85,7 @@ def _generator(cfg: Config, device: torch.device) -> tuple[nn.Module, str, dict[
                         "generators such as mdcsrn")
     if not cfg.model.pretrained:
         return build_volume_model(name).to(device), name, volume_model_kwargs(name), ""
-    model, arch, meta = volume_model_from_checkpoint(cfg.model.pretrained, "ema")
+    model, arch, meta = volume_model_from_checkpoint(cfg.model.pretrained, ema=True)
     if arch != name:
         raise UserError(f"model.pretrained={cfg.model.pretrained} holds a {arch}, but mri_train.model={name}: "
                         f"set mri_train.model={arch}")

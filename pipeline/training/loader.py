@@ -37,7 +37,7 @@ class EpochBatches(Sampler[list[tuple[int, int]]]):
                             f"{world} processes")
         if n < batch_size:
             raise DataError(f"only {n} training patches for train.batch_size={batch_size}; lower the batch "
-                            "size or cut more patches (smaller patch.stride)")
+                            "size or cut more patches (smaller patchify.stride)")
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.rank, self.world = rank, world
         self.steps_per_epoch = n // batch_size

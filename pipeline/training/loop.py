@@ -137,19 +137,19 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------------
 
-    def weights(self) -> dict[str, Any]:
+    def model_checkpoint(self) -> dict[str, Any]:
         """What best.pth and history files hold: weights and how to rebuild the model."""
         state = {"params": self.raw.state_dict(), "arch": self.task.arch, "kwargs": self.task.kwargs,
                  "step": self.step, "epoch": self.step // self.task.batches.steps_per_epoch,
                  "best_psnr": self.best.psnr, "config": to_dict(self.cfg)}
         if self.ema is not None:
             state["params_ema"] = self.ema.module.state_dict()
-        return {**state, **self.objective.weights()}
+        return {**state, **self.objective.model_checkpoint()}
 
     def state_dict(self) -> dict[str, Any]:
         """last.pth: the weights plus everything an exact resume needs."""
         u = self.updates
-        return {**self.weights(), **updates_state(u.optimizer, u.scheduler, u.scaler),
+        return {**self.model_checkpoint(), **updates_state(u.optimizer, u.scheduler, u.scaler),
                 "rng": run_folder.rng_state(),
                 "progress": {"bad_validations": self.bad_validations, "val_step": self.val_step,
                              "train_seconds": self.elapsed(), "best_score": self.best.score,
@@ -185,7 +185,7 @@ class Trainer:
         save_checkpoint(self.run.last, self.state_dict())
         keep = self.cfg.train.keep_last
         if history and keep > 0:
-            save_checkpoint(self.run.history_path(self.step), self.weights())
+            save_checkpoint(self.run.history_path(self.step), self.model_checkpoint())
             run_folder.prune_history(self.run, keep)
         self._saved = time.monotonic()
         self._saved_step = self.step
@@ -377,7 +377,7 @@ class Trainer:
         seconds = time.perf_counter() - start
         psnr = metrics["psnr"]
         self.last_psnr, self.val_step = psnr, self.step
-        improved = self.best.offer(metrics, self.step, self.weights, write=self.main)
+        improved = self.best.offer(metrics, self.step, self.model_checkpoint, write=self.main)
         self.bad_validations = 0 if improved else self.bad_validations + 1
         base, best = validation.baseline_name, self.best
         self.log.write(self.step, "val", {

@@ -33,10 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.core.config import Config
+from pipeline.core.config import Config, GanConfig
 from pipeline.models.perceptual import VGGFeatures, load_vgg_features
 
 ADVERSARIAL_KINDS = ("vanilla", "relativistic", "wgan-gp")
+_GAN = GanConfig()  # the defaults live in the config schema
 
 
 def _kind(kind: str) -> str:
@@ -106,7 +107,8 @@ def discriminator_terms(kind: str, real_logits: torch.Tensor, fake_logits: torch
     return -real_logits.mean(), fake_logits.mean()
 
 
-def discriminator_loss(kind: str, critic: nn.Module, hr: torch.Tensor, sr: torch.Tensor, gp_weight: float = 10.0,
+def discriminator_loss(kind: str, critic: nn.Module, hr: torch.Tensor, sr: torch.Tensor,
+                       gp_weight: float = _GAN.gp_weight,
                        eps: torch.Tensor | None = None,
                        precision: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
                        ) -> dict[str, torch.Tensor]:
@@ -139,19 +141,20 @@ def generator_adversarial(kind: str, fake_logits: torch.Tensor, real_logits: tor
 
 
 @dataclass(frozen=True)
-class LossWeights:
-    """Weights of the generator's loss terms; 0 switches a term off (it is then not computed)."""
+class LossMix:
+    """How much of each term the generator's loss holds (``loss_mix``: from train.* / loss.* / gan.*);
+    0 switches a term off (it is then not computed)."""
 
-    l1: float = 2.0
-    mse: float = 1.0
-    perceptual: float = 0.0
-    tv: float = 0.0
-    adversarial: float = 0.0
+    l1: float
+    mse: float
+    perceptual: float
+    tv: float
+    adversarial: float
 
 
-def loss_weights(cfg: Config) -> LossWeights:
-    """The one place that maps config keys to generator loss weights."""
-    return LossWeights(l1=cfg.train.loss_l1, mse=cfg.train.loss_mse, perceptual=cfg.loss.perceptual, tv=cfg.loss.tv,
+def loss_mix(cfg: Config) -> LossMix:
+    """The one place that maps config keys to the generator loss's mix of terms."""
+    return LossMix(l1=cfg.train.loss_l1, mse=cfg.train.loss_mse, perceptual=cfg.loss.perceptual, tv=cfg.loss.tv,
                        adversarial=cfg.gan.weight if cfg.gan.discriminator else 0.0)
 
 
@@ -163,12 +166,12 @@ class GeneratorLoss(nn.Module):
     ``real_logits`` = D(hr) (relativistic only).
     """
 
-    def __init__(self, weights: LossWeights, adversarial: str = "vanilla", vgg: VGGFeatures | None = None,
+    def __init__(self, mix: LossMix, adversarial: str = "vanilla", vgg: VGGFeatures | None = None,
                  perceptual_criterion: str = "l1") -> None:
         super().__init__()
-        if weights.perceptual > 0 and vgg is None:
+        if mix.perceptual > 0 and vgg is None:
             raise ValueError("a positive perceptual weight needs the VGG features (build_generator_loss loads them)")
-        self.weights = weights
+        self.mix = mix
         self.adversarial = _kind(adversarial)
         self.vgg = vgg
         self.feature_distance = FEATURE_DISTANCES[perceptual_criterion]
@@ -181,14 +184,14 @@ class GeneratorLoss(nn.Module):
     @property
     def keys(self) -> tuple[str, ...]:
         """The keys ``forward`` returns, in order."""
-        w = self.weights
+        w = self.mix
         extra = [key for weight, key in ((w.perceptual, "loss/perceptual"), (w.tv, "loss/tv"),
                                          (w.adversarial, "loss/adversarial")) if weight > 0]
         return ("loss/total", "loss/l1", "loss/mse", *extra)
 
     def forward(self, sr: torch.Tensor, hr: torch.Tensor, fake_logits: torch.Tensor | None = None,
                 real_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        w = self.weights
+        w = self.mix
         terms = contest_loss(sr, hr, w.l1, w.mse)
         weighted = []
         if w.perceptual > 0:
@@ -209,6 +212,6 @@ class GeneratorLoss(nn.Module):
 
 def build_generator_loss(cfg: Config) -> GeneratorLoss:
     """The generator loss of ``cfg``; loads VGG19 from loss.vgg_weights only when loss.perceptual > 0."""
-    weights = loss_weights(cfg)
-    vgg = load_vgg_features(cfg.loss.vgg_weights, cfg.loss.perceptual_layers) if weights.perceptual > 0 else None
-    return GeneratorLoss(weights, cfg.gan.loss, vgg, cfg.loss.perceptual_criterion)
+    mix = loss_mix(cfg)
+    vgg = load_vgg_features(cfg.loss.vgg_weights, cfg.loss.perceptual_layers) if mix.perceptual > 0 else None
+    return GeneratorLoss(mix, cfg.gan.loss, vgg, cfg.loss.perceptual_criterion)

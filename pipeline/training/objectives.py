@@ -36,7 +36,7 @@ from pipeline.core.config import Config
 from pipeline.core.distributed import Dist, wrap_ddp
 from pipeline.core.errors import UserError
 from pipeline.core.runtime import autocast
-from pipeline.models.checkpoint import CheckpointError, load_checkpoint, state_dict_from
+from pipeline.models.checkpoint import CheckpointError, load_checkpoint, state_dict_from, weights_key
 from pipeline.models.table import count_parameters
 from pipeline.training.compile import StepCompiler
 from pipeline.training.losses import GeneratorLoss, build_generator_loss, discriminator_loss, full_precision
@@ -90,7 +90,7 @@ class Objective:
         """Trained tensors besides the generator's (checked to be finite before each save)."""
         return []
 
-    def weights(self) -> dict[str, Any]:
+    def model_checkpoint(self) -> dict[str, Any]:
         """Entries added to best.pth and history checkpoints."""
         return {}
 
@@ -182,7 +182,7 @@ def load_discriminator(critic: nn.Module, path: str) -> None:
     """gan.pretrained: the ``discriminator`` entry of one of our checkpoints, or a basicsr net_d file."""
     state = load_checkpoint(path)
     inner = state.get("discriminator")
-    weights = state_dict_from(inner if isinstance(inner, dict) else state, path, "params")
+    weights = state_dict_from(inner if isinstance(inner, dict) else state, path, weights_key(ema=False))
     try:
         critic.load_state_dict(weights)
     except RuntimeError as exc:
@@ -274,7 +274,7 @@ class GanObjective(Objective):
     def parameters(self) -> list[torch.Tensor]:
         return list(self.critic.parameters())
 
-    def weights(self) -> dict[str, Any]:
+    def model_checkpoint(self) -> dict[str, Any]:
         return {"objective": self.name, "discriminator": {"params": self.critic.state_dict(),
                                                           "arch": self.gan.discriminator, "kwargs": self.critic_kwargs}}
 

@@ -73,14 +73,15 @@ class BestCheckpoint:
     psnr: float = -math.inf  # its PSNR
     step: int = -1  # its step
 
-    def offer(self, metrics: dict[str, float], step: int, weights: Callable[[], dict[str, Any]], write: bool) -> bool:
-        """Take a validation's ``metrics``; True when it is the new best (written when ``write``)."""
+    def offer(self, metrics: dict[str, float], step: int, checkpoint: Callable[[], dict[str, Any]],
+              write: bool) -> bool:
+        """Take a validation's ``metrics``; True when it is the new best (``checkpoint()`` written when ``write``)."""
         score = best_score_of({**metrics, "step": step}, self.rule)
         if score <= self.score:
             return False
         self.score, self.psnr, self.step = score, metrics["psnr"], step
         if write and score > self.floor:
-            save_checkpoint(self.path, {**weights(), **metrics, "best_by": self.rule})
+            save_checkpoint(self.path, {**checkpoint(), **metrics, "best_by": self.rule})
         return True
 
 
