@@ -400,6 +400,31 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------------
+# Views: some fields of a section as a small frozen dataclass, defaults read from the schema.
+
+ViewT = typing.TypeVar("ViewT", bound="SectionView")
+
+
+class SectionView:
+    """Base of a ``view_of`` dataclass: ``from_config(section)`` picks its fields from a resolved section."""
+
+    @classmethod
+    def from_config(cls: type[ViewT], section: Any) -> ViewT:
+        return cls(**{f.name: getattr(section, f.name) for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
+
+
+def view_of(section: type) -> typing.Callable[[type], type]:
+    """Class decorator: a frozen dataclass of some of ``section``'s fields (the class's annotations, by
+    name), each defaulting to the schema's default, so a default lives in the schema alone."""
+    def wrap(cls: type) -> type:
+        defaults = section()
+        for name in cls.__dict__.get("__annotations__", {}):
+            setattr(cls, name, getattr(defaults, name))
+        return dataclass(frozen=True)(cls)
+    return wrap
+
+
+# ---------------------------------------------------------------------------------------------
 # Type checking of values coming from YAML or the command line.
 
 

@@ -16,7 +16,6 @@ padded up to it); the first image is run once untimed to compile and warm up, an
 
 from __future__ import annotations
 
-import dataclasses
 import time
 import typing
 from collections.abc import Iterable, Iterator, Sequence, Sized
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.core.config import CompileMode, Config, InferConfig
+from pipeline.core.config import CompileMode, Config, InferConfig, SectionView, view_of
 from pipeline.core.errors import UserError
 from pipeline.core.layout import RunLayout
 from pipeline.core.runtime import (
@@ -49,29 +48,21 @@ from pipeline.models.table import Bicubic, autocast_cap, build_model, card_of, c
 COMPILE_MODES = typing.get_args(CompileMode)
 
 
-_INFER = InferConfig()  # the defaults live in the config schema
-
-
-@dataclass(frozen=True)
-class Settings:
+@view_of(InferConfig)
+class Settings(SectionView):
     """The inference settings an ablation varies (see ``InferConfig`` for their meaning and defaults)."""
 
-    tta: int = _INFER.tta
-    tile: int = _INFER.tile
-    stride: int = _INFER.stride
-    blend: str = _INFER.blend
-    pad: int = _INFER.pad
-    margin: int = _INFER.margin
-    batch: int = _INFER.batch
-    precision: str = _INFER.precision
-    channels_last: bool = _INFER.channels_last
-    merge: str = _INFER.merge
-    compile: str = _INFER.compile
-
-    @classmethod
-    def from_config(cls, infer: InferConfig) -> Settings:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in dataclasses.asdict(infer).items() if k in names})
+    tta: int
+    tile: int
+    stride: int
+    blend: str
+    pad: int
+    margin: int
+    batch: int
+    precision: str
+    channels_last: bool
+    merge: str
+    compile: str
 
     def label(self) -> str:
         """Short text for tables: ``tta8 tile128/64 mean pad0 margin0 auto`` (``tta8 median ...``)."""

@@ -25,13 +25,12 @@ for the two discriminators together, both halved every ``mri_cycle_train.halve_e
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from pipeline.core.config import Config, GanConfig, MriCycleTrainConfig
+from pipeline.core.config import Config, GanConfig, MriCycleTrainConfig, SectionView, view_of
 from pipeline.core.distributed import Dist
 from pipeline.core.errors import UserError
 from pipeline.models.checkpoint import CheckpointError
@@ -48,19 +47,15 @@ CYCLE_D_KEYS = ("loss/d_total", "loss/d_hr", "loss/d_lr")
 _DEFAULTS = MriCycleTrainConfig()  # the defaults live in the config schema, one place
 
 
-@dataclass(frozen=True)
-class CycleMix:
-    """Weights of the generator terms (``mri_cycle_train.*``); 0 switches a term off (it is then not computed)."""
+@view_of(MriCycleTrainConfig)
+class CycleMix(SectionView):
+    """How much of each generator term (``mri_cycle_train.*``); 0 switches a term off (it is then not computed)."""
 
-    perceptual: float = _DEFAULTS.perceptual
-    adversarial: float = _DEFAULTS.adversarial
-    tv: float = _DEFAULTS.tv
-    l1: float = _DEFAULTS.l1
-    cycle: float = _DEFAULTS.cycle
-
-    @classmethod
-    def from_config(cls, c: MriCycleTrainConfig) -> CycleMix:
-        return cls(c.perceptual, c.adversarial, c.tv, c.l1, c.cycle)
+    perceptual: float
+    adversarial: float
+    tv: float
+    l1: float
+    cycle: float
 
 
 def vgg_perceptual(vgg: torch.nn.Module, criterion: str = "l1") -> Perceptual:
@@ -77,15 +72,15 @@ def _down(x: torch.Tensor) -> torch.Tensor:
     return F.avg_pool2d(x, SCALE)  # (B,1,4h,4w) -> (B,1,h,w)
 
 
-def generator_loss(net: SRResCycGAN, lr: torch.Tensor, hr: torch.Tensor, mix: CycleMix = CycleMix(),
+def generator_loss(net: SRResCycGAN, lr: torch.Tensor, hr: torch.Tensor, mix: CycleMix | None = None,
                    kind: str = _DEFAULTS.adversarial_loss, perceptual: Perceptual | None = None,
                    paired: bool = False) -> dict[str, torch.Tensor]:
     """The generators' loss terms and ``loss/total`` (module docstring); also ``sr`` and ``fake_lr`` for the critics."""
     if hr.shape[-2:] != (lr.shape[-2] * SCALE, lr.shape[-1] * SCALE):
         raise ValueError(f"hr {tuple(hr.shape)} must be {SCALE}x lr {tuple(lr.shape)} per side")
-    if mix.perceptual > 0 and perceptual is None:
+    w = mix or CycleMix()  # (the schema's defaults: the write-up's weights)
+    if w.perceptual > 0 and perceptual is None:
         raise ValueError("a positive perceptual weight needs the perceptual function (vgg_perceptual)")
-    w = mix
     sr = net.g_hr(lr)  # (B,1,h,w) -> (B,1,4h,4w)
     fake_lr = net.g_lr(hr)  # (B,1,4h,4w) -> (B,1,h,w)
     terms: dict[str, torch.Tensor] = {}

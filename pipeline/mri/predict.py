@@ -16,7 +16,6 @@ the same for the trilinear / tricubic baselines. fp32 throughout (no autocast fo
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.core.config import MriConfig, MriInferConfig
+from pipeline.core.config import MriConfig, MriInferConfig, SectionView, view_of
 from pipeline.core.errors import UserError
 from pipeline.core.runtime import pick_device
 from pipeline.inference.tiling import Forward, TileError, auto_batch, run_tiles, tile_corners, tile_geometry
@@ -35,26 +34,20 @@ from pipeline.mri.models import VOLUME_MODELS, VolumeModelSpec
 from pipeline.mri.volumes import Volume, intensity_stats, write_volume
 
 _MRI = MriConfig()  # the defaults live in the config schema, one place
-_MRI_INFER = MriInferConfig()
 
 
-@dataclass(frozen=True)
-class VolumeSettings:
+@view_of(MriInferConfig)
+class VolumeSettings(SectionView):
     """How a volume goes through a model (see ``MriInferConfig`` for each field and its default)."""
 
-    tile: int = _MRI_INFER.tile
-    stride: int = _MRI_INFER.stride
-    margin: int = _MRI_INFER.margin
-    pad: int = _MRI_INFER.pad
-    blend: str = _MRI_INFER.blend
-    batch: int = _MRI_INFER.batch
-    interp: str = _MRI_INFER.interp
-    slice_axis: int = _MRI_INFER.slice_axis
-
-    @classmethod
-    def from_config(cls, c: MriInferConfig) -> VolumeSettings:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in dataclasses.asdict(c).items() if k in names})
+    tile: int
+    stride: int
+    margin: int
+    pad: int
+    blend: str
+    batch: int
+    interp: str
+    slice_axis: int
 
 
 @dataclass(frozen=True)
@@ -114,10 +107,11 @@ def _check(settings: VolumeSettings) -> None:
         raise UserError(f"mri_infer.interp={s.interp}: choose from {', '.join(INTERPOLATIONS)}")
 
 
-def super_resolve(model: nn.Module, spec: VolumeModelSpec, volume: Volume, settings: VolumeSettings = VolumeSettings(),
+def super_resolve(model: nn.Module, spec: VolumeModelSpec, volume: Volume, settings: VolumeSettings | None = None,
                   upsample: tuple[int, int, int] = (1, 1, 1), device: torch.device | None = None,
                   percentiles: tuple[float, ...] = _MRI.norm_percentiles) -> SRVolume:
     """The SR of ``volume`` by ``model`` (module docstring); ``upsample``: LR -> HR grid factors (``grid_factors``)."""
+    settings = settings or VolumeSettings()
     _check(settings)
     device = device or pick_device()
     start = time.perf_counter()
