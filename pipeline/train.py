@@ -46,8 +46,9 @@ def build_trainable(cfg: Config) -> nn.Module:
     return model
 
 
-def _loader(cfg: Config, d: Dist) -> tuple[DataLoader, EpochBatches, int]:
-    """The training loader, its epoch order, and the LR side of a training sample (crop or patch)."""
+def _loader(cfg: Config, d: Dist, stream: int = 0) -> tuple[DataLoader, EpochBatches, int]:
+    """The training loader, its epoch order, and the LR side of a training sample (crop or patch);
+    ``stream``: the phase of train.phases (whose crop and batch ``cfg`` holds)."""
     t = cfg.train
     pairs = DataLayout(Path(cfg.data.dir)).patches.training_pairs(cfg.data.val_fold)
     side = min(read_pair(pairs[0], cfg.data.scale)[0].shape[:2])
@@ -55,7 +56,7 @@ def _loader(cfg: Config, d: Dist) -> tuple[DataLoader, EpochBatches, int]:
         raise UserError(f"train.crop={t.crop} is larger than the LR patches ({side} px, {pairs[0].lr_path}); "
                         f"use a crop <= {side}, or 0 for whole patches")
     dataset = PatchDataset(pairs, PairAugment(t.crop, cfg.data.scale, t.augment), cfg.data.scale)
-    loader, batches = run_loader(dataset, cfg, d)
+    loader, batches = run_loader(dataset, cfg, d, stream)
     return loader, batches, t.crop or side
 
 
@@ -85,7 +86,11 @@ def image_task(cfg: Config, d: Dist) -> TrainTask:
         return build_discriminator(name), discriminator_kwargs(name)
 
     card = card_of(model)  # the table's entry, or what was detected in model.pretrained
+    def loader_for(phase: Config, index: int) -> tuple[DataLoader, EpochBatches]:
+        return _loader(phase, d, index)[:2]
+
     return TrainTask(generator=model, arch=card.arch, kwargs=card.kwargs, loader=loader, batches=batches,
+                     loader_for=loader_for, pretrained=bool(cfg.model.pretrained),
                      to_device=to_device, validation=validation, discriminator=discriminator,
                      sample_pixels=side**2, description=f"{batches.n} patches of LR {side} px", note=card.note,
                      save_card=lambda path: save_model_card(path, model, cfg.model.pretrained))

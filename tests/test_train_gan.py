@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from procs import assert_ok, kill_after_first_save, torchrun_and_alone
-from test_train import ROOT, data, load, log_entries, train_args  # noqa: F401 (fixtures)
+from test_train import load, log_entries, train_args
 from torchvision.models import alexnet
 from torchvision.models.vgg import cfgs, make_layers
 

@@ -80,15 +80,48 @@ class ModelConfig:
         "", "weights file infer/export run as is (--weights), architecture detected; replaces the run's checkpoint")
 
 
+Scheduler = Literal["step", "cosine", "constant"]
+BatchAugKind = Literal["mixup", "cutblur"]  # train.batch_aug (pipeline/training/augment.py)
+
+
+@dataclass(frozen=True)
+class PhaseConfig:
+    """One entry of ``train.phases``: a stretch of the run with a few train.* settings of its own."""
+
+    name: str = opt("", "label in log.jsonl and curves.png; default phase1, phase2, ...")
+    steps: int | None = opt(None, "length of the phase in optimizer steps", ge=1)
+    minutes: float | None = opt(None, "length of the phase in minutes (the phase ends at the first log point after)",
+                                gt=0)
+    learning_rate: float | None = opt(None, "peak learning rate of the phase (its own warm-up and schedule)", ge=0)
+    min_learning_rate: float | None = opt(None, "floor of the phase's cosine", ge=0)
+    scheduler: Scheduler | None = opt(None, "the phase's schedule, over its own steps")
+    warmup_steps: int | None = opt(None, "linear warm-up steps at the start of the phase", ge=0)
+    loss_l1: float | None = opt(None, "weight of the L1 loss in this phase", ge=0)
+    loss_mse: float | None = opt(None, "weight of the MSE loss in this phase (an L2 phase: loss_l1=0 loss_mse=1)",
+                                 ge=0)
+    crop: int | None = opt(None, "random LR crop of this phase (0 = whole patches)", ge=0)
+    batch_size: int | None = opt(None, "global batch of this phase", ge=1)
+    grad_clip: float | None = opt(None, "gradient clipping of this phase", ge=0)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     batch_size: int = opt(16, "global batch size (split across processes under torchrun)", ge=1)
     crop: int = opt(0, "random LR crop inside each patch; 0 = whole patch", ge=0)
     augment: bool = opt(True, "8 dihedral transforms applied identically to LR and HR")
-    optimizer: Literal["adam", "adamw"] = opt("adam", "optimizer")
+    batch_aug: tuple[BatchAugKind, ...] = opt(
+        (), "augmentations of whole batches on the device, one drawn per batch from (seed, step): mixup (a "
+        "convex mix of two samples, LR and HR alike: bicubic is linear, so the pair stays consistent), cutblur "
+        "(a box of the LR input replaced by the HR's 4x4 average, or the reverse; the target stays HR); "
+        "empty = off")
+    batch_aug_prob: float = opt(0.5, "share of batches that get one of train.batch_aug", ge=0, le=1)
+    optimizer: Literal["adam", "adamw", "adamw-schedulefree"] = opt(
+        "adam", "optimizer; adamw-schedulefree = schedule-free AdamW (the schedulefree package): no schedule to fit "
+        "to a budget (train.scheduler is ignored, train.warmup_steps is its warm-up), its averaged weights are "
+        "validated and saved; PSNR runs only")
     learning_rate: float = opt(2e-4, "peak learning rate", ge=0)
     weight_decay: float = opt(0.0, "weight decay", ge=0)
-    scheduler: Literal["step", "cosine", "constant"] = opt(
+    scheduler: Scheduler = opt(
         "cosine", "'step' halves every step_epochs epochs, 'cosine' decays after warmup")
     step_epochs: int = opt(3, "StepLR period in epochs", ge=1)
     step_gamma: float = opt(0.5, "StepLR factor", gt=0, le=1)
@@ -98,6 +131,10 @@ class TrainConfig:
     loss_mse: float = opt(1.0, "weight of the MSE loss", ge=0)
     grad_clip: float = opt(0.0, "clip the gradient norm to this; 0 = off", ge=0)
     ema_decay: float = opt(0.999, "EMA decay of the weights; 0 = no EMA", ge=0, le=0.99999)
+    ema_warmup: bool = opt(
+        True, "EMA decay warms up (1 - (1+step)^-2/3, capped at ema_decay) so short runs from scratch get a "
+        "useful average; false = ema_decay from the first step, so a fine-tune's EMA starts at the loaded weights "
+        "and leaves them slowly")
     precision: Precision = opt(
         "auto", "autocast dtype; auto = on CUDA bf16 when a step holds >= 131072 LR pixels per GPU "
         "(batch x LR sample side^2, e.g. 16 x 128^2), else fp32 with TF32 (small steps are launch-bound); on a CPU "
@@ -131,6 +168,12 @@ class TrainConfig:
     workers: int = opt(2, "data loader workers per process (started once per run, kept across epochs)", ge=0)
     prefetch: int = opt(4, "batches each loader worker prepares ahead", ge=1)
     log_every: int = opt(20, "log scalars every this many steps", ge=1)
+    phases: tuple[PhaseConfig, ...] = opt(
+        (), "ordered phases of one run, each a mapping of train settings for a stretch of it: steps or minutes "
+        "(its length), learning_rate, min_learning_rate, scheduler, warmup_steps, loss_l1, loss_mse, crop, "
+        "batch_size, grad_clip, name; e.g. [{steps: 600, loss_l1: 1, loss_mse: 0, crop: 16}, {steps: 300, "
+        "loss_l1: 0, loss_mse: 1, crop: 0, learning_rate: 2e-5}]; the run ends after the last phase (or at "
+        "max_steps / max_minutes / patience); empty = one phase of train.* (PSNR runs)")
     profile_steps: int = opt(
         0, "torch.profiler over this many steps (after the warm-up): models/<run>/profile/ gets trace.json, "
         "ops.txt, sections.txt; 0 = off", ge=0)
@@ -452,6 +495,16 @@ def _check(value: Any, tp: Any, key: str) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"{key}: {value!r} does not match {tp}")
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{key}: expected null, got {value!r}")
+        return None
+    if dataclasses.is_dataclass(tp):  # an entry of a list of sections (train.phases)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of settings, got {value!r}")
+        return _merge(tp(), value, f"{key}.")
+    if tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 2e-4 (no dot) as a string, also inside lists and mappings
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -492,7 +545,7 @@ def _merge(obj: Any, values: dict[str, Any], prefix: str) -> Any:
     for name, value in values.items():
         key = f"{prefix}{name}"
         if name not in names:
-            raise _unknown(key, all_keys())
+            raise _unknown(key, [f"{prefix}{n}" for n in sorted(names)] + all_keys())
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):

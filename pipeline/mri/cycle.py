@@ -173,7 +173,7 @@ class CycleObjective(Objective):
         try:
             with tr.section("loss"):
                 losses = generator_loss(net, lr, hr, self.mix, kind, self.perceptual)
-            update(losses["loss/total"], tr.optimizer, tr.scaler, net.generators(), tr.cfg.train.grad_clip, tr.section)
+            update(losses["loss/total"], tr.optimizer, tr.scaler, net.generators(), tr.train.grad_clip, tr.section)
         finally:
             for d in discriminators:
                 d.requires_grad_(True)

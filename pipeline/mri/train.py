@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from pipeline.core.config import Config, MriConfig
 from pipeline.core.distributed import Dist
@@ -42,7 +43,7 @@ from pipeline.mri.models import (
     volume_model_kwargs,
 )
 from pipeline.mri.predict import VolumeSettings, grid_factors, interpolate, spec_of
-from pipeline.training.loader import run_loader
+from pipeline.training.loader import EpochBatches, run_loader
 from pipeline.training.run import run
 from pipeline.training.task import TrainTask
 
@@ -126,7 +127,11 @@ def volume_task(cfg: Config, d: Dist) -> TrainTask:
             raise UserError(f"gan.loss=wgan-gp needs a critic without batch norm; gan.discriminator={name} has it")
         return build_volume_model(name), kw
 
+    def loader_for(phase: Config, index: int) -> tuple[DataLoader, EpochBatches]:
+        return run_loader(SeededSamples(patches), phase, d, index)
+
     return TrainTask(generator=model, arch=arch, kwargs=kwargs, loader=loader, batches=batches, to_device=to_device,
+                     loader_for=loader_for, pretrained=bool(cfg.model.pretrained),
                      validation=validation, discriminator=discriminator, sample_pixels=c.patch**3,
                      description=f"{batches.n} patches of {c.patch}^3 from {len(patches.pairs)} volume(s)", note=note)
 

@@ -31,7 +31,7 @@ class EpochBatches(Sampler[list[tuple[int, int]]]):
     global batch is dropped, so all steps have the same batch size.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, stream: int = 0) -> None:
         if batch_size % world:
             raise DataError(f"train.batch_size={batch_size} is the global batch and must divide by the "
                             f"{world} processes")
@@ -40,6 +40,7 @@ class EpochBatches(Sampler[list[tuple[int, int]]]):
                             "size or cut more patches (smaller patchify.stride)")
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.rank, self.world = rank, world
+        self.stream = stream  # phase k of train.phases draws its own orders (0: the run's first, or only, phase)
         self.steps_per_epoch = n // batch_size
         self.epoch, self.start = 0, 0
 
@@ -49,7 +50,7 @@ class EpochBatches(Sampler[list[tuple[int, int]]]):
 
     def order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(permutation of the patches, one sample seed per position) of an epoch."""
-        rng = np.random.default_rng([self.seed % 2**63, epoch])
+        rng = np.random.default_rng([self.seed % 2**63, epoch, *([self.stream] if self.stream else [])])
         return rng.permutation(self.n), rng.integers(0, 2**31, size=self.n)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
@@ -89,10 +90,11 @@ def _own_process_group(_worker_id: int) -> None:
     os.setpgid(0, 0)
 
 
-def run_loader(dataset: Dataset, cfg: Config, d: Dist) -> tuple[DataLoader, EpochBatches]:
-    """The training loader of a task whose ``dataset`` takes (index, sample seed) keys, and its epoch order."""
+def run_loader(dataset: Dataset, cfg: Config, d: Dist, stream: int = 0) -> tuple[DataLoader, EpochBatches]:
+    """The training loader of a task whose ``dataset`` takes (index, sample seed) keys, and its epoch order
+    (``stream``: the phase of train.phases it serves)."""
     t = cfg.train
-    batches = EpochBatches(len(dataset), t.batch_size, cfg.seed, d.rank, d.world)  # type: ignore[arg-type]
+    batches = EpochBatches(len(dataset), t.batch_size, cfg.seed, d.rank, d.world, stream)  # type: ignore[arg-type]
     # The loader's own generator keeps it off the global torch RNG (which a resume restores and
     # drop-path layers use); the data order comes from `batches` alone, whatever the worker count.
     # The sampler never ends (RunBatches), so the loop's one iterator keeps its workers for the

@@ -5,6 +5,11 @@ validation) and every objective (``pipeline.training.objectives``: what a step o
 loop, checkpoints and resume, EMA, validation and best.pth, logging, divergence checks, signals
 and DDP live here once.
 
+A run is one or more phases (``pipeline.training.phases``): each brings its settings (``train``),
+its loader and its learning-rate schedule, counted from the step it began; ``last.pth`` records
+the phase. A generator that starts from trained weights (``TrainTask.pretrained``) is validated
+before the first step, and those weights compete for best.pth like any validation.
+
 Every rank runs the same loop. Decisions that depend on the clock or on a signal (time budget,
 SIGTERM, the length of a time-budgeted cosine, train.compile=auto) are ``Votes`` taken at log
 points, where the ranks agree through one all-reduce, so they always stop (and compile) at the
@@ -35,15 +40,17 @@ from pipeline.core.errors import CheckpointError, UserError
 from pipeline.core.layout import RunLayout
 from pipeline.core.runtime import compile_mode
 from pipeline.models.checkpoint import save_checkpoint
-from pipeline.training import run_folder
+from pipeline.training import phases, run_folder
+from pipeline.training.augment import BatchAugment
 from pipeline.training.compile import StepCompiler
 from pipeline.training.objectives import Objective
 from pipeline.training.profile import StepProfiler
 from pipeline.training.task import TrainTask
-from pipeline.training.updates import GeneratorUpdates, LearningRates, load_updates, updates_state
+from pipeline.training.updates import GeneratorUpdates, LearningRates, Schedule, load_updates, updates_state
 from pipeline.training.validation import ValidationCadence
 
 PROFILE_AFTER = 5  # steps of the session (after any compile warm-up) before train.profile_steps begins
+PHASE_END = "phase end"  # the stop reason that moves a run with train.phases on to its next phase
 
 
 class TrainingDiverged(UserError):
@@ -58,16 +65,17 @@ class Votes:
     out_of_time: bool = False  # train.max_minutes is spent
     cosine_length: int = 0  # rank 0's estimate of a time-budgeted cosine's length in steps (0 = keep it)
     compile: bool = False  # rank 0's vote for train.compile=auto at the first log point
+    phase_over: bool = False  # a phase of train.phases that lasts minutes has had them
 
     def agree(self, d: Dist) -> Votes:
         """Every rank's votes combined (any signal stops all; rank 0 alone votes on pace and compile)."""
         if d.world == 1:
             return self
         shared = torch.tensor([float(self.signal), float(self.out_of_time), float(self.cosine_length),
-                               float(self.compile)], dtype=torch.float64, device=d.device)
+                               float(self.compile), float(self.phase_over)], dtype=torch.float64, device=d.device)
         dist.all_reduce(shared, op=dist.ReduceOp.MAX)
-        sig, out_of_time, length, compile_ = shared.tolist()
-        return Votes(bool(sig), bool(out_of_time), int(length), bool(compile_))
+        sig, out_of_time, length, compile_, phase_over = shared.tolist()
+        return Votes(bool(sig), bool(out_of_time), int(length), bool(compile_), bool(phase_over))
 
 
 @dataclass
@@ -100,6 +108,7 @@ class Trainer:
     _session: tuple[float, int] = (0.0, 0)  # (clock, step) when this session's loop began
     _compile_pending: bool = False  # train.compile=auto waits for the first log point to decide
     _profile_from: int = -1  # the step at which the profiler starts; -1 = not yet known
+    start_psnr: float = math.nan  # validation PSNR of the weights the run started from (TrainTask.pretrained)
 
     def __post_init__(self) -> None:
         self.raw: nn.Module = self.task.generator  # EMA, validation and checkpoints use the model itself
@@ -113,12 +122,18 @@ class Trainer:
         self.profiler = StepProfiler(self.run.profile, t.profile_steps, self.device, self.main)
         self.log = run_folder.RunLog(self.run, 0, enabled=False)  # fit opens the run's log
         self.bar = tqdm(disable=True)  # fit opens the progress bar
+        self.phases = phases.plan(self.cfg)
+        self.phase = self.phases[0]
+        self.phase_start = (0, 0.0)  # (step, training seconds) where the phase began
+        self.loader, self.batches = self.task.loader, self.task.batches  # the phase's (the task built the first)
+        self.augment = BatchAugment(self.cfg.train.batch_aug, self.cfg.train.batch_aug_prob, self.cfg.seed)
 
     # What a step reads (objectives.StepContext).
     device = property(lambda self: self.d.device)
     rank = property(lambda self: self.d.rank)
     world = property(lambda self: self.d.world)
     main = property(lambda self: self.d.main)
+    train = property(lambda self: self.phase.cfg.train)  # the train settings in force
     optimizer = property(lambda self: self.updates.optimizer)
     scaler = property(lambda self: self.updates.scaler)
     ema = property(lambda self: self.updates.ema)
@@ -140,7 +155,7 @@ class Trainer:
     def model_checkpoint(self) -> dict[str, Any]:
         """What best.pth and history files hold: weights and how to rebuild the model."""
         state = {"params": self.raw.state_dict(), "arch": self.task.arch, "kwargs": self.task.kwargs,
-                 "step": self.step, "epoch": self.step // self.task.batches.steps_per_epoch,
+                 "step": self.step, "epoch": self.step // self.batches.steps_per_epoch,
                  "best_psnr": self.best.psnr, "config": to_dict(self.cfg)}
         if self.ema is not None:
             state["params_ema"] = self.ema.module.state_dict()
@@ -153,12 +168,21 @@ class Trainer:
                 "rng": run_folder.rng_state(),
                 "progress": {"bad_validations": self.bad_validations, "val_step": self.val_step,
                              "train_seconds": self.elapsed(), "best_score": self.best.score,
-                             "best_step": self.best.step},
+                             "best_step": self.best.step, "start_psnr": self.start_psnr,
+                             "phase": {"index": self.phase.index, "start_step": self.phase_start[0],
+                                       "start_seconds": self.phase_start[1]}},
                 **self.objective.state_dict()}
 
     def load_state(self, state: dict[str, Any], path: Any) -> None:
         u = self.updates
         try:
+            where = state["progress"].get("phase", {"index": 0, "start_step": 0, "start_seconds": 0.0})
+            index, start = int(where["index"]), (int(where["start_step"]), float(where["start_seconds"]))
+            if not 0 <= index < len(self.phases):
+                raise ValueError(f"it was saved in phase {index + 1}, and train.phases has {len(self.phases)}")
+            if index > 0:
+                self._enter_phase(index, start)  # the phase's loader and scheduler, for the saved state to fill
+            self.phase_start = start
             self.raw.load_state_dict(state["params"])
             if self.ema is not None:
                 self.ema.module.load_state_dict(state.get("params_ema", state["params"]))
@@ -172,6 +196,7 @@ class Trainer:
         self.train_seconds = progress["train_seconds"]
         self.best.score = float(progress.get("best_score", self.best.psnr))  # (runs saved before best_score)
         self.best.step = int(progress.get("best_step", -1))
+        self.start_psnr = float(progress.get("start_psnr", math.nan))
         self._saved_step = self.step
         if self.world == 1:
             run_folder.set_rng_state(state["rng"])
@@ -179,14 +204,17 @@ class Trainer:
             torch.manual_seed(self.cfg.seed + 1_000_003 * self.step + self.rank)
 
     def save(self, history: bool) -> None:
-        if not self.main:
-            return
-        self._check_finite()
-        save_checkpoint(self.run.last, self.state_dict())
-        keep = self.cfg.train.keep_last
-        if history and keep > 0:
-            save_checkpoint(self.run.history_path(self.step), self.model_checkpoint())
-            run_folder.prune_history(self.run, keep)
+        # Every rank switches to the weights inference will use (schedule-free: the average) and back, so
+        # the ranks' weights stay identical; rank 0 writes.
+        with self.updates.evaluating():
+            if not self.main:
+                return
+            self._check_finite()
+            save_checkpoint(self.run.last, self.state_dict())
+            keep = self.cfg.train.keep_last
+            if history and keep > 0:
+                save_checkpoint(self.run.history_path(self.step), self.model_checkpoint())
+                run_folder.prune_history(self.run, keep)
         self._saved = time.monotonic()
         self._saved_step = self.step
 
@@ -208,39 +236,40 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------------
 
     def fit(self) -> None:
-        """Train until a limit, the time budget, early stopping or a signal; then validate and save."""
+        """Train until a limit, the time budget, the last phase's end, early stopping or a signal; then
+        validate and save."""
         validation = self.task.validation
         self.baseline = validation.baseline()
         name = validation.baseline_name
         self.say(f"{name} validation PSNR {self.baseline['psnr']:.3f} dB on {validation.size} images")
         self.log = run_folder.RunLog(self.run, self.step, self.main)
-        self.bar = tqdm(total=self.total_steps or None, initial=self.step, disable=not self.main, unit="step",
+        self.log.phase = self.phase.name
+        if len(self.phases) > 1 and self.step == 0:
+            self.log.write(0, "phase", {})  # where each phase begins (curves.png draws it)
+        self.bar = tqdm(total=self._planned_steps() or None, initial=self.step, disable=not self.main, unit="step",
                         dynamic_ncols=True)
         # Python lets only the main thread set handlers; elsewhere (a notebook's worker) Ctrl-C is plain.
         signals = (signal.SIGTERM, signal.SIGINT) if threading.current_thread() is threading.main_thread() else ()
         handlers = {s: signal.signal(s, self._on_signal) for s in signals}
         try:
             self.raw.train()
+            self.updates.training()
+            if self.task.pretrained and self.step == 0:
+                self._validate_start()
             self._session = self._speed = (time.perf_counter(), self.step)
             self.cadence.start(self.step)
             self._start_compile()
             reason = self._stop_reason()
-            spe = self.task.batches.steps_per_epoch
-            self.task.batches.set_position(self.step // spe, self.step % spe)
-            # One iterator for the whole session: its workers start once and run on across epochs
-            # (the loader's sampler chains them, loader.RunBatches), prefetching over epoch ends.
-            batches = iter(self.task.loader)
-            try:
-                while reason is None:
-                    with self.section("data"):
-                        lr_u8, hr_u8 = next(batches)
-                    self._train_step(lr_u8, hr_u8)
-                    with self.section("after_step"):
-                        reason = self._after_step()
-                    self.profiler.step()
-            finally:
-                del batches  # shuts the loader workers down now (also on an error), not at interpreter exit
-                self.profiler.stop()
+            while True:
+                reason = self._run_phase(reason)
+                if reason != PHASE_END or self.phase.index == len(self.phases) - 1:
+                    break
+                if self._window:
+                    self._log_train()  # the phase's last losses, so no logged mean spans two phases
+                if self.val_step != self.step:
+                    self._validate()  # the phase's last weights compete for best.pth
+                self._enter_phase(self.phase.index + 1, (self.step, self.elapsed()))
+                reason = self._stop_reason()
             if self.profiler.summary:
                 self.say(f"profile of {self.cfg.train.profile_steps} steps in {self.profiler.out}:\n"
                          f"{self.profiler.summary}")
@@ -253,13 +282,75 @@ class Trainer:
             self.log.close()
             for s, handler in handlers.items():
                 signal.signal(s, handler)
+        if reason == PHASE_END:
+            reason = f"end of the last phase, {self.phase.name}" if len(self.phases) > 1 else reason
         self.say(f"stopped at step {self.step} ({self.stop_signal or reason}); {self._best_text()}; "
                  f"checkpoints in {self.run.dir}")
+
+    def _run_phase(self, reason: str | None) -> str | None:
+        """Steps of the current phase from ``self.step`` until a reason to stop (PHASE_END: its end)."""
+        spe = self.batches.steps_per_epoch
+        done = self.step - self.phase_start[0]
+        self.batches.set_position(done // spe, done % spe)
+        # One iterator for the whole phase: its workers start once and run on across epochs
+        # (the loader's sampler chains them, loader.RunBatches), prefetching over epoch ends.
+        batches = iter(self.loader)
+        try:
+            while reason is None:
+                with self.section("data"):
+                    lr_u8, hr_u8 = next(batches)
+                self._train_step(lr_u8, hr_u8)
+                with self.section("after_step"):
+                    reason = self._after_step()
+                self.profiler.step()
+        finally:
+            del batches  # shuts the loader workers down now (also on an error), not at interpreter exit
+            self.profiler.stop()
+        return reason
+
+    def _enter_phase(self, index: int, start: tuple[int, float]) -> None:
+        """Phase ``index`` of train.phases begins at ``start`` (step, training seconds): its loader, its loss
+        mix, and its learning rate with a schedule counted from that step."""
+        phase = self.phase = self.phases[index]
+        self.phase_start = start
+        assert self.task.loader_for is not None  # (run checks that a phased run's task has one)
+        self.loader, self.batches = self.task.loader_for(phase.cfg, index)
+        t, u = phase.cfg.train, self.updates
+        for group in u.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] = t.learning_rate  # the phase's peak; its scheduler starts from it
+        schedule = Schedule.of(t, self.batches.steps_per_epoch, phase.steps)
+        u.scheduler = schedule.build(u.optimizer)
+        self.rates = LearningRates(schedule, [u.scheduler])
+        self.objective.enter_phase(phase.cfg, self.device)
+        self.log.phase = phase.name
+        self.log.write(start[0], "phase", {})
+        self.say(f"step {start[0]}: phase {index + 1}/{len(self.phases)} ({phase.name}): " + ", ".join(
+            f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in phases.settings_of(self.cfg.train.phases[index]).items()))
+
+    def _planned_steps(self) -> int:
+        """Steps the run will take when it is known in advance (progress bar): the step limit, or the phases'."""
+        lengths = [p.steps for p in self.phases]
+        if len(self.phases) > 1 and all(lengths) and not any(p.timed for p in self.phases):
+            return min(sum(lengths), self.total_steps) if self.total_steps else sum(lengths)
+        return self.total_steps
+
+    def _validate_start(self) -> None:
+        """The weights the run starts from, validated before its first step: logged at step 0, and in the
+        running for best.pth, so a fine-tune never ends with a best.pth worse than its start."""
+        self._validate()
+        self.start_psnr = self.last_psnr
+        base = self.baseline["psnr"]
+        self.say(f"start: validation PSNR {self.start_psnr:.3f} dB ({self.task.validation.baseline_name} "
+                 f"{base:.3f}, {self.start_psnr - base:+.3f} dB) before the first step")
 
     def _best_text(self) -> str:
         if self.val_step < 0:
             return "not validated yet"
         base, best = self.baseline["psnr"], self.best
+        if not math.isnan(self.start_psnr) and best.rule == "psnr":
+            return (f"start {self.start_psnr:.3f} dB -> best {best.psnr:.3f} dB ({best.psnr - self.start_psnr:+.3f} "
+                    f"dB; {self.task.validation.baseline_name} {base:.3f}, {best.psnr - base:+.3f} dB)")
         psnr = f"PSNR {best.psnr:.3f} dB ({self.task.validation.baseline_name} {base:.3f}, {best.psnr - base:+.3f} dB)"
         if best.rule == "psnr":
             return f"best validation {psnr}"
@@ -273,7 +364,8 @@ class Trainer:
     def _train_step(self, lr_batch: torch.Tensor, hr_batch: torch.Tensor) -> None:
         with self.section("to_device"):
             lr, hr = self.task.to_device(lr_batch), self.task.to_device(hr_batch)
-        self.rates.set(self.step)  # the learning rates of update number `step`
+            lr, hr = self.augment(lr, hr, self.step)  # train.batch_aug (nothing when empty)
+        self.rates.set(self.step - self.phase_start[0])  # the learning rates of the phase's update number
         losses = self.objective.step(self, lr, hr)
         self.step += 1
         if self.ema is not None:
@@ -349,7 +441,7 @@ class Trainer:
         self._window.clear()
         start, start_step = self._speed
         now = time.perf_counter()
-        samples = (self.step - start_step) * self.cfg.train.batch_size / max(now - start, 1e-9)
+        samples = (self.step - start_step) * self.train.batch_size / max(now - start, 1e-9)
         values = {**losses, "samples_per_s": samples, "learning_rate": self.optimizer.param_groups[0]["lr"],
                   "time_s": self.elapsed()}  # training clock of the run (validations included)
         self._speed = (now, self.step)
@@ -372,12 +464,13 @@ class Trainer:
         self.raw.eval()
         model = self.ema.module if self.ema is not None else self.raw  # the weights inference will use
         validation = self.task.validation
-        metrics = validation(model, self.dtype)
+        with self.updates.evaluating():  # (schedule-free: its average, which is what it saves)
+            metrics = validation(model, self.dtype)
+            psnr = metrics["psnr"]
+            self.last_psnr, self.val_step = psnr, self.step
+            improved = self.best.offer(metrics, self.step, self.model_checkpoint, write=self.main)
         self.raw.train()
         seconds = time.perf_counter() - start
-        psnr = metrics["psnr"]
-        self.last_psnr, self.val_step = psnr, self.step
-        improved = self.best.offer(metrics, self.step, self.model_checkpoint, write=self.main)
         self.bad_validations = 0 if improved else self.bad_validations + 1
         base, best = validation.baseline_name, self.best
         self.log.write(self.step, "val", {
@@ -392,11 +485,13 @@ class Trainer:
         return seconds
 
     def _stop_reason(self) -> str | None:
-        t = self.cfg.train
+        t, phase = self.cfg.train, self.phase
         if self.total_steps and self.step >= self.total_steps:
             return "step limit"
         if t.patience and self.bad_validations >= t.patience:
             return f"no improvement in {t.patience} validations"
+        if phase.steps and self.step - self.phase_start[0] >= phase.steps:
+            return PHASE_END
         if self.world > 1 and self.step % t.log_every:
             return None  # clock and signal decisions wait for the next point where ranks agree
         decide = self._compile_pending and self.step % t.log_every == 0 and self.step > self._session[1]
@@ -404,6 +499,7 @@ class Trainer:
                       out_of_time=t.max_minutes > 0 and self.elapsed() >= t.max_minutes * 60,
                       cosine_length=self._cosine_length(),
                       compile=decide and self.main and compile_mode("auto", self.device, self._seconds_left()) != "off",
+                      phase_over=phase.timed and self.elapsed() - self.phase_start[1] >= phase.minutes * 60,
                       ).agree(self.d)
         if votes.cosine_length > 0:
             self.rates.retime(votes.cosine_length)
@@ -415,14 +511,24 @@ class Trainer:
             return "signal"
         if votes.out_of_time:
             return "time budget"
+        if votes.phase_over:
+            return PHASE_END
         return None
 
     def _cosine_length(self) -> int:
-        """A cosine's length for a time budget without a step limit: the steps the budget allows at the
-        pace so far (validations included). 0 = keep the current length."""
-        t = self.cfg.train
-        if not (self.main and self.rates.schedule.kind == "cosine" and not self.total_steps and t.max_minutes > 0):
+        """A cosine's length for a time budget without a step limit (the run's max_minutes, or a phase's
+        minutes): the steps the budget allows at the pace so far (validations included), counted from the
+        phase's start. 0 = keep the current length."""
+        t, phase = self.cfg.train, self.phase
+        if not self.main or self.rates.schedule.kind != "cosine" or self.step == 0 or self.step % t.log_every:
             return 0
-        if self.step == 0 or self.step % t.log_every:
+        if phase.timed and not phase.steps:
+            budget = phase.minutes * 60
+        elif len(self.phases) == 1 and not self.total_steps and t.max_minutes > 0:
+            budget = t.max_minutes * 60
+        else:
             return 0
-        return max(self.step + 1, t.warmup_steps + 1, round(self.step * t.max_minutes * 60 / self.elapsed()))
+        steps, seconds = self.step - self.phase_start[0], self.elapsed() - self.phase_start[1]
+        if steps <= 0:
+            return 0
+        return max(steps + 1, self.rates.schedule.warmup + 1, round(steps * budget / seconds))

@@ -32,7 +32,7 @@ import torch
 from timm.scheduler.scheduler import Scheduler
 from torch import nn
 
-from pipeline.core.config import Config
+from pipeline.core.config import Config, TrainConfig
 from pipeline.core.distributed import Dist, wrap_ddp
 from pipeline.core.errors import UserError
 from pipeline.core.runtime import autocast
@@ -49,7 +49,8 @@ D_KEYS = ("loss/d_total", "loss/d_real", "loss/d_fake", "loss/d_gp")
 class StepContext(Protocol):
     """What a step reads of the loop (the ``Trainer`` of pipeline/training/loop.py, which imports this module)."""
 
-    cfg: Config
+    cfg: Config  # the run's settings
+    train: TrainConfig  # the train settings in force (the phase's, under train.phases)
     device: torch.device
     dtype: torch.dtype | None
     model: nn.Module  # the generator as the step runs it (DDP-wrapped under torchrun)
@@ -70,6 +71,7 @@ class Objective:
 
     name = ""
     compiles = False  # train.compile may compile the generator's forward and backward
+    phased = False  # train.phases may change its loss mix and learning rate between stretches of the run
     best_by = "psnr"  # what best.pth keeps: psnr, lpips or last (gan.best)
 
     def __init__(self, loss: GeneratorLoss, schedule: Schedule) -> None:
@@ -110,6 +112,9 @@ class Objective:
         """False while a divergence is suspected: periodic saves wait, so last.pth stays from before it."""
         return True
 
+    def enter_phase(self, cfg: Config, device: torch.device) -> None:
+        """A new phase of train.phases begins with the settings ``cfg`` (only when ``phased``)."""
+
     def describe(self) -> str:
         """What the run's start line adds about this objective ('' = nothing)."""
         return ""
@@ -124,6 +129,10 @@ class PixelObjective(Objective):
 
     name = "psnr"
     compiles = True
+    phased = True
+
+    def enter_phase(self, cfg: Config, device: torch.device) -> None:
+        self.loss = build_generator_loss(cfg).to(device)  # the phase's mix (an L2 phase: loss_l1=0, loss_mse=1)
 
     def step(self, tr: StepContext, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:
         tr.compiler.begin_step()
@@ -131,7 +140,7 @@ class PixelObjective(Objective):
             sr = tr.compiler.call(lr)  # (b,3,h,w) -> (b,3,4h,4w)
         with tr.section("loss"):
             losses = self.loss(sr.float(), hr)  # fp32 loss whatever the autocast
-        update(losses["loss/total"], tr.optimizer, tr.scaler, tr.raw.parameters(), tr.cfg.train.grad_clip, tr.section)
+        update(losses["loss/total"], tr.optimizer, tr.scaler, tr.raw.parameters(), tr.train.grad_clip, tr.section)
         return losses
 
 
@@ -262,7 +271,7 @@ class GanObjective(Objective):
                         real_logits = full_precision(self.critic(real))
             losses = self.loss(sr, hr, fake_logits, real_logits)
         try:
-            update(losses["loss/total"], tr.optimizer, tr.scaler, tr.raw.parameters(), tr.cfg.train.grad_clip,
+            update(losses["loss/total"], tr.optimizer, tr.scaler, tr.raw.parameters(), tr.train.grad_clip,
                    tr.section)
         finally:
             self.critic.requires_grad_(True)

@@ -32,11 +32,11 @@ from pipeline.core.layout import RunLayout
 from pipeline.core.runtime import enable_tf32, peak_memory, precision_name, seed_everything, train_autocast_dtype
 from pipeline.models.checkpoint import CheckpointError, load_checkpoint
 from pipeline.models.table import autocast_cap, count_parameters
-from pipeline.training import run_folder
+from pipeline.training import phases, run_folder
 from pipeline.training.loop import Trainer
 from pipeline.training.objectives import Objective, build_objective, check_objective
 from pipeline.training.task import TrainTask
-from pipeline.training.updates import GeneratorUpdates
+from pipeline.training.updates import SCHEDULE_FREE, GeneratorUpdates
 
 
 def _check(cfg: Config) -> None:
@@ -44,6 +44,16 @@ def _check(cfg: Config) -> None:
     if cfg.train.precision == "fp16" and not torch.cuda.is_available():
         raise UserError("train.precision=fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
     check_objective(cfg)
+
+
+def _check_run(cfg: Config, task: TrainTask, objective: Objective) -> None:
+    """Settings the task or its objective cannot follow (known once both are built)."""
+    if cfg.train.phases and not (objective.phased and task.loader_for is not None):
+        raise UserError(f"train.phases: the {objective.name} objective of this task runs one phase; leave "
+                        "train.phases empty")
+    if cfg.train.optimizer == SCHEDULE_FREE and objective.name != "psnr":
+        raise UserError(f"train.optimizer={SCHEDULE_FREE} is for PSNR runs (the {objective.name} objective has "
+                        "optimizers of its own); use adam or adamw")
 
 
 def _moved_aside_advice(path: Path, problem: str) -> CheckpointError:
@@ -104,14 +114,17 @@ def run(cfg: Config, make_task: Callable[[Config, Dist], TrainTask]) -> None:
         elif d.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # one patch size: autotuned kernels pay off
         seed_everything(cfg.seed)  # the same initial weights on every rank
-        task = make_task(cfg, d)
-        dtype = train_autocast_dtype(d.device, t.precision, t.batch_size // d.world * task.sample_pixels,
+        first = phases.plan(cfg)[0]  # the run starts with the settings of its first phase (train.* without phases)
+        task = make_task(first.cfg, d)
+        start = first.cfg.train
+        dtype = train_autocast_dtype(d.device, t.precision, start.batch_size // d.world * task.sample_pixels,
                                      t.deterministic)
         dtype = autocast_cap([task.generator], dtype, d.device)  # fp16-unsafe architectures stay in bf16/fp32
         limits = [n for n in (t.max_steps, t.max_epochs * task.batches.steps_per_epoch) if n > 0]
         total_steps = min(limits) if limits else 0
-        objective = build_objective(cfg, task, d, dtype, total_steps)
-        updates = GeneratorUpdates.build(t, task.generator, d.device, dtype, objective.schedule)
+        objective = build_objective(first.cfg, task, d, dtype, first.steps or total_steps)
+        _check_run(cfg, task, objective)
+        updates = GeneratorUpdates.build(start, task.generator, d.device, dtype, objective.schedule)
         state, best_floor = _resume_from(cfg, d, run_dir, task.arch, objective)
         torch.manual_seed(cfg.seed + d.rank)  # ranks draw different drop-path masks
 
@@ -141,7 +154,7 @@ def run(cfg: Config, make_task: Callable[[Config, Dist], TrainTask]) -> None:
 
 
 def _start_line(cfg: Config, trainer: Trainer, dtype: torch.dtype | None) -> str:
-    t, objective, task, d = cfg.train, trainer.objective, trainer.task, trainer.d
+    t, objective, task, d = trainer.train, trainer.objective, trainer.task, trainer.d
     fp32 = "fp32 (TF32)" if d.device.type == "cuda" else "fp32"
     update = "fused" if trainer.optimizer.defaults.get("fused") else "foreach"
     group = f" (DDP, {dist.get_backend()})" if d.distributed else ""
@@ -149,4 +162,6 @@ def _start_line(cfg: Config, trainer: Trainer, dtype: torch.dtype | None) -> str
     compile_ = t.compile if objective.compiles else f"off ({objective.name.upper()} steps run eager)"
     return (f"{what} on {d.device} x{d.world}{group}, {precision_name(dtype) if dtype else fp32}, {update} "
             f"{t.optimizer}, compile {compile_}, "
-            f"{task.description}, {task.batches.steps_per_epoch} steps/epoch, global batch {t.batch_size}")
+            f"{task.description}, {task.batches.steps_per_epoch} steps/epoch, global batch {t.batch_size}"
+            + (f"; {len(trainer.phases)} phases ({', '.join(p.name for p in trainer.phases)})"
+               if cfg.train.phases else ""))

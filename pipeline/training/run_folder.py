@@ -134,6 +134,7 @@ class RunLog:
 
     def __init__(self, run: RunLayout, start_step: int, enabled: bool) -> None:
         self.enabled = enabled
+        self.phase = ""  # the phase of train.phases each entry is written in ('' = a run without phases)
         self._plotted = -math.inf
         self.path = run.log
         self.curves_path = run.curves
@@ -153,7 +154,8 @@ class RunLog:
         """Append one entry and its scalars (``loss/...``, ``val/...``, ``learning_rate``)."""
         if not self.enabled:
             return
-        entry = {"step": step, "kind": kind, **{k: _json_float(v) for k, v in values.items()}}
+        entry = {"step": step, "kind": kind, **({"phase": self.phase} if self.phase else {}),
+                 **{k: _json_float(v) for k, v in values.items()}}
         self.entries.append(entry)
         with self.path.open("a") as f:
             f.write(json.dumps(entry) + "\n")
@@ -202,6 +204,11 @@ class RunLog:
                             label=key.removeprefix("val/").removesuffix("_psnr"))
         ax_psnr.set(xlabel="step", ylabel="PSNR (dB)", title="validation PSNR (RGB uint8)")
         ax_psnr.legend()
+        for step, name in phase_starts(self.entries):  # train.phases: where each phase begins, on every panel
+            for ax in axes:
+                ax.axvline(step, color="tab:purple", ls=":", lw=1)
+            axes[0].annotate(name, (step, 1), xycoords=("data", "axes fraction"), xytext=(2, -10),
+                             textcoords="offset points", fontsize=8, color="tab:purple")
         fig.tight_layout()
         with atomic_write(self.curves_path) as tmp:
             fig.savefig(tmp, format="png", dpi=100)
@@ -210,6 +217,11 @@ class RunLog:
     def close(self) -> None:
         if self.enabled:
             self.writer.close()
+
+
+def phase_starts(entries: list[dict[str, Any]]) -> list[tuple[int, str]]:
+    """(step, name) where each phase of train.phases begins, from the log's entries."""
+    return [(e["step"], e["phase"]) for e in entries if e["kind"] == "phase"]
 
 
 def _parse_last(lines: list[str]) -> list[dict[str, Any]]:

@@ -46,6 +46,10 @@ class TrainTask:
     sample_pixels: int  # input pixels (voxels) of one training sample: the precision rule's step size
     description: str  # the training data in a few words, for the start line
     note: str = ""  # said once at the start (e.g. what was detected in a weights file)
+    pretrained: bool = False  # the generator starts from trained weights: they are validated before the first step
+    # (the config of a phase of train.phases, its index) -> that phase's loader and order (its crop and batch);
+    # None: the task runs one phase
+    loader_for: Callable[[Any, int], tuple[DataLoader, EpochBatches]] | None = None
     save_card: Callable[[Path], Any] | None = None  # writes models/<run>/model.yaml once the start's checks pass
     # A builder (cfg, task, dist, dtype, total_steps) -> Objective this task trains with (e.g. the cycle
     # objective of pipeline/mri/cycle.py); None = the config's, from pipeline.training.objectives.OBJECTIVES.

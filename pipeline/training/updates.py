@@ -10,7 +10,7 @@ is re-timed at log points (``LearningRates.retime``) so that its decay ends with
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,12 +31,27 @@ def _no_phase(_name: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+SCHEDULE_FREE = "adamw-schedulefree"
+
+
 def build_optimizer(t: TrainConfig, model: nn.Module, device: torch.device,
                     learning_rate: float | None = None) -> torch.optim.Optimizer:
-    """Adam / AdamW with this device's update kernel (runtime.optimizer_flags: fused on CUDA)."""
-    optimizer_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[t.optimizer]
+    """Adam / AdamW with this device's update kernel (runtime.optimizer_flags: fused on CUDA), or
+    schedule-free AdamW (its own warm-up of train.warmup_steps; no fused kernel, a foreach one)."""
     rate = t.learning_rate if learning_rate is None else learning_rate
+    if t.optimizer == SCHEDULE_FREE:
+        import schedulefree
+
+        return schedulefree.AdamWScheduleFree(model.parameters(), lr=rate, weight_decay=t.weight_decay,
+                                              warmup_steps=t.warmup_steps, foreach=True)
+    optimizer_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[t.optimizer]
     return optimizer_cls(model.parameters(), lr=rate, weight_decay=t.weight_decay, **optimizer_flags(device))
+
+
+def schedule_free(optimizer: torch.optim.Optimizer) -> bool:
+    """Schedule-free optimizers keep two weight sequences: ``train()`` puts the one the gradient is taken
+    at into the model, ``eval()`` the average that validation, checkpoints and inference use."""
+    return callable(getattr(optimizer, "eval", None)) and callable(getattr(optimizer, "train", None))
 
 
 @dataclass(frozen=True)
@@ -57,7 +72,10 @@ class Schedule:
 
     @classmethod
     def of(cls, t: TrainConfig, steps_per_epoch: int, total_steps: int) -> Schedule:
-        """``train.*``'s schedule: ``train.scheduler`` (step: halved every ``train.step_epochs`` epochs)."""
+        """``train.*``'s schedule: ``train.scheduler`` (step: halved every ``train.step_epochs`` epochs);
+        none for schedule-free AdamW, which needs none (its warm-up is its own)."""
+        if t.optimizer == SCHEDULE_FREE:
+            return cls("constant")
         return cls(t.scheduler, t.warmup_steps, t.min_learning_rate, total_steps, t.step_epochs * steps_per_epoch,
                    t.step_gamma)
 
@@ -103,10 +121,28 @@ class GeneratorUpdates:
     def build(cls, t: TrainConfig, model: nn.Module, device: torch.device, dtype: torch.dtype | None,
               schedule: Schedule) -> GeneratorUpdates:
         optimizer = build_optimizer(t, model, device)
-        # EMA decay warms up (1 - (1+step)^-2/3, capped at train.ema_decay) so short runs get a useful average.
-        ema = ModelEmaV3(model, decay=t.ema_decay, use_warmup=True) if t.ema_decay > 0 else None
+        # train.ema_warmup: the decay warms up (1 - (1+step)^-2/3, capped at train.ema_decay) so short runs from
+        # scratch get a useful average; without it a fine-tune's average starts at the loaded weights.
+        ema = ModelEmaV3(model, decay=t.ema_decay, use_warmup=t.ema_warmup) if t.ema_decay > 0 else None
         scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)  # bf16 needs no scaling
         return cls(optimizer, schedule.build(optimizer), scaler, ema)
+
+    def training(self) -> None:
+        """The weights the gradient is taken at in the model (a no-op but for schedule-free optimizers)."""
+        if schedule_free(self.optimizer):
+            self.optimizer.train()  # type: ignore[attr-defined]
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Within: the weights to validate and save in the model (schedule-free: the average), then back."""
+        if not schedule_free(self.optimizer):
+            yield
+            return
+        self.optimizer.eval()  # type: ignore[attr-defined]
+        try:
+            yield
+        finally:
+            self.optimizer.train()  # type: ignore[attr-defined]
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
