@@ -71,31 +71,31 @@ def _source_path(src: Source) -> Path:
 
 
 def _downscale(hr: np.ndarray) -> np.ndarray:
-    """(512,512,3) uint8 -> (128,128,3) uint8 with MATLAB bicubic (antialiased), rounded once."""
+    """(S,S,3) uint8 -> (S/4,S/4,3) uint8 with MATLAB bicubic (antialiased), rounded once."""
     from pipeline.core.compat import imresize
 
     return to_uint8(imresize(hr.astype(np.float64) / 255.0, 1 / SCALE))
 
 
-def _fit(photo: np.ndarray) -> np.ndarray:
-    """Enlarge (MATLAB bicubic) a photo whose shorter side is below HR_SIZE; others unchanged."""
+def _fit(photo: np.ndarray, size: int) -> np.ndarray:
+    """Enlarge (MATLAB bicubic) a photo whose shorter side is below ``size``; others unchanged."""
     short = min(photo.shape[:2])
-    if short >= HR_SIZE:
+    if short >= size:
         return photo
     from pipeline.core.compat import imresize
 
-    return to_uint8(imresize(photo.astype(np.float64) / 255.0, HR_SIZE / short))[:, :, :3]
+    return to_uint8(imresize(photo.astype(np.float64) / 255.0, size / short))[:, :, :3]
 
 
-def _crops(photo: np.ndarray, grid: tuple[int, int], rng: np.random.Generator) -> list[np.ndarray]:
-    """``grid`` crops of HR_SIZE, evenly spread, each moved by a seeded jitter of up to 32 px."""
+def _crops(photo: np.ndarray, grid: tuple[int, int], rng: np.random.Generator, size: int) -> list[np.ndarray]:
+    """``grid`` crops of ``size``, evenly spread, each moved by a seeded jitter of up to 32 px."""
     h, w = photo.shape[:2]
     out = []
-    for y in np.linspace(0, h - HR_SIZE, grid[0]).round().astype(int):
-        for x in np.linspace(0, w - HR_SIZE, grid[1]).round().astype(int):
-            y2 = int(np.clip(y + rng.integers(-32, 33), 0, h - HR_SIZE))
-            x2 = int(np.clip(x + rng.integers(-32, 33), 0, w - HR_SIZE))
-            out.append(photo[y2 : y2 + HR_SIZE, x2 : x2 + HR_SIZE])
+    for y in np.linspace(0, h - size, grid[0]).round().astype(int):
+        for x in np.linspace(0, w - size, grid[1]).round().astype(int):
+            y2 = int(np.clip(y + rng.integers(-32, 33), 0, h - size))
+            x2 = int(np.clip(x + rng.integers(-32, 33), 0, w - size))
+            out.append(photo[y2 : y2 + size, x2 : x2 + size])
     return out
 
 
@@ -115,14 +115,15 @@ def _zip_bytes(files: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
-def build(out: Path, seed: int) -> None:
-    """Write the demo dataset into ``out`` (which must not exist yet)."""
+def build(out: Path, seed: int, sources: tuple[Source, ...] = SOURCES, size: int = HR_SIZE) -> None:
+    """Write the demo dataset (or another set of ``sources`` cut into HR crops of ``size``) into ``out``,
+    which must not exist yet."""
     rng = np.random.default_rng(seed)
     train_rows, test_rows, sample = [], [], {}
-    for src in SOURCES:
+    for src in sources:
         path = _source_path(src)
-        photo = _fit(read_uint8(path))
-        for hr in _crops(photo, src.grid, rng):
+        photo = _fit(read_uint8(path), size)
+        for hr in _crops(photo, src.grid, rng, size):
             lr = _downscale(hr)
             source = Path(src.name).stem.removesuffix("_left").removesuffix("_right")
             if src.split == "train":
@@ -135,7 +136,7 @@ def build(out: Path, seed: int) -> None:
                 _write(out / "test" / "lr" / f"{img_id}.png", encode_png(lr))
                 _write(out / "test_hr" / f"{img_id}.png", encode_png(hr))
                 test_rows.append((img_id, f"test/lr/{img_id}.png"))
-                sample[f"{img_id}.png"] = encode_png(np.zeros((HR_SIZE, HR_SIZE, 3), np.uint8))
+                sample[f"{img_id}.png"] = encode_png(np.zeros((size, size, 3), np.uint8))
     pd.DataFrame(train_rows, columns=["img_id", "lr_img_path", "hr_img_path", "source"]).to_csv(
         out / "train.csv", index=False)
     pd.DataFrame(test_rows, columns=["img_id", "lr_img_path"]).to_csv(out / "test.csv", index=False)

@@ -1,0 +1,228 @@
+"""What each lever is worth, on held-out photos: bicubic, a published network zero-shot (x1, x8),
+fine-tuned with configs/finetune.yaml, + an L2 phase at equal minutes, + a multi-window ensemble,
++ a fitted blend of the run's checkpoints; and from scratch, schedule-free vs AdamW and CutBlur vs
+none at equal minutes. Every row: held-out PSNR, its gain over the row it builds on, and that gain's
+paired bootstrap 95% interval over the held-out crops.
+
+    python -m bench.levers --out /tmp/levers --minutes 5            # the whole table (about an hour, CPU)
+    python -m bench.levers --out /tmp/levers --data-only            # just the dataset
+
+The dataset (``--out``/data, contest layout): every colour or grey photo that scikit-image and
+matplotlib ship, split by photo (source) before anything is cut: the held-out photos become
+``test/lr`` + ``test_hr`` (HR crops of 256 px, LR 64), the others training pairs whose own
+validation fold (by source, ``prepare``) picks best.pth and fits the blend. Crops of one photo are
+correlated, so the intervals over crops are somewhat narrower than intervals over photos would be.
+Run it on a quiet machine: the training rows are time budgets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from bench.common import machine
+from pipeline.cli import main as cli
+from pipeline.core.config import load_config
+from pipeline.core.metrics import paired_gain
+from pipeline.demo_data import Source, build
+from pipeline.evaluate import psnr_of_folder
+from pipeline.training.phases import settings_of
+
+HR = 256  # HR crop side (LR 64)
+ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS = ROOT.parent / "shared" / "weights" / "craft_x4_ntire2024_team34.pth"
+FINETUNE = ROOT / "configs" / "finetune.yaml"
+RESULTS = Path(__file__).parent / "results"
+SOURCES = (
+    # training photos: natural ones and textures / microscopy (all that ships); the validation fold
+    # (best.pth, the blend's fit) is the fold of the coffee photo (VAL_SOURCE), by source
+    Source("rocket.jpg", "skimage", (2, 3), "train"),
+    Source("coffee.png", "skimage", (1, 3), "train"),
+    Source("chelsea.png", "skimage", (1, 2), "train"),
+    Source("retina.jpg", "skimage", (3, 3), "train"),
+    Source("hubble_deep_field.jpg", "skimage", (2, 2), "train"),
+    Source("ihc.png", "skimage", (2, 2), "train"),
+    Source("cell.png", "skimage", (1, 2), "train"),
+    Source("grass.png", "skimage", (2, 2), "train"),
+    Source("gravel.png", "skimage", (2, 2), "train"),
+    Source("coins.png", "skimage", (1, 1), "train"),
+    Source("clock_motion.png", "skimage", (1, 2), "train"),
+    # held-out photos: never trained on, never validated on
+    Source("astronaut.png", "skimage", (3, 3), "test"),
+    Source("grace_hopper.jpg", "matplotlib", (3, 2), "test"),
+    Source("motorcycle_left.png", "skimage", (1, 3), "test"),
+    Source("motorcycle_right.png", "skimage", (1, 3), "test"),
+    Source("camera.png", "skimage", (3, 3), "test"),
+    Source("moon.png", "skimage", (2, 2), "test"),
+    Source("brick.png", "skimage", (2, 2), "test"),
+)
+VAL_SOURCE = "coffee"
+
+
+def val_fold(data: Path) -> int:
+    """The validation fold: the one ``prepare`` gave VAL_SOURCE (natural photos validate best.pth)."""
+    splits = pd.read_csv(data / "splits.csv")
+    return int(splits.loc[splits["source"] == VAL_SOURCE, "fold"].iloc[0])
+
+
+def build_data(root: Path) -> Path:
+    """The lever dataset at ``root/data``, prepared and cut into 128 / 32 px patch pairs."""
+    data = root / "data"
+    if not (data / "patches" / "manifest.csv").is_file():
+        shutil.rmtree(data, ignore_errors=True)
+        build(data, seed=0, sources=SOURCES, size=HR)
+        assert cli(["prepare", "--data", str(data)]) == 0
+        assert cli(["patchify", "--data", str(data), "patchify.size=128", "patchify.workers=1"]) == 0
+    return data
+
+
+@dataclass
+class Row:
+    name: str
+    command: str  # what a user types (paths shortened)
+    minutes: float  # training minutes (0 for zero-shot rows)
+    pred: Path  # held-out predictions
+    base: str = ""  # the row its gain is measured against ('' = the previous row)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--minutes", type=float, default=5.0, help="training minutes of each trained row")
+    p.add_argument("--data-only", action="store_true")
+    p.add_argument("--only", nargs="*", default=[], help="(re)run only the rows whose name starts with these words "
+                   "(others are scored from their earlier predictions)")
+    args = p.parse_args()
+    data = build_data(args.out)
+    tests = len(pd.read_csv(data / "test.csv"))
+    train = pd.read_csv(data / "splits.csv")
+    print(f"{machine(torch.device('cpu'))}\n{data}: {len(train)} training crops from {train['source'].nunique()} "
+          f"photos, {tests} held-out crops (LR 64 -> HR 256)")
+    if args.data_only:
+        return
+    _run_rows(args.out, data, args.minutes, set(args.only))
+
+
+def _infer(*args: str) -> None:
+    assert cli(["infer", *args]) == 0, args
+
+
+def _train(*args: str) -> None:
+    assert cli(["train", *args]) == 0, args
+
+
+def rows(root: Path, data: Path, minutes: float) -> list[tuple[Row, Callable[[], None]]]:
+    """Each row with what makes its held-out predictions (run in order: later rows use earlier runs)."""
+    pred, models, submit = root / "pred", root / "models", root / "submit"
+    test = ["--input", str(data / "test" / "lr")]
+    common = [f"paths.models={models}", f"paths.submit={submit}", f"data.val_fold={val_fold(data)}"]
+    ft = ["--config", str(FINETUNE), "--data", str(data), *common, f"model.pretrained={WEIGHTS}"]
+    l1_only = "train.phases=[]"
+    # The shipped recipe's phases, scaled to the row's minutes (the recipe's L1 / L2 proportions).
+    phases = [p for p in load_config(FINETUNE, []).train.phases]
+    share = [p.minutes / sum(q.minutes for q in phases) for p in phases]
+    scaled = "train.phases=[" + ", ".join(
+        "{" + ", ".join(f"{k}: {v}" for k, v in {**settings_of(p), "minutes": round(minutes * f, 3),
+                                                   "name": p.name}.items() if v is not None) + "}"
+        for p, f in zip(phases, share)) + "]"
+    scratch = ["--config", str(ROOT / "configs" / "demo.yaml"), "--data", str(data), *common, "model.name=edsr-tiny",
+               f"train.max_minutes={minutes}", "train.optimizer=adamw"]
+    scratch_infer = ["--data", str(data), *common, "infer.tta=8", "infer.tile=0"]
+    windows = "infer.windows=[0, 32/16, 48/16]"
+    members = "blend.members=[ft-l2, ft-l2:checkpoint=last, ft-l2:last_k=3]"
+    return [
+        (Row("bicubic", "infer model.name=bicubic", 0, pred / "bicubic"),
+         lambda: _infer("model.name=bicubic", *test, "--output", str(pred / "bicubic"))),
+        (Row("CRAFT zero-shot x1", "infer --weights CRAFT infer.tta=1 infer.tile=0", 0, pred / "craft-x1"),
+         lambda: _infer("--weights", str(WEIGHTS), "infer.tta=1", "infer.tile=0", *test, "--output",
+                        str(pred / "craft-x1"))),
+        (Row("CRAFT zero-shot x8", "infer --weights CRAFT infer.tta=8 infer.tile=0", 0, pred / "craft-x8"),
+         lambda: _infer("--weights", str(WEIGHTS), "infer.tta=8", "infer.tile=0", *test, "--output",
+                        str(pred / "craft-x8"))),
+        (Row(f"CRAFT fine-tuned {minutes:g} min (finetune.yaml, L1 only)",
+             f"train --config configs/finetune.yaml model.pretrained=CRAFT train.max_minutes={minutes:g} "
+             f"{l1_only}; infer x8", minutes, pred / "ft"),
+         lambda: (_train(*ft, "run=ft", f"train.max_minutes={minutes}", l1_only),
+                  _infer("--config", str(FINETUNE), *common, "run=ft", *test, "--output", str(pred / "ft")))),
+        (Row(f"+ L2 phase (finetune.yaml as shipped, {minutes:g} min in all)",
+             f"train --config configs/finetune.yaml model.pretrained=CRAFT ({scaled.removeprefix('train.')}); "
+             "infer x8", minutes, pred / "ft-l2"),
+         lambda: (_train(*ft, "run=ft-l2", scaled),
+                  _infer("--config", str(FINETUNE), *common, "run=ft-l2", *test, "--output", str(pred / "ft-l2")))),
+        (Row("+ multi-window (whole, 32/16, 48/16) x8", f"infer run=ft-l2 {windows}", 0, pred / "ft-l2-windows"),
+         lambda: _infer("--config", str(FINETUNE), *common, "run=ft-l2", windows, *test, "--output",
+                        str(pred / "ft-l2-windows"))),
+        (Row("+ fitted blend of its best, last and last-3 checkpoints (lstsq)",
+             f"blend blend.name=bl {members}; infer blend.name=bl", 0, submit / "bl" / "pred",
+             base=f"+ L2 phase (finetune.yaml as shipped, {minutes:g} min in all)"),
+         lambda: (assert_ok(cli(["blend", "--config", str(FINETUNE), "--data", str(data), *common,
+                                 "blend.name=bl", members])),
+                  assert_ok(cli(["infer", "--config", str(FINETUNE), "--data", str(data), *common,
+                                 "blend.name=bl"])))),
+        (Row(f"edsr-tiny from scratch, AdamW, {minutes:g} min (demo recipe)",
+             f"train --config configs/demo.yaml model.name=edsr-tiny train.optimizer=adamw "
+             f"train.max_minutes={minutes:g}; infer x8", minutes, pred / "sc-adamw", base="bicubic"),
+         lambda: (_train(*scratch, "run=sc-adamw"),
+                  _infer(*scratch_infer, "run=sc-adamw", *test, "--output", str(pred / "sc-adamw")))),
+        (Row(f"edsr-tiny from scratch, schedule-free AdamW, {minutes:g} min",
+             "... train.optimizer=adamw-schedulefree", minutes, pred / "sc-sf",
+             base=f"edsr-tiny from scratch, AdamW, {minutes:g} min (demo recipe)"),
+         lambda: (_train(*scratch, "run=sc-sf", "train.optimizer=adamw-schedulefree"),
+                  _infer(*scratch_infer, "run=sc-sf", *test, "--output", str(pred / "sc-sf")))),
+        (Row(f"edsr-tiny from scratch, AdamW + CutBlur, {minutes:g} min",
+             "... train.batch_aug=[cutblur] train.batch_aug_prob=0.5", minutes, pred / "sc-cutblur",
+             base=f"edsr-tiny from scratch, AdamW, {minutes:g} min (demo recipe)"),
+         lambda: (_train(*scratch, "run=sc-cutblur", "train.batch_aug=[cutblur]"),
+                  _infer(*scratch_infer, "run=sc-cutblur", *test, "--output", str(pred / "sc-cutblur")))),
+    ]
+
+
+def assert_ok(code: int) -> None:
+    assert code == 0
+
+
+def _run_rows(root: Path, data: Path, minutes: float, only: set[str]) -> None:
+    hr = data / "test_hr"
+    scores: dict[str, pd.Series] = {}
+    table = []
+    previous = ""
+    for row, make in rows(root, data, minutes):
+        chosen = not only or any(row.name.startswith(word) for word in only)
+        if chosen or row.pred.exists():
+            seconds = timed(make) if chosen else float("nan")  # (else: scored from an earlier invocation)
+            psnr = psnr_of_folder(row.pred, hr)
+            scores[row.name] = psnr
+            base = row.base or previous
+            entry = {"row": row.name, "command": row.command, "minutes": row.minutes, "seconds": round(seconds, 1),
+                     "psnr": round(float(psnr.mean()), 4)}
+            if base in scores:
+                mean, lo, hi = paired_gain(psnr.to_numpy(), scores[base].reindex(psnr.index).to_numpy())
+                entry.update(base=base, gain_db=round(mean, 4), gain_lo=round(lo, 4), gain_hi=round(hi, 4))
+            table.append(entry)
+            print(entry, flush=True)
+        previous = row.name
+    out = pd.DataFrame(table)
+    RESULTS.mkdir(exist_ok=True)
+    out.to_csv(RESULTS / "levers.csv", index=False)
+    print(f"\n{len(list(hr.glob('*.png')))} held-out crops; wrote {RESULTS / 'levers.csv'}\n")
+    print(out.drop(columns=["command"]).to_string(index=False))
+
+
+Step = Callable[[], None]
+
+
+def timed(fn: Step) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+if __name__ == "__main__":
+    main()
