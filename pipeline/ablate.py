@@ -142,8 +142,9 @@ def plot(table: pd.DataFrame, path: Path, title: str) -> None:
     ax.scatter(chosen["sec_per_image"], chosen["psnr"], marker="*", s=260, facecolors="none",
                edgecolors="black", linewidths=1.3, label="default (infer.*)")
     ax.set_xlabel("seconds per image")
-    ax.set_ylabel("PSNR (dB, validation fold, RGB); bars: 95% CI of the gain over the default")
-    ax.set_title(title, fontsize=10)
+    ax.set_ylabel("PSNR (dB, validation fold, RGB)")
+    ax.set_title(f"{title}\nbars: 95% interval of the gain over the default (paired bootstrap over images)",
+                 fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -98,9 +98,10 @@ def paired_gain(a: ArrayLike, b: ArrayLike, n: int = BOOTSTRAP_SAMPLES, seed: in
     One image gives a zero-width interval; an infinite score (a prediction identical to its ground
     truth) makes the gain undefined: all three are NaN.
     """
-    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    if diff.ndim != 1 or diff.size == 0:
-        raise ValueError(f"paired_gain needs two equal-length, non-empty 1-D score lists (got {diff.shape})")
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.ndim != 1 or a.shape != b.shape or a.size == 0:
+        raise ValueError(f"paired_gain needs two equal-length, non-empty 1-D score lists (got {a.shape}, {b.shape})")
+    diff = a - b
     if not np.isfinite(diff).all():
         return math.nan, math.nan, math.nan
     rng = np.random.default_rng(seed)
