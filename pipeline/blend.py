@@ -117,7 +117,8 @@ def report(stats: FoldArrays, cfg: Config) -> tuple[dict[str, Any], pd.DataFrame
             "gain_in_sample": {"over_best_member": _gain(in_sample, best_psnr, cfg.seed),
                                "over_equal_mean": _gain(in_sample, stats.mean_psnr, cfg.seed)},
             "note": "members and equal mean: the contest PSNR of the rounded images; a fitted blend's: its float "
-                    "MSE plus the equal mean's rounding term per image (~1e-4 dB); in_sample = fitted and scored "
+                    "MSE plus the equal mean's rounding term per image (an estimate, ~0.001 dB on the mean; infer "
+                    "blend.name=... infer.split=val scores it exactly); in_sample = fitted and scored "
                     "on the same images (optimistic), cross_fitted = each half scored with weights fitted on the "
                     "other; gains: mean per-image difference with a paired bootstrap 95% interval",
         },

@@ -35,7 +35,7 @@ import dataclasses
 import datetime as dt
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 from tqdm import tqdm
@@ -51,6 +51,9 @@ from pipeline.core.runtime import peak_memory
 from pipeline.inference.blend import blend_predictions
 from pipeline.inference.predict import Settings, Timing, check_settings, iter_predict, load_models
 from pipeline.inference.reference import bicubic_psnr, exact_bicubic
+
+if TYPE_CHECKING:
+    import torch
 
 
 def settings_for(cfg: Config) -> Settings:
@@ -72,7 +75,7 @@ def append_leaderboard(path: Path, row: dict) -> None:
 
 
 def with_reference(cfg: Config, row: dict[str, Any], scores: pd.DataFrame, items: list[tuple[str, Path]],
-                   hr_paths: dict[str, Path], device: Any, settings: Settings) -> dict[str, Any]:
+                   hr_paths: dict[str, Path], device: torch.device, settings: Settings) -> dict[str, Any]:
     """The row with its gain over bicubic on the same images (paired bootstrap 95% interval), after its
     per-image scores (and bicubic's) are written to ``submit/leaderboard/<time>-<name>.csv``."""
     out = OutputLayout(Path(cfg.paths.submit), output_name(cfg))
