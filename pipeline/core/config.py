@@ -164,7 +164,7 @@ class InferConfig:
     runs: tuple[str, ...] = opt((), "extra runs averaged at the output (multi-model ensemble)")
     last_k: int = opt(0, "average the outputs of the run's last k kept checkpoints; 0 = off", ge=0)
     input: str = opt("", "folder of LR images (--input); default: the dataset's test set")
-    output: str = opt("", "folder for SR PNGs (--output); default: submit/<run>/pred")
+    output: str = opt("", "folder for SR PNGs (--output); default: submit/<run>/pred (a blend: submit/<name>/pred)")
     split: Literal["test", "val"] = opt("test", "which images of --data to infer")
 
 
