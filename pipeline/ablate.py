@@ -6,7 +6,9 @@ run averaged with each entry of ``ablate.runs``; ``"b+c"`` averages three). Sett
 the same thing are run once: the blend of a whole-image pass, and a precision that resolves to one
 already in the grid (``auto`` is fp32 on a CPU without native bf16). Each row: PSNR/SSIM (contest
 protocol) on the validation fold's whole images, seconds per image, and the gain over the
-configured default (``infer.*``), which the plot marks with a star.
+configured default (``infer.*``), which the plot marks with a star: the mean per-image PSNR difference
+with its paired bootstrap 95% interval (``gain_lo`` .. ``gain_hi``; ``metrics.paired_gain``, seed
+``seed``), drawn as error bars.
 """
 
 from __future__ import annotations
@@ -27,12 +29,12 @@ from pipeline.core.errors import UserError
 from pipeline.core.files import atomic_write
 from pipeline.core.images import read_float, read_uint8, to_uint8
 from pipeline.core.layout import DataLayout, OutputLayout
-from pipeline.core.metrics import score_pair
+from pipeline.core.metrics import paired_gain, score_pair
 from pipeline.core.runtime import pick_device, precision_name
 from pipeline.inference.predict import Settings, inference_dtype, load_models, predict_images
 
 COLUMNS = ["models", "tta", "tile", "stride", "blend", "precision", "merge", "psnr", "ssim", "sec_per_image", "gain_db",
-           "default"]
+           "gain_lo", "gain_hi", "default"]
 
 
 def parse_tile(spec: str) -> tuple[int, int]:
@@ -88,7 +90,7 @@ def run_grid(cfg: Config) -> pd.DataFrame:
     hr_images = [read_uint8(p.hr_path) for p in pairs]
     names = [p.name for p in pairs]
     device = pick_device()
-    rows, jobs = [], []
+    rows, jobs, per_image = [], [], []
     sets = model_sets(cfg)
     for label, set_cfg in sets:
         models, _desc = load_models(set_cfg)
@@ -100,6 +102,7 @@ def run_grid(cfg: Config) -> pd.DataFrame:
     for label, models, settings in tqdm(jobs, desc="ablate", unit="setting"):
         srs, timing = predict_images(models, lr_images, settings, device, names)
         scores = [score_pair(to_uint8(sr), hr) for sr, hr in zip(srs, hr_images)]
+        per_image.append(np.array([s["psnr"] for s in scores]))
         rows.append({
             "models": label, "tta": settings.tta, "tile": settings.tile,
             "stride": settings.stride if settings.tile else 0,
@@ -109,13 +112,15 @@ def run_grid(cfg: Config) -> pd.DataFrame:
             "default": label == sets[0][0] and settings == default,
         })
     table = pd.DataFrame(rows)
-    ref = table.loc[table["default"], "psnr"]
-    table["gain_db"] = table["psnr"] - (ref.iloc[0] if len(ref) else np.nan)
+    ref = np.flatnonzero(table["default"].to_numpy())
+    gains = [paired_gain(p, per_image[ref[0]], seed=cfg.seed) if len(ref) else (np.nan,) * 3 for p in per_image]
+    table[["gain_db", "gain_lo", "gain_hi"]] = np.array(gains, dtype=np.float64).reshape(-1, 3)  # one row per setting
     return table[COLUMNS]
 
 
 def plot(table: pd.DataFrame, path: Path, title: str) -> None:
-    """PSNR against seconds per image, one point per setting, the default starred."""
+    """PSNR against seconds per image, one point per setting, the default starred; the error bars are the 95%
+    interval of each setting's gain over the default, placed on its PSNR (the default's has zero width)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -123,7 +128,11 @@ def plot(table: pd.DataFrame, path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
     for tta, group in table.groupby("tta"):
-        ax.scatter(group["sec_per_image"], group["psnr"], s=36, label=f"{tta}-way ensemble", alpha=0.85)
+        points = ax.scatter(group["sec_per_image"], group["psnr"], s=36, label=f"{tta}-way ensemble", alpha=0.85)
+        below = (group["gain_db"] - group["gain_lo"]).clip(lower=0)
+        above = (group["gain_hi"] - group["gain_db"]).clip(lower=0)
+        ax.errorbar(group["sec_per_image"], group["psnr"], yerr=[below, above], fmt="none", capsize=2.5,
+                    elinewidth=0.9, ecolor=points.get_facecolor()[0], alpha=0.85)
     for row in table.itertuples():
         tiles = "whole" if row.tile == 0 else f"{row.tile}/{row.stride} {row.blend}"
         merge = "" if row.merge == "mean" else f" {row.merge}"
@@ -134,7 +143,8 @@ def plot(table: pd.DataFrame, path: Path, title: str) -> None:
                edgecolors="black", linewidths=1.3, label="default (infer.*)")
     ax.set_xlabel("seconds per image")
     ax.set_ylabel("PSNR (dB, validation fold, RGB)")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(f"{title}\nbars: 95% interval of the gain over the default (paired bootstrap over images)",
+                 fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

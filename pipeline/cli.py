@@ -75,15 +75,15 @@ STAGES: dict[str, Stage] = {
         "pipeline.train", "train a model on the patches; checkpoints in models/<run>",
         ("data", "model", "train", "loss", "gan", "paths"), DATA_FLAG, _train_names),
     "infer": Stage(
-        "pipeline.infer", "super-resolve the test set (or any folder) with tiles + self-ensemble",
-        ("data", "model", "infer", "paths"),
+        "pipeline.infer", "super-resolve the test set (or any folder) with tiles + self-ensemble, or apply a blend",
+        ("data", "model", "infer", "blend", "paths"),
         {**DATA_FLAG, "--input": ("infer.input", "folder of LR images"),
          "--output": ("infer.output", "folder for the SR PNGs"),
          "--weights": ("model.weights", "a published or exported weights file to run as is (detected)")},
         _model_names),
     "submit": Stage(
-        "pipeline.submit", "write and validate submit/<run>/submission.zip (or --check a zip)",
-        ("data", "submit", "paths"),
+        "pipeline.submit", "write and validate submit/<run or blend.name>/submission.zip (or --check a zip)",
+        ("data", "submit", "blend", "paths"),
         {**DATA_FLAG, "--check": ("submit.check", "validate this zip instead of writing one")}),
     "evaluate": Stage(
         "pipeline.evaluate", "PSNR / SSIM / NRMSE of predictions against ground truth",
@@ -91,7 +91,8 @@ STAGES: dict[str, Stage] = {
         {"--sr": ("evaluate.sr", "folder of predictions"),
          "--hr": ("evaluate.hr", "folder of ground-truth images"),
          "--protocol": ("evaluate.protocol", "competition or paper"),
-         "--csv": ("evaluate.csv", "per-image CSV to write")}),
+         "--csv": ("evaluate.csv", "per-image CSV to write"),
+         "--vs": ("evaluate.vs", "a second folder of predictions: the paired gain of --sr over it, 95% interval")}),
     "mri-prepare": Stage(
         "pipeline.mri.prepare", "volumes: mri_splits.csv (folds by subject) and LR volumes by mri.degradation",
         ("mri",), VOLUMES_FLAG),
@@ -123,6 +124,10 @@ STAGES: dict[str, Stage] = {
     "ablate": Stage(
         "pipeline.ablate", "grid over inference settings on the validation fold -> CSV + plot",
         ("data", "model", "ablate", "infer", "paths"), DATA_FLAG),
+    "blend": Stage(
+        "pipeline.blend", "fit non-negative weights summing to 1 for several runs on the validation fold "
+        "(lstsq, greedy; cross-fitted gains with 95% intervals) -> submit/<blend.name>/blend.yaml",
+        ("data", "blend", "infer", "paths"), DATA_FLAG),
     "export": Stage(
         "pipeline.export", "write models/<run>/<checkpoint>.onnx (checked with ONNX Runtime) or .safetensors",
         ("model", "export", "paths"),

@@ -10,6 +10,9 @@ weights file (otherwise the column says what is missing).
 
 Folders are matched by file stem; a missing, extra or size-mismatched file is an error naming it.
 The output ends with a line ``PSNR <mean> SSIM <mean>``; ``--csv`` writes the per-image table.
+``--vs B`` (``evaluate.vs``) scores a second folder of predictions of the same images (PSNR, same
+protocol) and prints, before that last line, the gain of ``--sr`` over it: the mean per-image PSNR
+difference with its paired bootstrap 95% interval (``metrics.paired_gain``; seed ``seed``).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pipeline.core.config import Config
 from pipeline.core.errors import UserError
 from pipeline.core.files import atomic_write
 from pipeline.core.images import images_by_stem, read_uint8
-from pipeline.core.metrics import score_pair, summary_line
+from pipeline.core.metrics import gain_text, paired_gain, score_pair, score_psnr, summary_line
 from pipeline.models.perceptual import ImageQuality
 
 COLUMNS = ["name", "psnr", "ssim", "nrmse", "sharpness", "lpips"]
@@ -63,6 +66,19 @@ def evaluate_folders(sr_dir: str | Path, hr_dir: str | Path, protocol: str = "co
     return evaluate_pairs(match_folders(sr_dir, hr_dir), protocol, scale, quality)
 
 
+def psnr_of_folder(sr_dir: str | Path, hr_dir: str | Path, protocol: str = "competition",
+                   scale: int = 4) -> pd.Series:
+    """stem -> PSNR of every prediction in ``sr_dir`` (PSNR only: the reference side of ``--vs``)."""
+    scores = {}
+    for name, sr_path, hr_path in match_folders(sr_dir, hr_dir):
+        sr, hr = read_uint8(sr_path), read_uint8(hr_path)
+        if sr.shape != hr.shape:
+            raise UserError(f"{sr_path}: prediction is {sr.shape[1]}x{sr.shape[0]} but {hr_path} is "
+                            f"{hr.shape[1]}x{hr.shape[0]}")
+        scores[name] = score_psnr(sr, hr, protocol, scale)
+    return pd.Series(scores, name="psnr")
+
+
 def mean_row(table: pd.DataFrame) -> list[object]:
     """The table's last row: the mean of every numeric column; a text column (a missing metric) keeps its text."""
     return ["mean", *(table[c].mean() if pd.api.types.is_numeric_dtype(table[c]) else table[c].iloc[0]
@@ -74,6 +90,7 @@ def main(cfg: Config) -> None:
     if not ev.sr or not ev.hr:
         raise UserError("evaluate needs --sr DIR (predictions) and --hr DIR (ground truth)")
     table = evaluate_folders(ev.sr, ev.hr, ev.protocol, cfg.data.scale, ImageQuality(ev.lpips_weights, ev.lpips_net))
+    other = psnr_of_folder(ev.vs, ev.hr, ev.protocol, cfg.data.scale) if ev.vs else None  # checked before writing
     if ev.csv:
         with atomic_write(ev.csv) as tmp:
             table.to_csv(tmp, index=False, float_format="%.6f")
@@ -84,4 +101,8 @@ def main(cfg: Config) -> None:
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     if ev.csv:
         print(f"per-image scores -> {ev.csv}")
+    if other is not None:
+        gain = paired_gain(table["psnr"], other[table["name"]].to_numpy(), seed=cfg.seed)
+        print(f"gain of {ev.sr} over {ev.vs}: {gain_text(gain)}, paired bootstrap over {len(table)} image(s) "
+              f"(PSNR {table['psnr'].mean():.4f} vs {other.mean():.4f})")
     print(summary_line(table))

@@ -3,12 +3,16 @@
 What runs: ``model.name=bicubic`` (no checkpoint; always the whole image, one way, fp32, so it
 is exactly MATLAB's bicubic); else ``model.pretrained`` bare weights when the run has no
 checkpoint; else the run's ``infer.checkpoint`` (EMA weights first), or its last
-``infer.last_k`` history checkpoints, plus the ``infer.runs`` extra runs, averaged at the output.
+``infer.last_k`` history checkpoints, plus the ``infer.runs`` extra runs, averaged at the output; or,
+with ``blend.name=NAME``, the members of ``submit/NAME/blend.yaml`` (written by the blend stage)
+weighted by its weights, the outputs going to ``submit/NAME/`` as a run's go to ``submit/<run>/``.
 
 Which images (outputs named ``<img_id>.png``):
 - default: the dataset's test set (``test.csv``, else ``test/lr``) -> ``submit/<run>/pred``
 - ``infer.split=val``: the validation fold of ``splits.csv`` -> ``submit/<run>/val_pred``, then
-  scored against HR (competition protocol) and appended to ``submit/leaderboard.csv``
+  scored against HR (competition protocol) and appended to ``submit/leaderboard.csv`` with the gain
+  over bicubic on the same images and its paired bootstrap 95% interval; the row's per-image scores
+  go to ``submit/leaderboard/<time>-<run>.csv`` (``scores`` column), so any two rows can be compared
 - ``--input DIR --output DIR``: every image in DIR, named by file stem.
 Beside the PNGs: ``timing.json`` (seconds per image, tiles per second, peak memory, device,
 precision, torch.compile mode and seconds, images rerun in fp32) and ``config.yaml``
@@ -31,7 +35,7 @@ import dataclasses
 import datetime as dt
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 from tqdm import tqdm
@@ -41,31 +45,58 @@ from pipeline.core.distributed import Dist, barrier, broadcast, gather, init_dis
 from pipeline.core.errors import UserError
 from pipeline.core.files import atomic_write, staged_dir
 from pipeline.core.images import PngWriter, images_by_stem, read_ahead, read_uint8, to_uint8
-from pipeline.core.layout import COMPLETE_MARK, LEADERBOARD_COLUMNS, DataLayout, OutputLayout
-from pipeline.core.metrics import score_pair
+from pipeline.core.layout import COMPLETE_MARK, LEADERBOARD_COLUMNS, DataLayout, OutputLayout, output_name
+from pipeline.core.metrics import gain_text, paired_gain, score_pair
 from pipeline.core.runtime import peak_memory
+from pipeline.inference.blend import blend_predictions
 from pipeline.inference.predict import Settings, Timing, check_settings, iter_predict, load_models
+from pipeline.inference.reference import bicubic_psnr, exact_bicubic
+
+if TYPE_CHECKING:
+    import torch
 
 
 def settings_for(cfg: Config) -> Settings:
     settings = Settings.from_config(cfg.infer)
-    if cfg.model.name == "bicubic":  # exact MATLAB bicubic: no tile seams, no ensemble rounding
-        settings = dataclasses.replace(settings, tile=0, tta=1, precision="fp32")
+    if cfg.model.name == "bicubic" and not cfg.blend.name:
+        settings = exact_bicubic(settings)
     return settings
 
 
 def append_leaderboard(path: Path, row: dict) -> None:
-    """Add one row to the leaderboard CSV (rewritten atomically)."""
+    """Add one row to the leaderboard CSV (rewritten atomically); older files gain the new columns, empty."""
     table = pd.DataFrame([row], columns=list(LEADERBOARD_COLUMNS))
     if path.is_file():
         table = pd.concat([pd.read_csv(path), table], ignore_index=True)
+        extra = [c for c in table.columns if c not in LEADERBOARD_COLUMNS]
+        table = table[[*LEADERBOARD_COLUMNS, *extra]]
     with atomic_write(path) as tmp:
         table.to_csv(tmp, index=False)
 
 
+def with_reference(cfg: Config, row: dict[str, Any], scores: pd.DataFrame, items: list[tuple[str, Path]],
+                   hr_paths: dict[str, Path], device: torch.device, settings: Settings) -> dict[str, Any]:
+    """The row with its gain over bicubic on the same images (paired bootstrap 95% interval), after its
+    per-image scores (and bicubic's) are written to ``submit/leaderboard/<time>-<name>.csv``."""
+    out = OutputLayout(Path(cfg.paths.submit), output_name(cfg))
+    reference = bicubic_psnr(items, hr_paths, out, device, settings)
+    per_image = scores[["img_id", "psnr", "ssim"]].assign(bicubic_psnr=scores["img_id"].map(reference).to_numpy())
+    gain = paired_gain(per_image["psnr"], per_image["bicubic_psnr"], seed=cfg.seed)
+    stamp = row["timestamp"].replace("-", "").replace(":", "")
+    row_id, n = f"{stamp}-{out.run}", 1
+    while out.leaderboard_scores(row_id).exists():
+        n += 1
+        row_id = f"{stamp}-{out.run}-{n}"
+    path = out.leaderboard_scores(row_id)
+    with atomic_write(path) as tmp:
+        per_image.to_csv(tmp, index=False, float_format="%.6f")
+    return {**row, "gain_db": round(gain[0], 4), "gain_lo": round(gain[1], 4), "gain_hi": round(gain[2], 4),
+            "scores": path.relative_to(out.submit_root).as_posix()}
+
+
 def _work(cfg: Config) -> tuple[list[tuple[str, Path]], dict[str, Path], Path]:
     """(name, LR path) of every image, HR paths of the validation fold, and the output folder."""
-    out = OutputLayout(Path(cfg.paths.submit), cfg.run)
+    out = OutputLayout(Path(cfg.paths.submit), output_name(cfg))
     if cfg.infer.input:
         if not cfg.infer.output:
             raise UserError("--input needs --output (the folder the SR PNGs go to)")
@@ -104,14 +135,18 @@ def merge_timings(parts: list[dict[str, Any]]) -> dict[str, Any]:
 def _predict(cfg: Config, d: Dist, items: list[tuple[str, Path]], hr_paths: dict[str, Path], stage: Path,
              settings: Settings) -> tuple[dict[str, Any], list[dict[str, Any]], str]:
     """This rank's share of the images into ``stage``; its timing summary, scores and model description."""
-    models, model_desc = load_models(cfg)
     mine = items[d.rank::d.world]
     timing = Timing(device=str(d.device), precision="")
     scores = []
     lr_stream = read_ahead(mine)  # decoded in a thread while the device works
+    if cfg.blend.name:  # the members of submit/<name>/blend.yaml, weighted
+        predictions, model_desc = blend_predictions(cfg, settings, d.device, timing, lr_stream, len(mine))
+    else:
+        models, model_desc = load_models(cfg)
+        predictions = iter_predict(models, lr_stream, settings, d.device, timing, len(mine))
     with PngWriter() as writer, peak_memory(d.device) as mem:
-        for name, sr in tqdm(iter_predict(models, lr_stream, settings, d.device, timing, len(mine)),
-                             total=len(mine), desc=f"infer {model_desc}", unit="img", disable=not d.main):
+        for name, sr in tqdm(predictions, total=len(mine), desc=f"infer {model_desc}", unit="img",
+                             disable=not d.main):
             writer.write(stage / f"{name}.png", sr)  # rounded once (to_uint8), encoded, written in a thread
             if name in hr_paths:
                 sr8 = to_uint8(sr)  # the same rounding as the written PNG
@@ -132,12 +167,13 @@ def main(cfg: Config) -> None:
     try:
         if d.main:
             with staged_dir(out_dir, COMPLETE_MARK) as stage:
-                row = _run(cfg, d, items, hr_paths, out_dir, stage, settings)
-            if row is not None:  # the scores join the leaderboard once their predictions are in place
-                board = OutputLayout(Path(cfg.paths.submit), cfg.run).leaderboard
+                result = _run(cfg, d, items, hr_paths, out_dir, stage, settings)
+            if result is not None:  # the scores join the leaderboard once their predictions are in place
+                row = with_reference(cfg, *result, items, hr_paths, d.device, settings)
+                board = OutputLayout(Path(cfg.paths.submit), output_name(cfg)).leaderboard
                 append_leaderboard(board, row)
-                print(f"validation fold {cfg.data.val_fold}: PSNR {row['psnr']:.4f} SSIM {row['ssim']:.4f} "
-                      f"-> {board}")
+                print(f"validation fold {cfg.data.val_fold}: PSNR {row['psnr']:.4f} SSIM {row['ssim']:.4f}, "
+                      f"gain over bicubic {gain_text((row['gain_db'], row['gain_lo'], row['gain_hi']))} -> {board}")
         else:
             _run(cfg, d, items, hr_paths, out_dir, None, settings)
         barrier(d)  # every rank returns after rank 0 swapped the folder in
@@ -146,9 +182,9 @@ def main(cfg: Config) -> None:
 
 
 def _run(cfg: Config, d: Dist, items: list[tuple[str, Path]], hr_paths: dict[str, Path], out_dir: Path,
-         stage: Path | None, settings: Settings) -> dict[str, Any] | None:
-    """Predict into ``stage``; on rank 0 write its timing and config and return the leaderboard row
-    (None without scores, and on the other ranks)."""
+         stage: Path | None, settings: Settings) -> tuple[dict[str, Any], pd.DataFrame] | None:
+    """Predict into ``stage``; on rank 0 write its timing and config and return the leaderboard row and
+    the per-image scores (None without scores, and on the other ranks)."""
     stage = Path(broadcast(d, str(stage)))  # rank 0 made it; every rank writes its images into it
     summary, scores, model_desc = _predict(cfg, d, items, hr_paths, stage, settings)
     parts = gather(d, (summary, scores))
@@ -173,7 +209,8 @@ def _run(cfg: Config, d: Dist, items: list[tuple[str, Path]], hr_paths: dict[str
         return None
     df = pd.DataFrame(scores)
     resolved = dataclasses.replace(settings, precision=summary["precision"])  # 'auto' -> what ran
-    return {"timestamp": dt.datetime.now().isoformat(timespec="seconds"), "run": cfg.run, "model": model_desc,
-            "settings": resolved.label(), "images": len(df), "psnr": round(float(df["psnr"].mean()), 4),
-            "ssim": round(float(df["ssim"].mean()), 4), "sec_per_image": summary["seconds_per_image"],
-            "device": summary["device"]}
+    row = {"timestamp": dt.datetime.now().isoformat(timespec="seconds"), "run": output_name(cfg),
+           "model": model_desc, "settings": resolved.label(), "images": len(df),
+           "psnr": round(float(df["psnr"].mean()), 4), "ssim": round(float(df["ssim"].mean()), 4),
+           "sec_per_image": summary["seconds_per_image"], "device": summary["device"]}
+    return row, df

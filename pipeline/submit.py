@@ -1,4 +1,5 @@
-"""``submit``: package ``submit/<run>/pred`` as the contest wants it, after checking every file.
+"""``submit``: package ``submit/<run>/pred`` (``submit/<blend.name>/pred`` for a blend) as the contest wants
+it, after checking every file.
 
 ``submission.zip`` (``submit.format=zip``, the default): flat, one PNG per test id named
 ``<img_id>.png`` (e.g. ``20000.png``), no folders, stored without recompression (PNG is
@@ -50,7 +51,7 @@ from pipeline.core.config import Config, DataConfig
 from pipeline.core.errors import UserError
 from pipeline.core.files import atomic_write, clean_stale
 from pipeline.core.images import ImageError, check_pixels, image_size
-from pipeline.core.layout import COMPLETE_MARK, DataLayout, OutputLayout
+from pipeline.core.layout import COMPLETE_MARK, DataLayout, OutputLayout, output_name
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 COLOUR_TYPES = {0: "grayscale", 2: "RGB", 3: "palette", 4: "grayscale+alpha", 6: "RGBA"}
@@ -314,7 +315,7 @@ def main(cfg: Config) -> None:
             raise SubmissionError(f"{exc} (checked against the test set of {root}; --data DIR picks another)") from None
         print(f"{cfg.submit.check}: OK, {len(ids)} image(s); ids and sizes match the test set of {root}")
         return
-    out_layout = OutputLayout(Path(cfg.paths.submit), cfg.run)
+    out_layout = OutputLayout(Path(cfg.paths.submit), output_name(cfg))  # a blend's name, else the run's
     out = out_layout.submission(cfg.submit.format)
     clean_stale(out_layout.dir)
     try:

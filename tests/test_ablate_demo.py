@@ -61,6 +61,10 @@ def test_ablate_writes_csv_and_plot(patched_demo: Path, tmp_path: Path):
     table = pd.read_csv(tmp_path / "s" / "nano" / "ablation.csv")
     assert list(table.columns) == COLUMNS
     assert table["default"].sum() == 1 and table.loc[table["default"], "gain_db"].iloc[0] == 0
+    default = table.loc[table["default"]].iloc[0]
+    assert default["gain_lo"] == 0 and default["gain_hi"] == 0  # the reference against itself
+    assert (table["gain_lo"] <= table["gain_db"] + 1e-9).all() and (table["gain_db"] <= table["gain_hi"] + 1e-9).all()
+    assert (table["gain_hi"] - table["gain_lo"] > 0).sum() >= len(table) - 1  # 2 images: a real interval each
     assert len(table) == 1 + 2 * 2  # the default (tta8 32/16) + {1,2} x {whole, 32/16}
     assert table["psnr"].between(5, 60).all()
     assert (tmp_path / "s" / "nano" / "ablation.png").stat().st_size > 10_000

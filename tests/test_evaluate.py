@@ -13,7 +13,8 @@ import skimage.data
 
 from pipeline.cli import main as cli
 from pipeline.core.compat import calculate_psnr, calculate_ssim, imresize
-from pipeline.core.images import to_uint8, write_png
+from pipeline.core.images import read_uint8, to_uint8, write_png
+from pipeline.core.metrics import paired_gain
 from pipeline.evaluate import evaluate_folders, score_pair
 
 
@@ -86,6 +87,30 @@ def test_cli_table_csv_and_last_line(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert last == "PSNR {:.4f} SSIM {:.4f}".format(
         *evaluate_folders(sr_dir, hr_dir, "paper").mean(numeric_only=True)[["psnr", "ssim"]])
     assert last != lines[-1]
+
+
+def test_vs_prints_the_paired_gain(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--vs B: the gain of --sr over B is the mean per-image PSNR difference, with its interval, before the
+    PSNR line; a B folder that does not match the ground truth is a one-line error and no CSV is written."""
+    pairs = _photo_pairs()
+    sr_dir, hr_dir = _write_folders(tmp_path, pairs)
+    worse = tmp_path / "worse"
+    rng = np.random.default_rng(1)
+    for i, (sr, _hr) in enumerate(pairs):
+        write_png(worse / f"img{i}.png", np.clip(sr + rng.normal(0, 6, sr.shape), 0, 255).round().astype(np.uint8))
+    assert cli(["evaluate", "--sr", str(sr_dir), "--hr", str(hr_dir), "--vs", str(worse)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("PSNR ")
+    gain = [line for line in lines if line.startswith("gain of ")]
+    assert len(gain) == 1 and f"over {worse}:" in gain[0] and "paired bootstrap over 3 image(s)" in gain[0]
+    a = [calculate_psnr(sr, hr, crop_border=0) for sr, hr in pairs]
+    b = [calculate_psnr(read_uint8(worse / f"img{i}.png"), hr, crop_border=0) for i, (_sr, hr) in enumerate(pairs)]
+    mean, lo, hi = paired_gain(a, b)
+    assert f"{mean:+.4f} dB (95% CI {lo:+.4f} .. {hi:+.4f})" in gain[0] and 0 < lo <= mean <= hi
+    (worse / "img1.png").unlink()
+    csv = tmp_path / "scores.csv"
+    assert cli(["evaluate", "--sr", str(sr_dir), "--hr", str(hr_dir), "--vs", str(worse), "--csv", str(csv)]) == 2
+    assert "no prediction for img1.png" in capsys.readouterr().err and not csv.exists()
 
 
 @pytest.mark.parametrize("problem,message", [

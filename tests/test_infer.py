@@ -17,8 +17,11 @@ from pipeline.cli import main as cli
 from pipeline.core.compat import imresize
 from pipeline.core.errors import UserError
 from pipeline.core.images import read_float, read_uint8, to_uint8, write_png
+from pipeline.core.layout import LEADERBOARD_COLUMNS
+from pipeline.core.metrics import score_pair
 from pipeline.core.runtime import pick_device
 from pipeline.evaluate import evaluate_pairs
+from pipeline.infer import append_leaderboard
 from pipeline.inference.predict import Settings, predict_images
 from pipeline.models.checkpoint import model_from_checkpoint, save_checkpoint
 from pipeline.models.table import build_model, model_kwargs
@@ -139,6 +142,34 @@ def test_validation_fold_scores_and_leaderboard(env: tuple, capsys: pytest.Captu
     pairs = [(i, submit / "r" / "val_pred" / f"{i}.png", data / "train" / "hr" / f"{i}.png") for i in ("0000", "0001")]
     assert board["psnr"].iloc[-1] == pytest.approx(evaluate_pairs(pairs)["psnr"].mean(), abs=1e-4)
     assert "validation fold 0: PSNR" in capsys.readouterr().out
+    # each row: the gain over bicubic on the same images with its interval, and its per-image scores
+    assert list(board.columns) == list(LEADERBOARD_COLUMNS)
+    assert (board["gain_lo"] <= board["gain_db"]).all() and (board["gain_db"] <= board["gain_hi"]).all()
+    assert board["scores"].nunique() == 2
+    per_image = pd.read_csv(submit / board["scores"].iloc[-1], dtype={"img_id": str})
+    assert list(per_image["img_id"]) == ["0000", "0001"]
+    np.testing.assert_allclose(per_image["psnr"], evaluate_pairs(pairs)["psnr"], atol=1e-5)
+    bicubic = [score_pair(to_uint8(imresize(read_float(data / "train" / "lr" / f"{i}.png"), 4)),
+                          read_uint8(data / "train" / "hr" / f"{i}.png"))["psnr"] for i in ("0000", "0001")]
+    np.testing.assert_allclose(per_image["bicubic_psnr"], bicubic, atol=0.02)  # float32 vs basicsr's float64
+    assert board["gain_db"].iloc[-1] == pytest.approx((per_image["psnr"] - per_image["bicubic_psnr"]).mean(),
+                                                      abs=1e-4)
+    # bicubic ran once: its scores are cached beside the rows and reused while the images are unchanged
+    cache = list((submit / "leaderboard").glob("bicubic-*.csv"))
+    assert len(cache) == 1
+    cache[0].write_text("img_id,psnr\n0000,1.0\n0001,3.0\n")
+    assert _infer(data, models, submit, *TILES, "infer.split=val", "infer.tta=1") == 0
+    last = pd.read_csv(submit / pd.read_csv(submit / "leaderboard.csv")["scores"].iloc[-1])
+    assert list(last["bicubic_psnr"]) == [1.0, 3.0]
+
+
+def test_old_leaderboard_gains_the_new_columns(tmp_path: Path) -> None:
+    path = tmp_path / "leaderboard.csv"
+    pd.DataFrame([{"timestamp": "t0", "run": "old", "psnr": 20.0, "note": "kept"}]).to_csv(path, index=False)
+    append_leaderboard(path, {"timestamp": "t1", "run": "new", "psnr": 21.0, "gain_db": 0.5})
+    board = pd.read_csv(path)
+    assert list(board.columns) == [*LEADERBOARD_COLUMNS, "note"]
+    assert list(board["run"]) == ["old", "new"] and board["gain_db"].isna().tolist() == [True, False]
 
 
 def test_last_k_checkpoints_and_extra_runs_are_averaged(env: tuple) -> None:

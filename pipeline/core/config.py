@@ -207,7 +207,7 @@ class InferConfig:
     runs: tuple[str, ...] = opt((), "extra runs averaged at the output (multi-model ensemble)")
     last_k: int = opt(0, "average the outputs of the run's last k kept checkpoints; 0 = off", ge=0)
     input: str = opt("", "folder of LR images (--input); default: the dataset's test set")
-    output: str = opt("", "folder for SR PNGs (--output); default: submit/<run>/pred")
+    output: str = opt("", "folder for SR PNGs (--output); default: submit/<run>/pred (a blend: submit/<name>/pred)")
     split: Literal["test", "val"] = opt("test", "which images of --data to infer")
 
 
@@ -228,6 +228,9 @@ class EvaluateConfig:
         "", "torchvision ImageNet weights of the LPIPS backbone (alex: alexnet-owt-7be5be79.pth, vgg: "
         "vgg16-397923af.pth); empty = the lpips column says it is missing")
     lpips_net: Literal["alex", "vgg"] = opt("alex", "LPIPS backbone (the lpips package ships its linear layers)")
+    vs: str = opt(
+        "", "a second folder of predictions of the same images (--vs): prints the gain of --sr over it, per-image "
+        "PSNR differences averaged, with a paired bootstrap 95% interval")
 
 
 @dataclass(frozen=True)
@@ -239,6 +242,22 @@ class AblateConfig:
     precisions: tuple[str, ...] = opt(("fp32", "auto"), "precisions to try")
     merges: tuple[str, ...] = opt(("mean",), "ensemble merge rules to try (mean, median)")
     runs: tuple[str, ...] = opt((), "extra model sets: runs averaged with the main run")
+
+
+@dataclass(frozen=True)
+class BlendConfig:
+    name: str = opt(
+        "", "blend name: the blend stage writes submit/<name>/blend.yaml; infer (and submit) with it set apply the "
+        "blend, outputs in submit/<name>/ as for a run")
+    members: tuple[str, ...] = opt(
+        (), "members (at least 2): RUN (its infer.checkpoint), RUN:last_k=K (its last K kept checkpoints averaged), "
+        "RUN:checkpoint=best|last, RUN:ema=false, options chained (RUN:last_k=3:ema=false), or weights=FILE "
+        "(a published weights file); each runs with the infer.* settings")
+    method: Literal["lstsq", "greedy"] = opt(
+        "lstsq", "the weights infer applies (both are fitted and reported): lstsq = least squares on pixels, "
+        "non-negative weights summing to 1, solved exactly; greedy = forward selection with replacement on the "
+        "mean per-image PSNR, weights = pick counts / greedy_rounds")
+    greedy_rounds: int = opt(100, "picks of the greedy selection (its weights are multiples of 1/rounds)", ge=1)
 
 
 @dataclass(frozen=True)
@@ -429,6 +448,7 @@ class Config:
     submit: SubmitConfig = field(default_factory=SubmitConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     ablate: AblateConfig = field(default_factory=AblateConfig)
+    blend: BlendConfig = field(default_factory=BlendConfig)
     add_data: AddDataConfig = field(default_factory=AddDataConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     mri: MriConfig = field(default_factory=MriConfig)

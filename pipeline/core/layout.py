@@ -9,9 +9,11 @@
     models/<run>/                     RunLayout(models_root, run)
         config.yaml model.yaml last.pth best.pth history/step_00000500.pth log.jsonl curves.png tb/ profile/
         best.onnx best.safetensors (export)
-    submit/<run>/                     OutputLayout(submit_root, run)
+    submit/<run or blend>/            OutputLayout(submit_root, name)
         pred/ val_pred/ (whole folders, swapped in complete)  submission.zip|csv  ablation.csv|png
+        blend.yaml blend_scores.csv blend_config.yaml   (blend: members, weights, validation scores)
     submit/leaderboard.csv
+    submit/leaderboard/<time>-<name>.csv   per-image scores of each leaderboard row (+ bicubic-<key>.csv)
     <volumes>/                        VolumeLayout(root): a folder of MRI volumes (HR)
         *.nii *.nii.gz *.npy  subjects.csv (optional)  mri_splits.csv  mri-prepare
         lr/<item>.<suffix> lr/degradation.yaml          mri-prepare: LR volumes and how they were made
@@ -33,11 +35,15 @@ import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from pipeline.core.errors import DataError, UserError
 from pipeline.core.images import images_by_stem
+
+if TYPE_CHECKING:
+    from pipeline.core.config import Config
 
 ID_RULE = "letters, digits, '_', '.', '-'; starting with a letter, digit or '_'; at most 128 characters"
 _SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
@@ -49,7 +55,8 @@ EXTRA_COLUMNS = ("img_id", "source", "lr_path", "hr_path")  # extra.csv (written
 EXTRA_FOLD = -1  # the fold of extra pairs in splits.csv: training only, never a validation fold (>= 0)
 MANIFEST_COLUMNS = ("patch_id", "img_id", "fold", "y", "x", "lr_path", "hr_path")  # patches/manifest.csv
 VOLUME_SPLIT_COLUMNS = ("item", "subject", "fold", "path", "volume")  # <volumes>/mri_splits.csv
-LEADERBOARD_COLUMNS = ("timestamp", "run", "model", "settings", "images", "psnr", "ssim", "sec_per_image", "device")
+LEADERBOARD_COLUMNS = ("timestamp", "run", "model", "settings", "images", "psnr", "ssim", "sec_per_image", "device",
+                       "gain_db", "gain_lo", "gain_hi", "scores")  # gain over bicubic, its 95% interval, per-image file
 COMPLETE_MARK = "timing.json"  # every finished prediction folder holds it (written last)
 
 
@@ -348,6 +355,12 @@ class RunLayout:
         return self.last.is_file() or self.best.is_file() or bool(self.history_files())
 
 
+def output_name(cfg: Config) -> str:
+    """The folder under submit/ that infer and submit use: ``blend.name`` when set (a blend is applied
+    and packed like a run), else ``run``."""
+    return cfg.blend.name or cfg.run
+
+
 @dataclass(frozen=True)
 class OutputLayout:
     """``submit/<run>``: predictions, submissions and ablations of one run."""
@@ -366,7 +379,15 @@ class OutputLayout:
     ablation_png = property(lambda self: self.dir / "ablation.png")
     ablate_config = property(lambda self: self.dir / "ablate.yaml")
     report = property(lambda self: self.dir / "report.png")
+    blend_yaml = property(lambda self: self.dir / "blend.yaml")  # members, weights, validation scores
+    blend_scores = property(lambda self: self.dir / "blend_scores.csv")  # per image: members, mean, blend
+    blend_config = property(lambda self: self.dir / "blend_config.yaml")
     leaderboard = property(lambda self: self.submit_root / "leaderboard.csv")
+    leaderboard_dir = property(lambda self: self.submit_root / "leaderboard")  # per-image scores of its rows
+
+    def leaderboard_scores(self, row_id: str) -> Path:
+        """Per-image scores of one leaderboard row (``<time>-<name>``), or of the bicubic reference."""
+        return self.leaderboard_dir / f"{check_id(row_id, 'leaderboard', 'row')}.csv"
 
     def submission(self, fmt: str) -> Path:
         return self.dir / f"submission.{fmt}"
