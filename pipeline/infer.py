@@ -173,8 +173,8 @@ def _run(cfg: Config, d: Dist, items: list[tuple[str, Path]], hr_paths: dict[str
         print(f"torch.compile ({summary['compile']}): {summary['compile_seconds']:.1f} s to compile + warm up, "
               "not in s/image")
     if summary.get("windows"):
-        per = [f"{w['window']} ({'+'.join(w['tiles'])}) {w['seconds_total'] / max(summary['images'], 1):.3f}"
-               for w in summary["windows"]]
+        per = [f"{w['window']}{' (' + '+'.join(w['tiles']) + ')' if w['window'] == 'auto' else ''} "
+               f"{w['seconds_total'] / max(summary['images'], 1):.3f}" for w in summary["windows"]]
         print(f"seconds per image by window: {', '.join(per)}")
     if summary["fp32_fallbacks"]:
         print(f"rerun in fp32 after NaN/Inf: {', '.join(summary['fp32_fallbacks'])}")
