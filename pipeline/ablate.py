@@ -1,14 +1,15 @@
 """``ablate``: every inference setting on the validation fold -> ``ablation.csv`` + ``ablation.png``.
 
 A grid over ensemble ways (``ablate.tta``), tile/stride pairs (``ablate.tiles``, ``"0"`` = whole
-image), blends, precisions, merge rules (``ablate.merges``) and model sets (the run alone, then the
-run averaged with each entry of ``ablate.runs``; ``"b+c"`` averages three). Settings that compute
-the same thing are run once: the blend of a whole-image pass, and a precision that resolves to one
-already in the grid (``auto`` is fp32 on a CPU without native bf16). Each row: PSNR/SSIM (contest
-protocol) on the validation fold's whole images, seconds per image, and the gain over the
-configured default (``infer.*``), which the plot marks with a star: the mean per-image PSNR difference
-with its paired bootstrap 95% interval (``gain_lo`` .. ``gain_hi``; ``metrics.paired_gain``, seed
-``seed``), drawn as error bars.
+image) and window sets (``ablate.windows``, ``"0+64/32"`` = ``infer.windows=[0, 64/32]``), blends,
+precisions, merge rules (``ablate.merges``) and model sets (the run alone, then the run averaged
+with each entry of ``ablate.runs``; ``"b+c"`` averages three). Settings that compute the same thing
+are run once: the blend of a whole-image pass, a window set of one window and that tile, and a
+precision that resolves to one already in the grid (``auto`` is fp32 on a CPU without native bf16).
+Each row: PSNR/SSIM (contest protocol) on the validation fold's whole images, seconds per image,
+and the gain over the configured default (``infer.*``), which the plot marks with a star: the mean
+per-image PSNR difference with its paired bootstrap 95% interval (``gain_lo`` .. ``gain_hi``;
+``metrics.paired_gain``, seed ``seed``), drawn as error bars.
 """
 
 from __future__ import annotations
@@ -25,29 +26,34 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.core.config import Config, save_config, with_overrides
-from pipeline.core.errors import UserError
 from pipeline.core.files import atomic_write
 from pipeline.core.images import read_float, read_uint8, to_uint8
 from pipeline.core.layout import DataLayout, OutputLayout
 from pipeline.core.metrics import paired_gain, score_pair
 from pipeline.core.runtime import pick_device, precision_name
 from pipeline.inference.predict import Settings, inference_dtype, load_models, predict_images
+from pipeline.inference.windows import AUTO, parse_window
 
-COLUMNS = ["models", "tta", "tile", "stride", "blend", "precision", "merge", "psnr", "ssim", "sec_per_image", "gain_db",
-           "gain_lo", "gain_hi", "default"]
+COLUMNS = ["models", "tta", "tile", "stride", "windows", "blend", "precision", "merge", "psnr", "ssim",
+           "sec_per_image", "gain_db", "gain_lo", "gain_hi", "default"]
 
 
-def parse_tile(spec: str) -> tuple[int, int]:
-    """``"128/64"`` -> (128, 64); ``"0"`` -> whole image (0, 0)."""
-    try:
-        parts = [int(p) for p in str(spec).split("/")]
-    except ValueError:
-        parts = []
-    if parts == [0]:
-        return 0, 0
-    if len(parts) != 2 or not 0 < parts[1] <= parts[0]:
-        raise UserError(f"ablate.tiles: {spec!r} must be 'TILE/STRIDE' with 0 < STRIDE <= TILE, or '0'")
-    return parts[0], parts[1]
+def parse_tile(spec: str) -> tuple[int | str, int]:
+    """``"128/64"`` -> (128, 64); ``"0"`` -> whole image (0, 0); ``"auto"`` -> ("auto", 0)."""
+    window = parse_window(spec, "ablate.tiles")
+    return window.tile, window.stride
+
+
+def parse_window_set(entry: str) -> tuple[str, ...]:
+    """``"0+64/32"`` -> ("0", "64/32"): an ``infer.windows`` value, each window checked."""
+    return tuple(parse_window(w, f"ablate.windows entry {entry!r}").spec for w in str(entry).split("+"))
+
+
+def _windows_key(s: Settings) -> tuple:
+    """What the windows of ``s`` compute: their (tile, stride) pairs and normalised weights."""
+    cuts = tuple((0, 0) if w.whole else (w.tile, w.stride) for w in s.window_list())
+    weights = s.weights()
+    return cuts, tuple(w / sum(weights) for w in weights) if len(cuts) > 1 else ()
 
 
 def settings_grid(cfg: Config, models: Sequence[nn.Module], device: torch.device) -> list[Settings]:
@@ -55,16 +61,18 @@ def settings_grid(cfg: Config, models: Sequence[nn.Module], device: torch.device
     precisions that resolve to one dtype for these models run once)."""
     base = Settings.from_config(cfg.infer)
     grid = [base]
-    for tta, tile, blend, precision, merge in itertools.product(
-            cfg.ablate.tta, cfg.ablate.tiles, cfg.ablate.blends, cfg.ablate.precisions, cfg.ablate.merges):
-        t, s = parse_tile(tile)
-        grid.append(dataclasses.replace(base, tta=tta, tile=t, stride=s or base.stride, blend=blend,
-                                        precision=precision, merge=merge))
+    tilings = [{"tile": t, "stride": s or base.stride, "windows": (), "window_weights": ()}
+            for t, s in map(parse_tile, cfg.ablate.tiles)]
+    tilings += [{"windows": parse_window_set(entry), "window_weights": ()} for entry in cfg.ablate.windows]
+    for tta, tiling, blend, precision, merge in itertools.product(
+            cfg.ablate.tta, tilings, cfg.ablate.blends, cfg.ablate.precisions, cfg.ablate.merges):
+        grid.append(dataclasses.replace(base, tta=tta, blend=blend, precision=precision, merge=merge, **tiling))
+
     def key(s: Settings) -> tuple:
         dtype = inference_dtype(models, device, s.precision)
-        blend = "-" if s.tile == 0 else s.blend
-        stride = 0 if s.tile == 0 else s.stride
-        return (s.tta, s.tile, stride, blend, precision_name(dtype), s.merge)
+        windows = _windows_key(s)
+        blend = "-" if all(tile == 0 for tile, _ in windows[0]) else s.blend
+        return (s.tta, windows, blend, precision_name(dtype), s.merge)
 
     seen, out = set(), []
     for s in grid:
@@ -103,10 +111,13 @@ def run_grid(cfg: Config) -> pd.DataFrame:
         srs, timing = predict_images(models, lr_images, settings, device, names)
         scores = [score_pair(to_uint8(sr), hr) for sr, hr in zip(srs, hr_images)]
         per_image.append(np.array([s["psnr"] for s in scores]))
+        tile = 0 if settings.windows else settings.tile
+        whole = all(w.whole for w in settings.window_list())
         rows.append({
-            "models": label, "tta": settings.tta, "tile": settings.tile,
-            "stride": settings.stride if settings.tile else 0,
-            "blend": settings.blend if settings.tile else "-", "precision": timing.precision, "merge": settings.merge,
+            "models": label, "tta": settings.tta, "tile": tile,
+            "stride": settings.stride if tile and tile != AUTO else 0,
+            "windows": window_text(settings), "blend": "-" if whole else settings.blend,
+            "precision": timing.precision, "merge": settings.merge,
             "psnr": float(np.mean([s["psnr"] for s in scores])), "ssim": float(np.mean([s["ssim"] for s in scores])),
             "sec_per_image": timing.seconds / max(timing.images, 1),
             "default": label == sets[0][0] and settings == default,
@@ -116,6 +127,14 @@ def run_grid(cfg: Config) -> pd.DataFrame:
     gains = [paired_gain(p, per_image[ref[0]], seed=cfg.seed) if len(ref) else (np.nan,) * 3 for p in per_image]
     table[["gain_db", "gain_lo", "gain_hi"]] = np.array(gains, dtype=np.float64).reshape(-1, 3)  # one row per setting
     return table[COLUMNS]
+
+
+def window_text(settings: Settings) -> str:
+    """The ``windows`` column: ``"0+64/32"`` (``"0+64/32@1,2"`` weighted) for a window set, else ``"-"``."""
+    if not settings.windows:
+        return "-"
+    weights = "@" + ",".join(f"{w:g}" for w in settings.window_weights) if settings.window_weights else ""
+    return "+".join(settings.windows) + weights
 
 
 def plot(table: pd.DataFrame, path: Path, title: str) -> None:
@@ -134,7 +153,10 @@ def plot(table: pd.DataFrame, path: Path, title: str) -> None:
         ax.errorbar(group["sec_per_image"], group["psnr"], yerr=[below, above], fmt="none", capsize=2.5,
                     elinewidth=0.9, ecolor=points.get_facecolor()[0], alpha=0.85)
     for row in table.itertuples():
-        tiles = "whole" if row.tile == 0 else f"{row.tile}/{row.stride} {row.blend}"
+        if row.windows != "-":
+            tiles = f"windows {row.windows} {row.blend}"
+        else:
+            tiles = "whole" if row.tile == 0 else f"{row.tile}/{row.stride} {row.blend}"
         merge = "" if row.merge == "mean" else f" {row.merge}"
         ax.annotate(f"{tiles} {row.precision}{merge}", (row.sec_per_image, row.psnr), fontsize=6.5,
                     xytext=(3, 2), textcoords="offset points")

@@ -15,8 +15,8 @@ Which images (outputs named ``<img_id>.png``):
   go to ``submit/leaderboard/<time>-<run>.csv`` (``scores`` column), so any two rows can be compared
 - ``--input DIR --output DIR``: every image in DIR, named by file stem.
 Beside the PNGs: ``timing.json`` (seconds per image, tiles per second, peak memory, device,
-precision, torch.compile mode and seconds, images rerun in fp32) and ``config.yaml``
-(the resolved config).
+precision, torch.compile mode and seconds, images rerun in fp32; per window of ``infer.windows``
+or ``tile=auto``: seconds, tile forwards and the tiles it ran) and ``config.yaml`` (the resolved config).
 
 The output folder is built as a hidden folder beside its final place and swapped in only when
 every image is written (``pipeline.core.files.staged_dir``): a killed run leaves the previous
@@ -124,6 +124,11 @@ def merge_timings(parts: list[dict[str, Any]]) -> dict[str, Any]:
         if key in merged:
             merged[key] = max(p.get(key, 0) for p in parts)
     merged["fp32_fallbacks"] = [n for p in parts for n in p.get("fp32_fallbacks", [])]
+    if "windows" in merged:  # per window, as above: forwards add up, seconds are the slowest rank's
+        merged["windows"] = [{**w, "tile_forwards": sum(p["windows"][i]["tile_forwards"] for p in parts),
+                              "seconds_total": max(p["windows"][i]["seconds_total"] for p in parts),
+                              "tiles": sorted({t for p in parts for t in p["windows"][i]["tiles"]})}
+                             for i, w in enumerate(merged["windows"])]
     seconds = merged["seconds_total"]
     merged["seconds_per_image"] = round(seconds / max(merged["images"], 1), 4)
     merged["tiles_per_second"] = round(merged["tile_forwards"] / seconds, 3) if seconds else 0.0
@@ -203,6 +208,10 @@ def _run(cfg: Config, d: Dist, items: list[tuple[str, Path]], hr_paths: dict[str
     if summary.get("compile", "off") != "off":
         print(f"torch.compile ({summary['compile']}): {summary['compile_seconds']:.1f} s to compile + warm up, "
               "not in s/image")
+    if summary.get("windows"):
+        per = [f"{w['window']}{' (' + '+'.join(w['tiles']) + ')' if w['window'] == 'auto' else ''} "
+               f"{w['seconds_total'] / max(summary['images'], 1):.3f}" for w in summary["windows"]]
+        print(f"seconds per image by window: {', '.join(per)}")
     if summary["fp32_fallbacks"]:
         print(f"rerun in fp32 after NaN/Inf: {', '.join(summary['fp32_fallbacks'])}")
     if not scores:

@@ -57,7 +57,7 @@ def test_ablate_writes_csv_and_plot(patched_demo: Path, tmp_path: Path):
     assert cli(["train", *args, "model.name=edsr-nano", "train.max_steps=3", "train.val_every=3",
                 "train.batch_size=4", "train.workers=0"]) == 0
     assert cli(["ablate", *args, "ablate.tta=[1, 2]", "ablate.tiles=[0, 32/16]", "ablate.blends=[mean]",
-                "ablate.precisions=[fp32]", "infer.precision=fp32"]) == 0
+                "ablate.precisions=[fp32]", "infer.precision=fp32", "ablate.windows=[0+32/16]"]) == 0
     table = pd.read_csv(tmp_path / "s" / "nano" / "ablation.csv")
     assert list(table.columns) == COLUMNS
     assert table["default"].sum() == 1 and table.loc[table["default"], "gain_db"].iloc[0] == 0
@@ -65,7 +65,12 @@ def test_ablate_writes_csv_and_plot(patched_demo: Path, tmp_path: Path):
     assert default["gain_lo"] == 0 and default["gain_hi"] == 0  # the reference against itself
     assert (table["gain_lo"] <= table["gain_db"] + 1e-9).all() and (table["gain_db"] <= table["gain_hi"] + 1e-9).all()
     assert (table["gain_hi"] - table["gain_lo"] > 0).sum() >= len(table) - 1  # 2 images: a real interval each
-    assert len(table) == 1 + 2 * 2  # the default (tta8 32/16) + {1,2} x {whole, 32/16}
+    assert len(table) == 1 + 2 * 3  # the default (tta8 32/16) + {1,2} x {whole, 32/16, windows 0+32/16}
+    sets = table[table["windows"] != "-"]
+    assert list(sets["windows"]) == ["0+32/16"] * 2 and sorted(sets["tta"]) == [1, 2]
+    for tta in (1, 2):  # MSE is convex: the mean of two windows is no worse than the worse (up to 8-bit rounding)
+        rows = table[table["tta"] == tta]
+        assert len(rows) == 3 and rows[rows["windows"] == "0+32/16"]["psnr"].iloc[0] >= rows["psnr"].min() - 0.05
     assert table["psnr"].between(5, 60).all()
     assert (tmp_path / "s" / "nano" / "ablation.png").stat().st_size > 10_000
 

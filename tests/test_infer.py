@@ -130,6 +130,30 @@ def test_checkpoint_on_test_set_then_submit(env: tuple) -> None:
     assert (submit / "r" / "submission.zip").is_file()
 
 
+def test_one_window_writes_the_same_pngs_and_windows_are_timed(env: tuple) -> None:
+    """infer.windows=[8/4] is infer.tile=8 infer.stride=4 to the byte; two windows report their cost each."""
+    data, models, submit, sizes = env
+    outs = {name: submit / name for name in ("plain", "one", "two")}
+    assert _infer(data, models, submit, *TILES, "infer.tta=2", "--output", str(outs["plain"])) == 0
+    assert _infer(data, models, submit, *TILES, "infer.tta=2", "infer.windows=[8/4]", "--output", str(outs["one"])) == 0
+    assert _infer(data, models, submit, *TILES, "infer.tta=2", "infer.windows=[8/4, 0]", "infer.window_weights=[3, 1]",
+                  "--output", str(outs["two"])) == 0
+    for i in sizes:
+        assert (outs["one"] / f"{i}.png").read_bytes() == (outs["plain"] / f"{i}.png").read_bytes()
+    plain, one, two = (json.loads((out / "timing.json").read_text()) for out in outs.values())
+    assert "windows" not in plain and one["windows"][0]["tile_forwards"] == plain["tile_forwards"]
+    assert [(w["window"], w["weight"], w["tiles"]) for w in two["windows"]] == [("8/4", 3.0, ["8/4"]),
+                                                                               ("0", 1.0, ["whole"])]
+    assert two["windows"][1]["tile_forwards"] == 3 * 2  # 3 images x 1 whole tile x 2 ways
+    assert all(w["seconds_total"] > 0 for w in two["windows"])
+    assert two["settings"]["windows"] == ["8/4", "0"]
+    ema, _ = model_from_checkpoint(models / "r" / "best.pth", ema=True)
+    lr = read_float(data / "test" / "lr" / "20000.png")
+    (tiled,), _ = predict_images([ema], [lr], Settings(tta=2, tile=8, stride=4, margin=1, precision="fp32"), DEVICE)
+    (whole,), _ = predict_images([ema], [lr], Settings(tta=2, tile=0, margin=1, precision="fp32"), DEVICE)
+    _assert_same_png(read_uint8(outs["two"] / "20000.png"), (3 * tiled + whole) / 4)
+
+
 def test_validation_fold_scores_and_leaderboard(env: tuple, capsys: pytest.CaptureFixture[str]) -> None:
     data, models, submit, _sizes = env
     for tta in ("1", "8"):
@@ -234,6 +258,9 @@ def test_nan_in_fp32_is_an_error() -> None:
     (["infer.last_k=5"], "infer.last_k=5 but"),
     (["run=nothing"], "nothing/best.pth: checkpoint not found"),
     (["--input", "somewhere"], "--input needs --output"),
+    (["infer.windows=[8/4, 64]"], "infer.windows: '64' must be 'TILE/STRIDE'"),
+    (["infer.windows=[8/4, 0]", "infer.window_weights=[1]"], "infer.window_weights has 1 weight(s) for 2"),
+    (["infer.tile=big"], "infer.tile: 'big' is not int or 'auto'"),
 ])
 def test_errors_are_one_line(env: tuple, capsys: pytest.CaptureFixture[str], flags: list[str], message: str) -> None:
     data, models, submit, _sizes = env

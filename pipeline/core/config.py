@@ -182,8 +182,17 @@ class TrainConfig:
 @dataclass(frozen=True)
 class InferConfig:
     tta: Literal[1, 2, 4, 8] = opt(8, "self-ensemble ways (dihedral transforms)")
-    tile: int = opt(128, "LR tile side; 0 = whole image", ge=0)
-    stride: int = opt(64, "LR stride between tiles", ge=1)
+    tile: int | Literal["auto"] = opt(
+        128, "LR tile side; 0 = whole image; auto = the whole image when one forward of it x infer.tta ways fits the "
+        "memory budget (CUDA: 8 GiB or half the free memory, by a one-tile probe; CPU: 2^18 LR pixels x ways), else "
+        "the largest tile that fits, a multiple of the model's window (and of 8), stride tile/2", ge=0)
+    stride: int = opt(64, "LR stride between tiles (not used by tile=auto)", ge=1)
+    windows: tuple[str, ...] = opt(
+        (), "multi-window self-ensemble: several windows, each 'TILE/STRIDE', '0' (whole image) or 'auto', e.g. "
+        "[0, 64/32, 128/64]; each runs the infer.tta-way ensemble and their SRs are merged by infer.merge, one "
+        "window after another; empty = the one window of infer.tile / infer.stride")
+    window_weights: tuple[float, ...] = opt(
+        (), "one weight >= 0 per entry of infer.windows (normalised; needs infer.merge=mean); empty = equal")
     blend: Literal["mean", "hann"] = opt(
         "hann", "tile weights: 'hann' (raised window with a floor; measured +0.05 dB over 'mean' on held-out "
         "demo images, BENCHMARKS.md) or 'mean' (equal, the reference team's)")
@@ -237,10 +246,13 @@ class EvaluateConfig:
 class AblateConfig:
     tta: tuple[int, ...] = opt((1, 2, 4, 8), "ensemble ways to try")
     tiles: tuple[str, ...] = opt(
-        ("0", "128/64", "128/96", "256/128"), "tile/stride pairs to try; '0' = whole image")
+        ("0", "128/64", "128/96", "256/128"), "tile/stride pairs to try; '0' = whole image, 'auto' = infer.tile=auto")
     blends: tuple[str, ...] = opt(("mean", "hann"), "blends to try")
     precisions: tuple[str, ...] = opt(("fp32", "auto"), "precisions to try")
     merges: tuple[str, ...] = opt(("mean",), "ensemble merge rules to try (mean, median)")
+    windows: tuple[str, ...] = opt(
+        (), "window sets to try beside ablate.tiles, each windows joined by '+' (e.g. '0+64/32+128/64': "
+        "infer.windows=[0, 64/32, 128/64], equal weights)")
     runs: tuple[str, ...] = opt((), "extra model sets: runs averaged with the main run")
 
 
@@ -514,7 +526,7 @@ def _check(value: Any, tp: Any, key: str) -> Any:
                 return _check(value, arg, key)
             except ConfigError:
                 continue
-        raise ConfigError(f"{key}: {value!r} does not match {tp}")
+        raise ConfigError(f"{key}: {value!r} is not {' or '.join(_type_name(a) for a in typing.get_args(tp))}")
     if tp is type(None):
         if value is not None:
             raise ConfigError(f"{key}: expected null, got {value!r}")
@@ -532,6 +544,13 @@ def _check(value: Any, tp: Any, key: str) -> Any:
     if tp in (int, float, str, bool) and (type(value) is not tp):
         raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
     return value
+
+
+def _type_name(tp: Any) -> str:
+    """``int``, ``'auto'``: a type of a union as an error message names it."""
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(map(repr, typing.get_args(tp)))
+    return getattr(tp, "__name__", str(tp))
 
 
 def _hints(cls: type) -> dict[str, Any]:

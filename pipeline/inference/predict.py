@@ -2,16 +2,18 @@
 
 ``predict_images(models, lr_images, settings)`` returns float RGB images (unclamped, fp32) and a
 ``Timing``; ``iter_predict`` is the streaming form ``infer`` uses so that each image is written
-as soon as it is ready. Per image: tiles (``tiling.run_tiles``) whose batches go through every
-model's self-ensemble (``ensemble.average_models``, merged by ``merge``), all under autocast when
-the settings ask for it; an output with NaN/Inf is recomputed in fp32 (and counted); still
-non-finite is an error. The image stays on the device from upload to the merged result, which
-is copied to the host once.
+as soon as it is ready. Per image and window (``windows``: the one of ``tile`` / ``stride``, or each
+of ``windows``, ``auto`` resolved per image size): tiles (``tiling.run_tiles``) whose batches go
+through every model's self-ensemble (``ensemble.average_models``, merged by ``merge``), all under
+autocast when the settings ask for it; the windows' results are merged by ``merge`` too
+(``windows.merge_windows``: weighted mean or median; one window is passed through untouched). An
+output with NaN/Inf is recomputed in fp32 (and counted); still non-finite is an error. The image
+stays on the device from upload to the merged result, which is copied to the host once.
 
-Before the first image: the tile batch (``tiling.auto_batch``) and, where ``compile`` says so,
-``torch.compile`` of each model for that fixed tile batch (the last, shorter batch of an image is
-padded up to it); the first image is run once untimed to compile and warm up, and that time is
-``Timing.compile_seconds``.
+Before the first image: the tile batch of each window (``tiling.auto_batch``) and, where ``compile``
+says so, ``torch.compile`` of each model for those fixed tile batches (the last, shorter batch of an
+image is padded up to it); the first image is run once untimed to compile and warm up, and that
+time is ``Timing.compile_seconds``.
 """
 
 from __future__ import annotations
@@ -41,7 +43,18 @@ from pipeline.core.runtime import (
     precision_name,
 )
 from pipeline.inference.ensemble import MERGES, average_models
-from pipeline.inference.tiling import Forward, TileError, auto_batch, effective_tile, run_tiles, tile_grid
+from pipeline.inference.tiling import Forward, TileError, run_tiles
+from pipeline.inference.windows import (
+    AUTO,
+    Cut,
+    Window,
+    WindowPlan,
+    check_weights,
+    cut_geometry,
+    merge_windows,
+    model_unit,
+    window_set,
+)
 from pipeline.models.checkpoint import CheckpointError, load_weights_file, model_from_checkpoint
 from pipeline.models.table import Bicubic, autocast_cap, build_model, card_of, check_scale
 
@@ -53,8 +66,10 @@ class Settings(SectionView):
     """The inference settings an ablation varies (see ``InferConfig`` for their meaning and defaults)."""
 
     tta: int
-    tile: int
+    tile: int | str  # LR pixels, 0 = whole image, or "auto"
     stride: int
+    windows: tuple[str, ...]
+    window_weights: tuple[float, ...]
     blend: str
     pad: int
     margin: int
@@ -65,10 +80,23 @@ class Settings(SectionView):
     compile: str
 
     def label(self) -> str:
-        """Short text for tables: ``tta8 tile128/64 mean pad0 margin0 auto`` (``tta8 median ...``)."""
-        tiles = "whole" if self.tile == 0 else f"tile{self.tile}/{self.stride}"
+        """Short text for tables: ``tta8 tile128/64 mean pad0 margin0 auto`` (``tta8 median ...``; windows
+        ``tta8 windows0+64/32 ...``, weighted ``windows0+64/32@1,2 ...``; ``tileauto``)."""
+        if self.windows:
+            weights = "@" + ",".join(f"{w:g}" for w in self.window_weights) if self.window_weights else ""
+            tiles = f"windows{'+'.join(self.windows)}{weights}"
+        else:
+            tiles = "whole" if self.tile == 0 else "tileauto" if self.tile == AUTO else f"tile{self.tile}/{self.stride}"
         merge = "" if self.merge == "mean" else f" {self.merge}"
         return f"tta{self.tta}{merge} {tiles} {self.blend} pad{self.pad} margin{self.margin} {self.precision}"
+
+    def window_list(self) -> list[Window]:
+        """The windows every image runs through (``infer.windows``, else the one of tile / stride)."""
+        return window_set(self.tile, self.stride, self.windows)
+
+    def weights(self) -> tuple[float, ...]:
+        """One weight per window (equal when ``window_weights`` is empty)."""
+        return self.window_weights or (1.0,) * len(self.window_list())
 
 
 @dataclass
@@ -85,8 +113,10 @@ class Timing:
     peak_mib: float = 0.0
     compile: str = "off"  # the torch.compile mode that ran ('off' = eager)
     compile_seconds: float = 0.0
+    windows: list[WindowTiming] = field(default_factory=list)  # per window, when infer.windows or auto is used
 
     def summary(self) -> dict[str, Any]:
+        extra = {"windows": [w.summary() for w in self.windows]} if self.windows else {}
         return {
             "images": self.images,
             "seconds_total": round(self.seconds, 4),
@@ -100,7 +130,23 @@ class Timing:
             "compile": self.compile,
             "compile_seconds": round(self.compile_seconds, 3),
             "fp32_fallbacks": self.fp32_fallbacks,
+            **extra,
         }
+
+
+@dataclass
+class WindowTiming:
+    """One window's share of ``Timing``: its seconds, tile forwards and what ``auto`` resolved to."""
+
+    window: str
+    weight: float
+    seconds: float = 0.0
+    tiles: int = 0  # tile forwards: LR tiles x ensemble ways x models
+    resolved: set[str] = field(default_factory=set)  # "whole" or "TILE/STRIDE", per image size
+
+    def summary(self) -> dict[str, Any]:
+        return {"window": self.window, "weight": self.weight, "seconds_total": round(self.seconds, 4),
+                "tile_forwards": self.tiles, "tiles": sorted(self.resolved)}
 
 
 def check_settings(settings: Settings) -> None:
@@ -108,15 +154,23 @@ def check_settings(settings: Settings) -> None:
     s = settings
     if s.tta not in (1, 2, 4, 8):
         raise UserError(f"infer.tta={s.tta}: choose 1, 2, 4 or 8")
-    if s.tile < 0 or s.pad < 0 or s.margin < 0 or s.batch < 0:
+    if s.tile != AUTO and not (isinstance(s.tile, int) and not isinstance(s.tile, bool)):
+        raise UserError(f"infer.tile={s.tile}: a side in LR pixels, 0 (whole image) or {AUTO}")
+    if (s.tile != AUTO and s.tile < 0) or s.pad < 0 or s.margin < 0 or s.batch < 0:
         raise UserError(f"infer.tile/pad/margin/batch must be >= 0 (got {s.tile}/{s.pad}/{s.margin}/{s.batch})")
-    if s.tile and not 0 < s.stride <= s.tile:
-        raise UserError(f"infer.stride={s.stride} must be in 1..infer.tile ({s.tile}); a larger stride leaves gaps")
-    if s.tile and 2 * s.margin > s.tile - s.stride:
-        raise UserError(f"infer.margin={s.margin} leaves pixels uncovered: 2 x margin must be <= tile - stride "
-                        f"({s.tile} - {s.stride})")
     if s.merge not in MERGES:
         raise UserError(f"infer.merge={s.merge}: choose {' or '.join(MERGES)}")
+    if not s.windows and s.tile != AUTO:
+        if s.tile and not 0 < s.stride <= s.tile:
+            raise UserError(f"infer.stride={s.stride} must be in 1..infer.tile ({s.tile}); a larger stride leaves gaps")
+        if s.tile and 2 * s.margin > s.tile - s.stride:
+            raise UserError(f"infer.margin={s.margin} leaves pixels uncovered: 2 x margin must be <= tile - stride "
+                            f"({s.tile} - {s.stride})")
+    for w in s.window_list() if s.windows else []:  # parsed here: a bad entry is a one-line error
+        if isinstance(w.tile, int) and w.tile and 2 * s.margin > w.tile - w.stride:
+            raise UserError(f"infer.margin={s.margin} leaves pixels uncovered in window {w.spec} of infer.windows: "
+                            f"2 x margin must be <= tile - stride")
+    check_weights(s.window_weights, s.windows, s.merge)
     if s.compile not in COMPILE_MODES:
         raise UserError(f"infer.compile={s.compile}: choose {', '.join(COMPILE_MODES)}")
 
@@ -170,15 +224,6 @@ def _to_tensor(img: np.ndarray, device: torch.device, name: str) -> torch.Tensor
     return torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)).permute(2, 0, 1).to(device)  # (3,H,W)
 
 
-def _geometry(settings: Settings, lr: torch.Tensor) -> tuple[int, tuple[int, int]]:
-    """(tiles per image, tile shape) of an LR image (3,H,W) under ``settings``."""
-    h, w = lr.shape[-2] + 2 * settings.pad, lr.shape[-1] + 2 * settings.pad
-    if settings.tile == 0:
-        return 1, (h, w)
-    side = effective_tile(h, w, settings.tile, settings.stride)[0]
-    return len(tile_grid(h, w, settings.tile, settings.stride)), (side, side)
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -205,48 +250,73 @@ def iter_predict(models: Sequence[nn.Module], items: Iterable[tuple[str, np.ndar
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # a few fixed tile shapes: pick the fastest kernels once
     eager = _forward(models, settings, device, dtype)
+    plan = WindowPlan(settings.window_list(), model_unit(models), eager, device, settings.tta, settings.pad,
+                      settings.margin, settings.batch)
+    if settings.windows or any(w.tile == AUTO for w in plan.windows):
+        timing.windows = [WindowTiming(w.spec, weight) for w, weight in zip(plan.windows, settings.weights())]
     fast: Forward | None = None  # what tiles go through: the eager forward or the compiled one
-    batch = settings.batch
     for name, img in items:
         lr = _to_tensor(img, device, name)
         with torch.inference_mode():
+            cuts = plan(lr)
             if fast is None:
-                tiles, shape = _geometry(settings, lr)
-                if batch == 0:
-                    batch = 1 if settings.tile == 0 else auto_batch(eager, 3, shape, device, tiles, settings.tta)
-                pixels = total_images * tiles * settings.tta * shape[0] * shape[1]
+                pixels = 0
+                for cut in cuts:
+                    tiles, shape = cut_geometry(*cut, settings.pad, lr)
+                    pixels += total_images * tiles * settings.tta * shape[0] * shape[1]
                 timing.compile = "off" if free else compile_choice(settings.compile, device, pixels)
                 fast = eager
                 if timing.compile != "off":
                     fast = _forward(models, settings, device, dtype, timing.compile)
                     begin = time.perf_counter()
-                    batch = _predict_one(fast, lr, settings, batch, name, True)[2]  # compiles every shape it meets
+                    _predict_image(fast, lr, cuts, plan.batches, settings, name, True, device)  # compiles every shape
                     _sync(device)
                     timing.compile_seconds += time.perf_counter() - begin
         start = time.perf_counter()
         with torch.inference_mode():
-            sr, tiles, batch = _predict_one(fast, lr, settings, batch, name, timing.compile != "off")
+            sr, stats = _predict_image(fast, lr, cuts, plan.batches, settings, name, timing.compile != "off", device)
             if not bool(torch.isfinite(sr).all()) and dtype is not None:
                 timing.fp32_fallbacks.append(name)  # bf16/fp16 overflowed: this image again, eager fp32
                 fp32 = _forward(models, settings, device, None)
-                sr, tiles_fp32, _ = _predict_one(fp32, lr, settings, batch, name, False)
-                tiles += tiles_fp32
+                sr, again = _predict_image(fp32, lr, cuts, plan.batches, settings, name, False, device)
+                stats = [(a + b, s + t) for (a, s), (b, t) in zip(stats, again)]
             if not bool(torch.isfinite(sr).all()):
                 raise UserError(f"{name}: the model produced NaN/Inf even in fp32 (broken weights?)")
             out = sr.permute(1, 2, 0).cpu().numpy()  # (3,4H,4W) -> (4H,4W,3): the image's one copy to the host
         _sync(device)
         timing.seconds += time.perf_counter() - start
         timing.images += 1
-        timing.tiles += tiles * settings.tta * len(models)
-        timing.batch = batch
+        forwards = settings.tta * len(models)
+        timing.tiles += sum(tiles for tiles, _ in stats) * forwards
+        timing.batch = max(plan.batches[cut] for cut in cuts)
+        for record, cut, (tiles, seconds) in zip(timing.windows, cuts, stats):
+            record.seconds += seconds
+            record.tiles += tiles * forwards
+            record.resolved.add("whole" if cut[0] == 0 else f"{cut[0]}/{cut[1]}")
         yield name, out
 
 
-def _predict_one(fn: Forward, lr: torch.Tensor, settings: Settings, batch: int, name: str,
+def _predict_image(fn: Forward, lr: torch.Tensor, cuts: list[Cut], batches: dict[Cut, int], settings: Settings,
+                   name: str, fixed_batch: bool, device: torch.device) -> tuple[torch.Tensor, list[tuple[int, float]]]:
+    """The SR (3,4H,4W) of ``lr`` merged over its windows (``windows.merge_windows``: one after another,
+    a running merge), and (LR tiles, seconds) per window; ``batches`` keeps the batch each geometry ended with."""
+    stats: list[tuple[int, float]] = []
+
+    def outputs() -> Iterator[torch.Tensor]:
+        for cut in cuts:
+            begin = time.perf_counter()
+            sr, tiles, batches[cut] = _predict_one(fn, lr, *cut, settings, batches[cut], name, fixed_batch)
+            _sync(device)
+            stats.append((tiles, time.perf_counter() - begin))
+            yield sr
+
+    return merge_windows(outputs(), settings.weights(), settings.merge), stats
+
+
+def _predict_one(fn: Forward, lr: torch.Tensor, tile: int, stride: int, settings: Settings, batch: int, name: str,
                  fixed_batch: bool) -> tuple[torch.Tensor, int, int]:
     try:
-        sr, report = run_tiles(fn, lr, settings.tile, settings.stride, settings.blend, batch,
-                               settings.pad, settings.margin, fixed_batch)
+        sr, report = run_tiles(fn, lr, tile, stride, settings.blend, batch, settings.pad, settings.margin, fixed_batch)
     except UserError as exc:
         raise type(exc)(f"{name}: {exc}") from exc
     except TileError as exc:

@@ -26,7 +26,7 @@ from pipeline.models.table import build_model
 def exact_bicubic(settings: Settings) -> Settings:
     """``settings`` for bicubic: the whole image, one way, fp32, so it is exactly MATLAB's bicubic
     (no tile seams, no ensemble rounding)."""
-    return dataclasses.replace(settings, tile=0, tta=1, precision="fp32")
+    return dataclasses.replace(settings, tile=0, tta=1, precision="fp32", windows=(), window_weights=())
 
 
 def _key(items: Sequence[tuple[str, Path]], hr_paths: dict[str, Path]) -> str:

@@ -1,0 +1,216 @@
+"""Windows: the tile/stride pairs an image is cut by, the automatic tile, and the merge across windows.
+
+A window is one way to cut an LR image into tiles: ``"TILE/STRIDE"``, ``"0"`` (the whole image) or
+``"auto"``. ``infer.windows`` runs several on every image (the multi-window self-ensemble of top
+contest entries: the same network seen through several tile sizes errs differently at tile
+borders and window-attention boundaries). Each window's SR, already merged over the ``infer.tta``
+ways and the models, is merged across windows by ``infer.merge``: ``mean`` with the optional
+``infer.window_weights`` (normalised), or the per-pixel ``median``. The windows of an image run one
+after another: memory holds one window's work plus the running sum (the median keeps every
+window's SR image). One window returns its SR untouched, so ``infer.windows=[128/64]`` is
+``infer.tile=128 infer.stride=64`` bit for bit.
+
+``auto`` (``infer.tile=auto`` or a window) resolves per padded image size: the whole image when
+one forward of it x the ensemble's ways fits the memory budget, else the largest square tile
+that fits, a multiple of every model's window / size unit (``archs.Padded``: what the model
+takes without padding inside) and of ``TILE_ALIGN``, with stride tile/2. The budget is the one
+``tiling.auto_batch`` uses: on CUDA ``memory_budget`` of the free memory, against the peak of one
+probe tile through the ensemble (memory taken as proportional to pixels: convolutions and
+window attention are local); on the CPU a fixed ``CPU_WHOLE_PIXELS``.
+
+``WindowPlan`` is what ``predict.iter_predict`` asks per image: the (tile, stride) of each window,
+auto resolved once per image size, and the tile batch of each geometry.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pipeline.core.errors import UserError
+from pipeline.inference.ensemble import median
+from pipeline.inference.tiling import (
+    Forward,
+    Probe,
+    auto_batch,
+    effective_tile,
+    memory_budget,
+    probe_tile_memory,
+    tile_grid,
+)
+from pipeline.models.archs import Padded
+
+AUTO = "auto"
+Cut = tuple[int, int]  # a resolved window: (tile, stride) in LR pixels, (0, 0) = the whole image
+TILE_ALIGN = 8  # auto tiles are multiples of 8 at least: tile/2 strides stay whole, cuDNN's preferred shapes
+# The CPU budget of one forward in LR pixels x ensemble ways: 4 GiB at 16 KiB per pixel-way. Peak
+# resident memory measured on a 2-core AVX2 CPU, fp32, one forward of a square image through the
+# self-ensemble: CRAFT x4 11.0-12.6 KiB per LR pixel-way (64^2 and 128^2, 2 and 8 ways), RRDB 14.7,
+# edsr-tiny 5.8. A 128^2 image x 8 ways (the demo's, 1.5 GB for CRAFT) runs whole; a 512^2 contest
+# image x 8 ways (~25 GB) is cut into 176-px tiles.
+CPU_WHOLE_PIXELS = 4 * 2**30 // (16 * 2**10)
+PROBE_SIDE = 128  # CUDA: the probe tile's side (at most the image's): infer.tile's default, what auto_batch probes
+
+
+@dataclass(frozen=True)
+class Window:
+    """One way to cut an image: ``tile`` LR pixels (0 = whole image, ``"auto"`` = resolved per image size)."""
+
+    spec: str  # as written: "64/32", "0", "auto"
+    tile: int | str
+    stride: int  # 0 for the whole image and for auto (tile/2 once resolved)
+
+    @property
+    def whole(self) -> bool:
+        return self.tile == 0
+
+
+def parse_window(spec: str, setting: str) -> Window:
+    """``"128/64"``, ``"0"`` (whole image) or ``"auto"``; anything else is a one-line error naming ``setting``."""
+    text = str(spec).strip()
+    if text == AUTO:
+        return Window(AUTO, AUTO, 0)
+    try:
+        parts = [int(p) for p in text.split("/")]
+    except ValueError:
+        parts = []
+    if parts == [0]:
+        return Window("0", 0, 0)
+    if len(parts) != 2 or not 0 < parts[1] <= parts[0]:
+        raise UserError(f"{setting}: {spec!r} must be 'TILE/STRIDE' with 0 < STRIDE <= TILE, '0' (whole image) "
+                        f"or '{AUTO}'")
+    return Window(f"{parts[0]}/{parts[1]}", parts[0], parts[1])
+
+
+def single_window(tile: int | str, stride: int) -> Window:
+    """The one window of ``infer.tile`` / ``infer.stride``."""
+    if tile == AUTO:
+        return Window(AUTO, AUTO, 0)
+    return Window("0", 0, 0) if tile == 0 else Window(f"{tile}/{stride}", tile, stride)
+
+
+def window_set(tile: int | str, stride: int, windows: Sequence[str], setting: str = "infer.windows") -> list[Window]:
+    """The windows an image runs through: ``windows`` when given, else the one of ``tile`` / ``stride``."""
+    if not windows:
+        return [single_window(tile, stride)]
+    return [parse_window(w, setting) for w in windows]
+
+
+def check_weights(weights: Sequence[float], windows: Sequence[str], merge: str) -> None:
+    """``infer.window_weights`` against ``infer.windows`` and ``infer.merge``, as one-line errors."""
+    if not weights:
+        return
+    if not windows:
+        raise UserError("infer.window_weights needs infer.windows (one weight per window)")
+    if len(weights) != len(windows):
+        raise UserError(f"infer.window_weights has {len(weights)} weight(s) for {len(windows)} infer.windows")
+    if merge != "mean":
+        raise UserError(f"infer.window_weights need infer.merge=mean: a per-pixel {merge} takes no weights")
+    if min(weights) < 0 or not sum(weights) > 0:
+        raise UserError(f"infer.window_weights must be >= 0 with a positive sum, got {list(weights)}")
+
+
+def model_unit(models: Sequence[nn.Module]) -> tuple[int, int]:
+    """(unit, minimum): every model runs a tile whose side is a multiple of ``unit`` (and at least
+    ``minimum``) without padding it inside: the lcm of their windows, size multiples and ``TILE_ALIGN``."""
+    unit, minimum = TILE_ALIGN, 0
+    for model in models:
+        for m in model.modules():
+            if isinstance(m, Padded):
+                unit = math.lcm(unit, m.window, m.multiple_of)
+                minimum = max(minimum, m.minimum)
+    return unit, minimum
+
+
+def _at_least(side: int, unit: int, minimum: int) -> int:
+    """``side`` rounded down to a multiple of ``unit``, but at least the smallest multiple >= ``minimum``."""
+    return max(side // unit * unit, -(-max(minimum, 1) // unit) * unit)
+
+
+def auto_tile(fn: Forward, padded: tuple[int, int], ways: int, device: torch.device, unit: int, minimum: int = 0,
+              probe: Probe = probe_tile_memory) -> tuple[int, int]:
+    """(tile, stride) of ``auto`` on a padded ``padded`` (h, w) image through ``fn`` (a ``ways``-fold
+    ensemble): (0, 0) = whole image when it fits the budget, else the largest tile that does (module
+    docstring), never larger than the image's shorter side allows."""
+    hp, wp = padded
+    if device.type == "cuda":
+        side = _at_least(min(hp, wp, PROBE_SIDE), unit, minimum)
+        per_tile, free = probe(fn, 3, (side, side), device)
+        capacity = memory_budget(free) * side * side // max(per_tile, 1)  # LR pixels one forward may hold
+    else:
+        capacity = CPU_WHOLE_PIXELS // max(1, ways)
+    if hp * wp <= capacity:
+        return 0, 0
+    side = min(math.isqrt(capacity), min(hp, wp))
+    side = _at_least(side, unit, minimum)
+    return side, side // 2
+
+
+def cut_geometry(tile: int, stride: int, pad: int, lr: torch.Tensor) -> tuple[int, tuple[int, int]]:
+    """(tiles per image, tile shape) of an LR image (3,H,W) cut by ``tile`` / ``stride`` after ``pad``."""
+    h, w = lr.shape[-2] + 2 * pad, lr.shape[-1] + 2 * pad
+    if tile == 0:
+        return 1, (h, w)
+    side = effective_tile(h, w, tile, stride)[0]
+    return len(tile_grid(h, w, tile, stride)), (side, side)
+
+
+class WindowPlan:
+    """Per image, the (tile, stride) of each window, ``auto`` resolved once per padded image size, and
+    the tile batch of each geometry, sized when first met (``batch``, else ``auto_batch``) and then
+    kept in ``batches`` (``run_tiles`` lowers it after an out-of-memory error)."""
+
+    def __init__(self, windows: Sequence[Window], unit: tuple[int, int], fn: Forward, device: torch.device,
+                 ways: int, pad: int, margin: int, batch: int) -> None:
+        self.windows, self.unit, self.fn, self.device = list(windows), unit, fn, device
+        self.ways, self.pad, self.margin, self.batch = ways, pad, margin, batch
+        self.autos: dict[tuple[int, int], Cut] = {}
+        self.batches: dict[Cut, int] = {}
+
+    def _auto(self, padded: tuple[int, int]) -> Cut:
+        if padded not in self.autos:
+            tile, stride = auto_tile(self.fn, padded, self.ways, self.device, *self.unit)
+            if tile and 2 * self.margin > tile - stride:
+                raise UserError(f"infer.margin={self.margin} leaves pixels uncovered on the {tile}/{stride} tiles "
+                                f"'{AUTO}' chose for a {padded[1]}x{padded[0]} padded image: 2 x margin must be "
+                                "<= tile - stride")
+            self.autos[padded] = (tile, stride)
+        return self.autos[padded]
+
+    def __call__(self, lr: torch.Tensor) -> list[Cut]:
+        """The (tile, stride) of every window on ``lr`` (3,H,W), in window order."""
+        cuts = []
+        for w in self.windows:
+            if w.tile == AUTO:
+                cut = self._auto((lr.shape[-2] + 2 * self.pad, lr.shape[-1] + 2 * self.pad))
+            else:
+                cut = (int(w.tile), w.stride)
+            if cut not in self.batches:
+                tiles, shape = cut_geometry(*cut, self.pad, lr)
+                self.batches[cut] = self.batch or (
+                    1 if cut[0] == 0 else auto_batch(self.fn, 3, shape, self.device, tiles, self.ways))
+            cuts.append(cut)
+        return cuts
+
+
+def merge_windows(outputs: Iterable[torch.Tensor], weights: Sequence[float], merge: str) -> torch.Tensor:
+    """Merge the windows' SR images (fp32, same shape), consumed one at a time: the weighted mean
+    (sum of w x SR, then / sum of w; the first output as it is when there is one) or the median."""
+    if merge == "median":
+        kept = list(outputs)  # K x (3,sH,sW): a median needs every window's SR at once
+        return kept[0] if len(kept) == 1 else median(kept)
+    total: torch.Tensor | None = None
+    count = 0
+    for sr, weight in zip(outputs, weights, strict=True):
+        count += 1
+        if total is None:
+            total = sr if len(weights) == 1 else sr * weight
+        else:
+            total += sr * weight  # (3,sH,sW): the running sum, the only image kept between windows
+    if total is None:
+        raise ValueError("merge_windows needs at least one window")
+    return total if count == 1 else total / float(sum(weights))
