@@ -137,7 +137,7 @@ def mixed_precisions(device: torch.device) -> list[str]:
 
 def variants(case: Case, device: torch.device, compile_mode: str, batches: list[str], blend: str,
              auto_images: int) -> dict[str, Settings]:
-    base = Settings(tta=case.ways, tile=case.tile, stride=case.stride, blend=blend)  # the defaults
+    base = Settings(tta=case.ways, tile=case.tile, stride=case.stride, tile_blend=blend)  # the defaults
     n = len(starts(case.lr, case.tile, case.stride)) ** 2
     out = {"ours": base}
     if auto_compile(case, device, auto_images) != "off":

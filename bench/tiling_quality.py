@@ -40,17 +40,17 @@ TILINGS = (
     ("whole image", dict(tile=0)),
     ("whole image pad {q}", dict(tile=0, pad="q")),
     ("{t}/{s} mean (reference)", dict()),
-    ("{t}/{s} hann", dict(blend="hann")),
+    ("{t}/{s} hann", dict(tile_blend="hann")),
     ("{t}/{s} mean margin {q}", dict(margin="q")),
     ("{t}/{s} mean margin {h}", dict(margin="h")),
-    ("{t}/{s} hann margin {q}", dict(blend="hann", margin="q")),
+    ("{t}/{s} hann margin {q}", dict(tile_blend="hann", margin="q")),
     ("{t}/{s} mean pad {q}", dict(pad="q")),
-    ("{t}/{s} hann pad {q} margin {q}", dict(blend="hann", pad="q", margin="q")),
+    ("{t}/{s} hann pad {q} margin {q}", dict(tile_blend="hann", pad="q", margin="q")),
     ("{t}/{s3} mean (1/4 overlap)", dict(stride="s3")),
-    ("{t}/{s3} hann (1/4 overlap)", dict(blend="hann", stride="s3")),
+    ("{t}/{s3} hann (1/4 overlap)", dict(tile_blend="hann", stride="s3")),
     ("{t2}/{t} mean", dict(tile="t2", stride="t")),
-    ("{t2}/{t} hann", dict(blend="hann", tile="t2", stride="t")),
-    ("{t2}/{t} hann margin {h}", dict(blend="hann", tile="t2", stride="t", margin="h")),
+    ("{t2}/{t} hann", dict(tile_blend="hann", tile="t2", stride="t")),
+    ("{t2}/{t} hann margin {h}", dict(tile_blend="hann", tile="t2", stride="t", margin="h")),
 )
 
 
@@ -88,7 +88,7 @@ def grid(tile: int, stride: int) -> list[tuple[str, Settings]]:
              "q": (tile - stride) // 4, "h": (tile - stride) // 2}
     out = []
     for label, over in TILINGS:
-        kw = {"tile": tile, "stride": stride, **{k: names.get(v, v) if isinstance(v, str) and k != "blend" else v
+        kw = {"tile": tile, "stride": stride, **{k: names.get(v, v) if isinstance(v, str) and k != "tile_blend" else v
                                                  for k, v in over.items()}}
         out.append((label.format(**names), Settings(tta=1, precision="fp32", **kw)))
     return out

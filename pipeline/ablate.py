@@ -1,10 +1,10 @@
 """``ablate``: every inference setting on the validation fold -> ``ablation.csv`` + ``ablation.png``.
 
 A grid over ensemble ways (``ablate.tta``), tile/stride pairs (``ablate.tiles``, ``"0"`` = whole
-image) and window sets (``ablate.windows``, ``"0+64/32"`` = ``infer.windows=[0, 64/32]``), blends,
+image) and window sets (``ablate.windows``, ``"0+64/32"`` = ``infer.windows=[0, 64/32]``), tile blends,
 precisions, merge rules (``ablate.merges``) and model sets (the run alone, then the run averaged
 with each entry of ``ablate.runs``; ``"b+c"`` averages three). Settings that compute the same thing
-are run once: the blend of a whole-image pass, a window set of one window and that tile, and a
+are run once: the tile blend of a whole-image pass, a window set of one window and that tile, and a
 precision that resolves to one already in the grid (``auto`` is fp32 on a CPU without native bf16).
 Each row: PSNR/SSIM (contest protocol) on the validation fold's whole images, seconds per image,
 and the gain over the configured default (``infer.*``), which the plot marks with a star: the mean
@@ -34,7 +34,7 @@ from pipeline.core.runtime import pick_device, precision_name
 from pipeline.inference.predict import Settings, inference_dtype, load_models, predict_images
 from pipeline.inference.windows import AUTO, parse_window
 
-COLUMNS = ["models", "tta", "tile", "stride", "windows", "blend", "precision", "merge", "psnr", "ssim",
+COLUMNS = ["models", "tta", "tile", "stride", "windows", "tile_blend", "precision", "merge", "psnr", "ssim",
            "sec_per_image", "gain_db", "gain_lo", "gain_hi", "default"]
 
 
@@ -64,15 +64,16 @@ def settings_grid(cfg: Config, models: Sequence[nn.Module], device: torch.device
     tilings = [{"tile": t, "stride": s or base.stride, "windows": (), "window_weights": ()}
             for t, s in map(parse_tile, cfg.ablate.tiles)]
     tilings += [{"windows": parse_window_set(entry), "window_weights": ()} for entry in cfg.ablate.windows]
-    for tta, tiling, blend, precision, merge in itertools.product(
-            cfg.ablate.tta, tilings, cfg.ablate.blends, cfg.ablate.precisions, cfg.ablate.merges):
-        grid.append(dataclasses.replace(base, tta=tta, blend=blend, precision=precision, merge=merge, **tiling))
+    for tta, tiling, tile_blend, precision, merge in itertools.product(
+            cfg.ablate.tta, tilings, cfg.ablate.tile_blends, cfg.ablate.precisions, cfg.ablate.merges):
+        grid.append(dataclasses.replace(base, tta=tta, tile_blend=tile_blend, precision=precision, merge=merge,
+                                        **tiling))
 
     def key(s: Settings) -> tuple:
         dtype = inference_dtype(models, device, s.precision)
         windows = _windows_key(s)
-        blend = "-" if all(tile == 0 for tile, _ in windows[0]) else s.blend
-        return (s.tta, windows, blend, precision_name(dtype), s.merge)
+        tile_blend = "-" if all(tile == 0 for tile, _ in windows[0]) else s.tile_blend
+        return (s.tta, windows, tile_blend, precision_name(dtype), s.merge)
 
     seen, out = set(), []
     for s in grid:
@@ -116,7 +117,7 @@ def run_grid(cfg: Config) -> pd.DataFrame:
         rows.append({
             "models": label, "tta": settings.tta, "tile": tile,
             "stride": settings.stride if tile and tile != AUTO else 0,
-            "windows": window_text(settings), "blend": "-" if whole else settings.blend,
+            "windows": window_text(settings), "tile_blend": "-" if whole else settings.tile_blend,
             "precision": timing.precision, "merge": settings.merge,
             "psnr": float(np.mean([s["psnr"] for s in scores])), "ssim": float(np.mean([s["ssim"] for s in scores])),
             "sec_per_image": timing.seconds / max(timing.images, 1),
@@ -154,9 +155,9 @@ def plot(table: pd.DataFrame, path: Path, title: str) -> None:
                     elinewidth=0.9, ecolor=points.get_facecolor()[0], alpha=0.85)
     for row in table.itertuples():
         if row.windows != "-":
-            tiles = f"windows {row.windows} {row.blend}"
+            tiles = f"windows {row.windows} {row.tile_blend}"
         else:
-            tiles = "whole" if row.tile == 0 else f"{row.tile}/{row.stride} {row.blend}"
+            tiles = "whole" if row.tile == 0 else f"{row.tile}/{row.stride} {row.tile_blend}"
         merge = "" if row.merge == "mean" else f" {row.merge}"
         ax.annotate(f"{tiles} {row.precision}{merge}", (row.sec_per_image, row.psnr), fontsize=6.5,
                     xytext=(3, 2), textcoords="offset points")

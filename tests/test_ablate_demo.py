@@ -28,19 +28,19 @@ def test_parse_tile():
 
 
 def test_grid_runs_each_distinct_setting_once():
-    cfg = load_config(None, ["ablate.tta=[1, 8]", "ablate.tiles=[0, 32/16]", "ablate.blends=[mean, hann]",
+    cfg = load_config(None, ["ablate.tta=[1, 8]", "ablate.tiles=[0, 32/16]", "ablate.tile_blends=[mean, hann]",
                              "ablate.precisions=[fp32]", "infer.tile=32", "infer.stride=16", "infer.precision=fp32"])
     grid = settings_grid(cfg, [build_model("edsr-nano")], torch.device("cpu"))
     # whole image: blend is irrelevant -> 1 per tta; tiled: 2 blends per tta; the default is among them
     assert len(grid) == 2 * 1 + 2 * 2
-    assert grid[0].tta == 8 and grid[0].tile == 32 and grid[0].blend == "hann"
-    assert len({(s.tta, s.tile, s.blend) for s in grid}) == len(grid)
+    assert grid[0].tta == 8 and grid[0].tile == 32 and grid[0].tile_blend == "hann"
+    assert len({(s.tta, s.tile, s.tile_blend) for s in grid}) == len(grid)
 
 
 def test_precisions_that_resolve_to_one_dtype_run_once() -> None:
     # A model safe only in fp32 runs bf16 as fp32 (models.autocast_cap): the grid must not run it twice
     # under two labels.
-    cfg = load_config(None, ["ablate.tta=[8]", "ablate.tiles=[32/16]", "ablate.blends=[hann]",
+    cfg = load_config(None, ["ablate.tta=[8]", "ablate.tiles=[32/16]", "ablate.tile_blends=[hann]",
                              "ablate.precisions=[fp32, bf16]", "infer.tile=32", "infer.stride=16",
                              "infer.precision=fp32"])
     plain, fp32_only = build_model("edsr-nano"), build_model("edsr-nano")
@@ -56,7 +56,7 @@ def test_ablate_writes_csv_and_plot(patched_demo: Path, tmp_path: Path):
             f"paths.submit={tmp_path / 's'}", "run=nano"]
     assert cli(["train", *args, "model.name=edsr-nano", "train.max_steps=3", "train.val_every=3",
                 "train.batch_size=4", "train.workers=0"]) == 0
-    assert cli(["ablate", *args, "ablate.tta=[1, 2]", "ablate.tiles=[0, 32/16]", "ablate.blends=[mean]",
+    assert cli(["ablate", *args, "ablate.tta=[1, 2]", "ablate.tiles=[0, 32/16]", "ablate.tile_blends=[mean]",
                 "ablate.precisions=[fp32]", "infer.precision=fp32", "ablate.windows=[0+32/16]"]) == 0
     table = pd.read_csv(tmp_path / "s" / "nano" / "ablation.csv")
     assert list(table.columns) == COLUMNS
@@ -79,7 +79,7 @@ def test_demo_end_to_end(tmp_path: Path, capsys):
     rc = cli(["demo", f"demo.out={tmp_path / 'demo'}", f"paths.models={tmp_path / 'm'}",
               f"paths.submit={tmp_path / 's'}", "model.name=edsr-nano", "demo.train_minutes=0.02",
               "train.val_every=5", "train.workers=0", "infer.tta=2",
-              "ablate.tta=[1]", "ablate.tiles=[0]", "ablate.blends=[mean]"])
+              "ablate.tta=[1]", "ablate.tiles=[0]", "ablate.tile_blends=[mean]"])
     out = capsys.readouterr().out
     assert rc == 0
     sub = tmp_path / "s" / "demo"

@@ -50,7 +50,7 @@ BASE = Settings(tta=2, tile=8, stride=4, precision="fp32")
 LRS = [_photo(20, 24, 0), _photo(13, 10, 1)]
 
 
-@pytest.mark.parametrize("changes", [{}, {"tile": 0}, {"merge": "median", "tta": 8, "blend": "mean"},
+@pytest.mark.parametrize("changes", [{}, {"tile": 0}, {"merge": "median", "tta": 8, "tile_blend": "mean"},
                                      {"pad": 2, "margin": 1, "stride": 6}])
 def test_one_window_is_the_tile_setting_bit_for_bit(nano: nn.Module, changes: dict) -> None:
     plain = _with(BASE, **changes)
@@ -161,7 +161,7 @@ def test_auto_on_a_small_budget_takes_tiles_of_the_window(monkeypatch: pytest.Mo
     torch.manual_seed(0)
     model = build_model("drct-nano")  # window 4, but DRCT wants sides that are multiples of 16
     lr = _photo(40, 56)
-    settings = Settings(tta=1, tile="auto", precision="fp32", blend="hann")
+    settings = Settings(tta=1, tile="auto", precision="fp32", tile_blend="hann")
     (whole,), _ = predict_images([model], [lr], settings)
     monkeypatch.setattr(windows, "CPU_WHOLE_PIXELS", 36 * 36)
     (tiled,), timing = predict_images([model], [lr], settings)
@@ -189,14 +189,14 @@ def test_ablate_grid_runs_each_window_set() -> None:
     assert parse_window_set("0+64/32+auto") == ("0", "64/32", "auto")
     with pytest.raises(UserError, match="ablate.windows entry '0\\+64'"):
         parse_window_set("0+64")
-    cfg = load_config(None, ["ablate.tta=[8]", "ablate.tiles=[0, 32/16]", "ablate.blends=[mean, hann]",
+    cfg = load_config(None, ["ablate.tta=[8]", "ablate.tiles=[0, 32/16]", "ablate.tile_blends=[mean, hann]",
                              "ablate.precisions=[fp32]", "ablate.windows=[0+32/16, 32/16]",
                              "infer.tile=32", "infer.stride=16", "infer.precision=fp32"])
     grid = settings_grid(cfg, [build_model("edsr-nano")], CPU)
     # default (32/16 hann), whole (one blend), 32/16 mean; the set 0+32/16 x 2 blends; the set "32/16" is the
     # tile 32/16: the same thing, run once
     assert [window_text(s) for s in grid] == ["-", "-", "-", "0+32/16", "0+32/16"]
-    assert [s.blend for s in grid[3:]] == ["mean", "hann"]
+    assert [s.tile_blend for s in grid[3:]] == ["mean", "hann"]
     assert load_config(None, []).ablate.windows == ()  # the default grid is today's
 
 

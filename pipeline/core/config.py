@@ -193,7 +193,7 @@ class InferConfig:
         "window after another; empty = the one window of infer.tile / infer.stride")
     window_weights: tuple[float, ...] = opt(
         (), "one weight >= 0 per entry of infer.windows (normalised; needs infer.merge=mean); empty = equal")
-    blend: Literal["mean", "hann"] = opt(
+    tile_blend: Literal["mean", "hann"] = opt(
         "hann", "tile weights: 'hann' (raised window with a floor; measured +0.05 dB over 'mean' on held-out "
         "demo images, BENCHMARKS.md) or 'mean' (equal, the reference team's)")
     pad: int = opt(0, "LR pixels of reflection added on all four sides (then cropped) so edges get context",
@@ -247,7 +247,7 @@ class AblateConfig:
     tta: tuple[int, ...] = opt((1, 2, 4, 8), "ensemble ways to try")
     tiles: tuple[str, ...] = opt(
         ("0", "128/64", "128/96", "256/128"), "tile/stride pairs to try; '0' = whole image, 'auto' = infer.tile=auto")
-    blends: tuple[str, ...] = opt(("mean", "hann"), "blends to try")
+    tile_blends: tuple[str, ...] = opt(("mean", "hann"), "tile weights (infer.tile_blend) to try")
     precisions: tuple[str, ...] = opt(("fp32", "auto"), "precisions to try")
     merges: tuple[str, ...] = opt(("mean",), "ensemble merge rules to try (mean, median)")
     windows: tuple[str, ...] = opt(
@@ -354,7 +354,8 @@ class MriInferConfig:
         0, "voxels at tile sides facing another tile given weight 0; the model's receptive radius (mdcsrn 17, "
         "mdcsrn-tiny 5) makes tiled == whole-volume inference; needs 2 x margin <= tile - stride", ge=0)
     pad: int = opt(0, "voxels of reflection added on every side (then cropped)", ge=0, le=MAX_PAD)
-    blend: Literal["mean", "hann"] = opt("hann", "tile weights, as infer.blend (hann: per-axis window with a floor)")
+    tile_blend: Literal["mean", "hann"] = opt(
+        "hann", "tile weights, as infer.tile_blend (hann: per-axis window with a floor)")
     batch: int = opt(0, "tiles per forward pass; 0 = sized to the device", ge=0)
     interp: Literal["nearest", "linear", "cubic"] = opt(
         "cubic", "thick slices: how LR is brought to the HR grid before a same-grid model (mdcsrn)")

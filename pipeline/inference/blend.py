@@ -400,7 +400,7 @@ def read_blend(path: Path, name: str) -> BlendSpec:
     return BlendSpec(name, members, weights, settings)
 
 
-COMPUTING = ("tta", "tile", "stride", "blend", "pad", "margin", "merge", "precision")  # change the pixels
+COMPUTING = ("tta", "tile", "stride", "tile_blend", "pad", "margin", "merge", "precision")  # change the pixels
 
 
 def blend_predictions(cfg: Config, settings: Settings, device: torch.device, timing: Timing,

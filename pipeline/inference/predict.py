@@ -70,7 +70,7 @@ class Settings(SectionView):
     stride: int
     windows: tuple[str, ...]
     window_weights: tuple[float, ...]
-    blend: str
+    tile_blend: str
     pad: int
     margin: int
     batch: int
@@ -88,7 +88,7 @@ class Settings(SectionView):
         else:
             tiles = "whole" if self.tile == 0 else "tileauto" if self.tile == AUTO else f"tile{self.tile}/{self.stride}"
         merge = "" if self.merge == "mean" else f" {self.merge}"
-        return f"tta{self.tta}{merge} {tiles} {self.blend} pad{self.pad} margin{self.margin} {self.precision}"
+        return f"tta{self.tta}{merge} {tiles} {self.tile_blend} pad{self.pad} margin{self.margin} {self.precision}"
 
     def window_list(self) -> list[Window]:
         """The windows every image runs through (``infer.windows``, else the one of tile / stride)."""
@@ -316,7 +316,8 @@ def _predict_image(fn: Forward, lr: torch.Tensor, cuts: list[Cut], batches: dict
 def _predict_one(fn: Forward, lr: torch.Tensor, tile: int, stride: int, settings: Settings, batch: int, name: str,
                  fixed_batch: bool) -> tuple[torch.Tensor, int, int]:
     try:
-        sr, report = run_tiles(fn, lr, tile, stride, settings.blend, batch, settings.pad, settings.margin, fixed_batch)
+        sr, report = run_tiles(fn, lr, tile, stride, settings.tile_blend, batch, settings.pad, settings.margin,
+                               fixed_batch)
     except UserError as exc:
         raise type(exc)(f"{name}: {exc}") from exc
     except TileError as exc:

@@ -44,7 +44,7 @@ class VolumeSettings(SectionView):
     stride: int
     margin: int
     pad: int
-    blend: str
+    tile_blend: str
     batch: int
     interp: str
     slice_axis: int
@@ -131,7 +131,7 @@ def super_resolve(model: nn.Module, spec: VolumeModelSpec, volume: Volume, setti
         batch = auto_batch(fn, 1, shape, device, count)
     try:
         with torch.inference_mode():
-            out, report = run_tiles(fn, lr, tile if settings.tile else 0, settings.stride, settings.blend, batch,
+            out, report = run_tiles(fn, lr, tile if settings.tile else 0, settings.stride, settings.tile_blend, batch,
                                     settings.pad, settings.margin)
     except UserError as exc:
         raise type(exc)(f"{volume.path}: {exc}") from exc
