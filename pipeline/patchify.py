@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +35,8 @@ from pipeline.core.errors import DataError, UserError
 from pipeline.core.files import atomic_write, clean_stale
 from pipeline.core.images import encode_png, read_uint8
 from pipeline.core.layout import MANIFEST_COLUMNS, DataLayout, PatchLayout
+from pipeline.core.locks import data_lock
+from pipeline.core.workers import process_pool
 
 
 def grid(length: int, size: int, stride: int, edge: str) -> list[int]:
@@ -168,6 +169,11 @@ def _open_folder(patches: PatchLayout, fingerprint: dict) -> None:
 
 def main(cfg: Config) -> None:
     data = DataLayout(Path(cfg.data.dir))
+    with data_lock(data.root, "patchify"):  # one patches/ folder, cut by one process at a time
+        _patchify(cfg, data)
+
+
+def _patchify(cfg: Config, data: DataLayout) -> None:
     lr_size, lr_stride = check_geometry(cfg.patchify, cfg.data.scale)
     splits = data.splits()
     patches = data.patches
@@ -189,7 +195,7 @@ def main(cfg: Config) -> None:
     skipped = len(splits) - len(todo)
     if todo:
         if cfg.patchify.workers > 1 and len(todo) > 1:
-            with ProcessPoolExecutor(cfg.patchify.workers) as pool:
+            with process_pool(cfg.patchify.workers) as pool:
                 results = list(tqdm(pool.map(_patch_image, todo), total=len(todo), desc="patchify", unit="img"))
         else:
             results = [_patch_image(job) for job in tqdm(todo, desc="patchify", unit="img")]

@@ -1,0 +1,140 @@
+"""One process owns a folder at a time: an advisory lock held for a whole stage.
+
+Two ``train`` processes on one run, or two ``add-data`` runs on one dataset, would each read the
+folder's state at their start and rewrite it at their end (best.pth, history/, log.jsonl,
+extra.csv), so the second silently undoes the first. ``FolderLock`` refuses the second process
+in one line that names the holder (pid, host, stage, start time).
+
+The lock is ``flock`` on a small hidden file beside the folder (``models/.<run>.lock``: a run
+folder may be moved aside while its lock is held) or inside it (``<data>/.lock``). The kernel
+releases it when its process dies, however it dies, so a lock is never stuck; the file a killed
+holder leaves behind still names it, and the next process says that it takes the lock over. A
+clean release removes the file. Where ``flock`` is unsupported (some network file systems), the
+recorded pid is checked instead: alive on this host = held.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import fcntl
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+from types import TracebackType
+
+from pipeline.core.errors import UserError
+from pipeline.core.files import FILE_MODE, _pid_alive
+
+_UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+
+
+class LockError(UserError):
+    """The folder is owned by another live process."""
+
+
+def _holder_text(record: dict) -> str:
+    return (f"pid {record.get('pid', '?')} on {record.get('host', '?')} "
+            f"({record.get('stage', '?')}, started {record.get('started', '?')})")
+
+
+def _read_record(fd: int) -> dict:
+    try:
+        data = os.pread(fd, 4096, 0)
+        record = json.loads(data.decode("utf-8")) if data.strip() else {}
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+class FolderLock:
+    """``with FolderLock(lock_file, what, stage):`` or ``acquire()`` / ``release()``.
+
+    ``what`` names the thing owned in messages (``run models/r``), ``stage`` the owner's stage.
+    """
+
+    def __init__(self, path: str | Path, what: str, stage: str, make_parent: bool = True) -> None:
+        self.path, self.what, self.stage, self.make_parent = Path(path), what, stage, make_parent
+        self._fd: int | None = None
+        self.took_over: dict | None = None  # the record a dead holder left, when this lock took it over
+
+    def acquire(self) -> FolderLock:
+        if self.make_parent:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        elif not self.path.parent.is_dir():
+            return self  # nothing to own: the stage reports the missing folder in its own words
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+            except OSError as exc:
+                if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    return self  # a folder this process cannot write: its writes fail with their own message
+                raise
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                record = _read_record(fd)
+                os.close(fd)
+                raise self._refusal(record) from None
+            except OSError as exc:
+                if exc.errno not in _UNSUPPORTED:
+                    os.close(fd)
+                    raise
+                record = _read_record(fd)  # no flock here: a live recorded process on this host holds it
+                if record.get("host") == socket.gethostname() and _pid_alive(int(record.get("pid", -1))) \
+                        and record.get("pid") != os.getpid():
+                    os.close(fd)
+                    raise self._refusal(record) from None
+            # The previous holder removes the file as it releases: a lock on a removed file guards nothing.
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        previous = _read_record(fd)
+        if previous:
+            self.took_over = previous
+            print(f"{self.what}: taking over the lock left by {_holder_text(previous)}: that process is gone "
+                  f"(killed?); {self.path} now names this one", file=sys.stderr, flush=True)
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "stage": self.stage,
+                  "started": dt.datetime.now().isoformat(timespec="seconds")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode("utf-8"), 0)
+        self._fd = fd
+        return self
+
+    def _refusal(self, record: dict) -> LockError:
+        return LockError(f"{self.what}: in use by {_holder_text(record) if record else 'another process'}; "
+                         f"wait for it to finish or stop it (lock file {self.path})")
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            self.path.unlink(missing_ok=True)  # while still held: nobody can take the old file meanwhile
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.release()
+
+
+def run_lock(models_root: str | Path, run: str, stage: str = "train") -> FolderLock:
+    """The lock of ``models/<run>``: the hidden file ``models/.<run>.lock`` beside the folder."""
+    root = Path(models_root)
+    return FolderLock(root / f".{run}.lock", f"run {root / run}", stage)
+
+
+def data_lock(root: str | Path, stage: str) -> FolderLock:
+    """The lock of a dataset folder (extra.csv, extra/, splits.csv, patches/): ``<data>/.lock``."""
+    return FolderLock(Path(root) / ".lock", f"data folder {root}", stage, make_parent=False)
