@@ -31,7 +31,7 @@ from torch import nn
 
 from pipeline.core.config import Config, save_config
 from pipeline.core.errors import UserError
-from pipeline.core.files import atomic_write
+from pipeline.core.files import atomic_write, disk_full, write_error
 from pipeline.core.images import read_float
 from pipeline.core.layout import RunLayout
 from pipeline.models.checkpoint import load_checkpoint, load_weights_file, model_from_checkpoint, save_safetensors
@@ -106,7 +106,9 @@ def export_onnx(model: nn.Module, out: Path, opset: int, image: np.ndarray) -> f
                 warnings.simplefilter("ignore")
                 torch.onnx.export(model, (trace,), str(tmp), dynamo=False, opset_version=opset,
                                   input_names=["lr"], output_names=["sr"], dynamic_axes=_AXES)
-        except Exception as exc:  # unsupported operators, opsets, tracing failures
+        except Exception as exc:  # unsupported operators, opsets, tracing failures (or a full disk)
+            if disk_full(exc, out.parent):
+                raise write_error(out, exc) from exc
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(" Please feel free")[0][:300]
             raise UserError(f"{name}: cannot export to ONNX opset {opset}: {first}") from None
         try:

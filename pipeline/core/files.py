@@ -80,7 +80,7 @@ def free_text(folder: str | Path) -> str:
     return f"{amount} free on {where}"
 
 
-def _disk_full(exc: BaseException, folder: Path) -> bool:
+def disk_full(exc: BaseException, folder: Path) -> bool:
     """Did a write fail for want of space? The error says so (errno, or a library's text), or the disk is
     (nearly) full now, while the failed temporary file still holds what it got."""
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -98,7 +98,7 @@ def write_error(path: str | Path, exc: BaseException, folder: str | Path | None 
     """One line for a failed write of ``path``: the disk full (and how much is free), or the library's error."""
     path = Path(path)
     folder = Path(folder) if folder is not None else path.parent
-    if _disk_full(exc, folder):
+    if disk_full(exc, folder):
         return WriteError(f"{path}: No space left on device ({free_text(folder)}); nothing was replaced. Free some "
                           "space, or point paths.* / --data / --output elsewhere")
     first = (str(exc).strip().splitlines() or [""])[0][:300]
@@ -130,7 +130,7 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     try:
         fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     except OSError as exc:
-        if _disk_full(exc, path.parent):
+        if disk_full(exc, path.parent):
             raise write_error(path, exc) from exc
         raise
     os.close(fd)
