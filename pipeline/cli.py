@@ -133,7 +133,7 @@ STAGES: dict[str, Stage] = {
 
 
 def _parser(name: str, stage: Stage) -> argparse.ArgumentParser:
-    rows = [("run", "'default'", "run name"), ("seed", "0", "global seed")]
+    rows = [("run", "'default'", "run name"), ("seed", "0", "global seed (>= 0, <= 4294967295)")]
     for section in stage.sections:
         rows += describe(section)
     width = max(len(k) for k, _, _ in rows)
