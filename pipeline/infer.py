@@ -42,9 +42,12 @@ from pipeline.core.errors import UserError
 from pipeline.core.files import atomic_write, staged_dir
 from pipeline.core.images import PngWriter, images_by_stem, read_ahead, read_uint8, to_uint8
 from pipeline.core.layout import COMPLETE_MARK, LEADERBOARD_COLUMNS, DataLayout, OutputLayout
+from pipeline.core.locks import file_lock
 from pipeline.core.metrics import score_pair
 from pipeline.core.runtime import peak_memory
 from pipeline.inference.predict import Settings, Timing, check_settings, iter_predict, load_models
+
+LEADERBOARD_WAIT = 60.0  # seconds another infer may hold leaderboard.csv (it rewrites a small CSV)
 
 
 def settings_for(cfg: Config) -> Settings:
@@ -55,12 +58,14 @@ def settings_for(cfg: Config) -> Settings:
 
 
 def append_leaderboard(path: Path, row: dict) -> None:
-    """Add one row to the leaderboard CSV (rewritten atomically)."""
-    table = pd.DataFrame([row], columns=list(LEADERBOARD_COLUMNS))
-    if path.is_file():
-        table = pd.concat([pd.read_csv(path), table], ignore_index=True)
-    with atomic_write(path) as tmp:
-        table.to_csv(tmp, index=False)
+    """Add one row to the leaderboard CSV (rewritten atomically). Every run's infer appends to the one
+    file: the read and the rewrite hold its lock, so two runs finishing together both keep their row."""
+    with file_lock(path, "infer", wait=LEADERBOARD_WAIT):
+        table = pd.DataFrame([row], columns=list(LEADERBOARD_COLUMNS))
+        if path.is_file():
+            table = pd.concat([pd.read_csv(path), table], ignore_index=True)
+        with atomic_write(path) as tmp:
+            table.to_csv(tmp, index=False)
 
 
 def _work(cfg: Config) -> tuple[list[tuple[str, Path]], dict[str, Path], Path]:

@@ -23,6 +23,7 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -37,6 +38,7 @@ from pipeline.core.images import encode_png, read_uint8
 from pipeline.core.layout import MANIFEST_COLUMNS, DataLayout, PatchLayout
 from pipeline.core.locks import data_lock
 from pipeline.core.workers import process_pool
+from pipeline.core.yaml_bounded import load_yaml
 
 
 def grid(length: int, size: int, stride: int, edge: str) -> list[int]:
@@ -146,6 +148,14 @@ def check_geometry(opts: PatchifyConfig, scale: int) -> tuple[int, int]:
     return opts.size // scale, stride // scale
 
 
+def _recorded(patches: PatchLayout) -> Any:
+    """The fingerprint the folder records (read with bounded aliases), or None when it cannot be read."""
+    try:
+        return load_yaml(patches.fingerprint.read_text())
+    except (yaml.YAMLError, UserError, UnicodeDecodeError):
+        return None  # a damaged record: the folder is rebuilt, as for other settings
+
+
 def _open_folder(patches: PatchLayout, fingerprint: dict) -> None:
     """Make ``patches/`` ready: ours with other settings is rebuilt, someone else's is refused."""
     out = patches.dir
@@ -156,7 +166,7 @@ def _open_folder(patches: PatchLayout, fingerprint: dict) -> None:
             else:
                 raise DataError(f"{out}: exists but was not made by patchify (no {patches.fingerprint.name}); "
                                 "move it away, patchify will not delete it")
-        elif yaml.safe_load(patches.fingerprint.read_text()) != fingerprint:
+        elif _recorded(patches) != fingerprint:
             print(f"{out}: settings or splits changed; rebuilding")
             shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)

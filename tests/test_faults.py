@@ -14,12 +14,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from test_safety import _dataset, _one_line, _save_nano, _smooth, _train, _tree, trainable  # noqa: F401 (fixture)
@@ -124,6 +126,33 @@ def test_two_add_data_runs_at_once_lose_no_set(tmp_path: Path, capsys: pytest.Ca
     assert "extra/setA" in extra and "extra/setB" in extra
     assert cli(["prepare", "--data", str(root), "data.workers=1", "data.folds=3"]) == 0
     assert "extra pairs (training only)     26" in capsys.readouterr().out
+
+
+def test_two_infers_finishing_together_both_keep_their_leaderboard_row(tmp_path: Path) -> None:
+    from pipeline.infer import append_leaderboard
+
+    board = tmp_path / "submit" / "leaderboard.csv"
+    append_leaderboard(board, {"run": "earlier", "psnr": 20.0})
+    # Another infer in the middle of its append: it holds the file's lock between its read and its write.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nfrom pathlib import Path\nfrom pipeline.core.locks import file_lock\n"
+         "board = Path(sys.argv[1])\nwith file_lock(board, 'infer', wait=0):\n    rows = board.read_text()\n"
+         "    print('read', flush=True)\n    sys.stdin.readline()\n    board.write_text(rows + ',other,,,,,,,\\n')",
+         str(board)], cwd=ROOT, env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "read"
+        mine = threading.Thread(target=append_leaderboard, args=(board, {"run": "mine", "psnr": 30.0}))
+        mine.start()
+        time.sleep(0.5)
+        assert mine.is_alive() and ",mine," not in board.read_text()  # waiting for its turn, not writing over
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+        mine.join(timeout=60)
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    runs = pd.read_csv(board)["run"].tolist()
+    assert runs == ["earlier", "other", "mine"]  # no row lost: the second writer read the first one's file
 
 
 # -- 3. a full disk during a save or an export: one line with the file and the free space ------------------------
@@ -372,6 +401,23 @@ def test_a_killed_exports_temporary_files_are_removed_by_the_next_write(tmp_path
     assert not stale.exists()
 
 
+def test_temporary_files_of_another_machine_are_left_alone(tmp_path: Path) -> None:
+    from pipeline.core.files import HOST_TAG, atomic_write, clean_stale
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    other_host = "0" * 8 if HOST_TAG != "0" * 8 else "1" * 8
+    theirs = tmp_path / f".b.png.{dead}.{other_host}-x1y2.tmp"  # a rank on another machine, same shared folder
+    ours = tmp_path / f".c.png.{dead}.{HOST_TAG}-x1y2.tmp"  # a killed process of this machine
+    for path in (theirs, ours):
+        path.write_bytes(b"half")
+    assert clean_stale(tmp_path) == [ours]
+    assert theirs.exists()
+    with atomic_write(tmp_path / "d.png") as tmp:
+        assert tmp.name.startswith(f".d.png.{os.getpid()}.{HOST_TAG}-")  # what the check above reads
+        tmp.write_bytes(b"png")
+
+
 @pytest.mark.parametrize("setting,message", [
     ("train.learning_rate=1e300", "train.learning_rate=1e+300 is not a finite float32 number"),
     ("train.max_minutes=.inf", "train.max_minutes=inf is not a finite float32 number"),
@@ -462,6 +508,25 @@ def test_a_folder_given_as_weights(tmp_path: Path, capsys: pytest.CaptureFixture
     assert cli(["infer", "--weights", str(tmp_path / "weights"), "--input", str(tmp_path / "lr"), "--output",
                 str(tmp_path / "o")]) == 2
     assert f"{tmp_path / 'weights'}: is a folder, not a weights file" in _one_line(capsys)
+
+
+def test_perceptual_weights_load_like_any_weights_file(trainable: Path, tmp_path: Path,  # noqa: F811
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    bomb = _deflated_pth(tmp_path / "vgg19-dcbb9e9d.pth", 2**20)
+    models = tmp_path / "models"
+    assert _train(trainable, models, "loss.perceptual=1", f"loss.vgg_weights={bomb}") == 2
+    assert f"{bomb}: member '" in _one_line(capsys)  # refused before torch.load, as every weights file
+    assert _train(trainable, models, "loss.perceptual=1", f"loss.vgg_weights={tmp_path}") == 2
+    assert f"{tmp_path}: is a folder, not a weights file" in _one_line(capsys)
+    assert not (models / "r").exists()
+
+
+def test_a_folder_given_as_a_volume_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = _volumes(tmp_path / "vols", (8, 8, 8))
+    assert cli(["mri-infer", "--input", str(root), "--output", str(tmp_path / "o"),
+                f"mri_infer.checkpoint={tmp_path}"]) == 2
+    assert f"mri_infer.checkpoint={tmp_path}: is a folder, not a checkpoint file" in _one_line(capsys)
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_staged_file_is_named_where_it_was_going(tmp_path: Path, capsys: pytest.CaptureFixture[str],

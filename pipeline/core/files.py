@@ -6,9 +6,11 @@
 - ``staged_dir(path)``: build a whole folder beside ``path`` and swap it in at the end, so a reader
   (``submit``) only ever sees one finished set of files; a failed or killed run leaves the old
   folder as it was.
-- Temporary names carry the writer's process id: ``clean_stale(folder)`` removes the ones whose
-  process is gone (a SIGKILL leaves them), never a live writer's. Every writer cleans a folder the
-  first time it writes there (``atomic_write``), so no stage's leftovers outlive the next write.
+- Temporary names carry the writer's process id and a tag of its host: ``clean_stale(folder)``
+  removes the ones of this host whose process is gone (a SIGKILL leaves them), never a live
+  writer's, nor another machine's (whose pids cannot be checked from here: ranks of a torchrun over
+  several machines write into one shared folder). Every writer cleans a folder the first time it
+  writes there (``atomic_write``), so no stage's leftovers outlive the next write.
 - One error path for writes: whatever a library raises while writing (``OSError``, torch's
   ``RuntimeError`` "unexpected pos", safetensors' own error) becomes a ``WriteError``: one line with
   the file, the free space of its disk, and "No space left on device" when that is what happened.
@@ -22,7 +24,9 @@ import errno
 import os
 import re
 import shutil
+import socket
 import tempfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,11 +48,13 @@ def _read_umask() -> int:
 # Read once at import, while the process has a single thread: os.umask is process-wide.
 FILE_MODE = 0o666 & ~_read_umask()
 DIR_MODE = 0o777 & ~_read_umask()
-_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.(tmp|partial)$")
+HOST_TAG = f"{zlib.crc32(socket.gethostname().encode()):08x}"  # in temporary names: which machine wrote them
+# .<name>.<pid>.<host tag>-<random>.tmp|partial (names without a host tag, from older versions, count as this host's)
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.(?:(?P<host>[0-9a-f]{8})-)?[^.]+\.(tmp|partial)$")
 
 
 def _temp_prefix(name: str) -> str:
-    return f".{name}.{os.getpid()}."
+    return f".{name}.{os.getpid()}.{HOST_TAG}-"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -172,14 +178,14 @@ def clean_once(folder: str | Path) -> None:
 
 
 def clean_stale(folder: str | Path) -> list[Path]:
-    """Remove our temporary files and staging folders in ``folder`` whose writer process is gone."""
+    """Remove our temporary files and staging folders in ``folder`` whose writer process (on this host) is gone."""
     folder = Path(folder)
     removed = []
     if not folder.is_dir():
         return removed
     for entry in folder.iterdir():
         match = _TEMP.match(entry.name)
-        if not match or _pid_alive(int(match["pid"])):
+        if not match or match["host"] not in (None, HOST_TAG) or _pid_alive(int(match["pid"])):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)

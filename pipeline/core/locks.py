@@ -22,6 +22,7 @@ import json
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 from types import TracebackType
 
@@ -55,8 +56,9 @@ class FolderLock:
     ``what`` names the thing owned in messages (``run models/r``), ``stage`` the owner's stage.
     """
 
-    def __init__(self, path: str | Path, what: str, stage: str, make_parent: bool = True) -> None:
+    def __init__(self, path: str | Path, what: str, stage: str, make_parent: bool = True, wait: float = 0.0) -> None:
         self.path, self.what, self.stage, self.make_parent = Path(path), what, stage, make_parent
+        self.wait = wait  # seconds to wait for a holder to finish before refusing (for short read-modify-writes)
         self._fd: int | None = None
         self.took_over: dict | None = None  # the record a dead holder left, when this lock took it over
 
@@ -65,6 +67,7 @@ class FolderLock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         elif not self.path.parent.is_dir():
             return self  # nothing to own: the stage reports the missing folder in its own words
+        deadline = time.monotonic() + self.wait
         while True:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
@@ -77,6 +80,9 @@ class FolderLock:
             except BlockingIOError:
                 record = _read_record(fd)
                 os.close(fd)
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
                 raise self._refusal(record) from None
             except OSError as exc:
                 if exc.errno not in _UNSUPPORTED:
@@ -133,6 +139,13 @@ def run_lock(models_root: str | Path, run: str, stage: str = "train") -> FolderL
     """The lock of ``models/<run>``: the hidden file ``models/.<run>.lock`` beside the folder."""
     root = Path(models_root)
     return FolderLock(root / f".{run}.lock", f"run {root / run}", stage)
+
+
+def file_lock(path: str | Path, stage: str, wait: float) -> FolderLock:
+    """The lock of one shared file that several stages rewrite (``submit/leaderboard.csv``): the hidden
+    ``.<name>.lock`` beside it, waited for up to ``wait`` seconds (its holders hold it for a moment)."""
+    path = Path(path)
+    return FolderLock(path.with_name(f".{path.name}.lock"), str(path), stage, wait=wait)
 
 
 def data_lock(root: str | Path, stage: str) -> FolderLock:
