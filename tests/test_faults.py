@@ -291,6 +291,18 @@ def test_a_tensor_larger_than_its_data_is_refused(tmp_path: Path, capsys: pytest
     assert "view.pth: a tensor of shape (1000000, 1000000) is a view of only 4 stored bytes" in _one_line(capsys)
 
 
+@pytest.mark.parametrize("kind", ["sparse_coo", "nested"])
+def test_a_tensor_without_one_storage_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                  kind: str) -> None:
+    if kind == "nested":
+        tensor = torch.nested.nested_tensor([torch.zeros(2), torch.zeros(3)])
+    else:
+        tensor = torch.eye(3).to_sparse()
+    torch.save({"params": {"conv_first.weight": tensor}}, tmp_path / "w.pth")
+    assert cli(["export", "--weights", str(tmp_path / "w.pth"), f"paths.models={tmp_path / 'm'}"]) == 2
+    assert f"w.pth: holds a {kind} tensor; weights files hold dense tensors" in _one_line(capsys)
+
+
 def _alias_bomb(flow: bool) -> str:
     """Nine levels of nine aliases: 9^9 values once expanded, under 400 bytes."""
     levels = "abcdefghi"

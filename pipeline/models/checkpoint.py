@@ -161,6 +161,9 @@ def check_archive(path: Path) -> None:
 def _check_views(value: Any, path: Path, depth: int = 0) -> None:
     """Every tensor in a loaded file holds at most as many values as its stored data (no broadcast views)."""
     if isinstance(value, torch.Tensor):
+        if value.is_nested or value.layout != torch.strided:  # (they have no one storage to measure)
+            kind = "nested" if value.is_nested else str(value.layout).removeprefix("torch.")
+            raise CheckpointError(f"{path}: holds a {kind} tensor; weights files hold dense tensors")
         if value.numel() * value.element_size() > value.untyped_storage().nbytes():
             raise CheckpointError(f"{path}: a tensor of shape {tuple(value.shape)} is a view of only "
                                   f"{value.untyped_storage().nbytes()} stored bytes (zero strides): refused")
