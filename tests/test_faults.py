@@ -84,6 +84,22 @@ def test_a_second_train_is_refused_while_the_first_holds_the_run(trainable: Path
     assert not (models / ".r.lock").exists()  # released as it ended
 
 
+def test_a_damaged_or_hostile_lock_file_is_taken_over_in_one_line(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.core.locks import data_lock
+
+    lock = tmp_path / ".lock"
+    lock.write_text('{"pid": "abc", "host": "x')  # cut short: names nobody, taken silently
+    with data_lock(tmp_path, "prepare"):
+        assert '"stage": "prepare"' in lock.read_text()
+    assert capsys.readouterr().err == "" and not lock.exists()
+    lock.write_text('{"pid": 999999999, "host": "x\\ny", "stage": "patchify"}')  # a dead holder, a hostile host
+    with data_lock(tmp_path, "prepare"):
+        pass
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "taking over the lock left by pid 999999999 on x y (patchify, started ?)" in err[0]
+
+
 def test_best_pth_is_never_replaced_by_a_worse_one_whoever_wrote_it(tmp_path: Path) -> None:
     from pipeline.training.run_folder import BestCheckpoint
 

@@ -37,8 +37,10 @@ class LockError(UserError):
 
 
 def _holder_text(record: dict) -> str:
-    return (f"pid {record.get('pid', '?')} on {record.get('host', '?')} "
-            f"({record.get('stage', '?')}, started {record.get('started', '?')})")
+    def field(key: str) -> str:  # one short line whatever the file holds
+        return " ".join(str(record.get(key, "?")).split())[:80] or "?"
+
+    return f"pid {field('pid')} on {field('host')} ({field('stage')}, started {field('started')})"
 
 
 def _read_record(fd: int) -> dict:
@@ -89,8 +91,9 @@ class FolderLock:
                     os.close(fd)
                     raise
                 record = _read_record(fd)  # no flock here: a live recorded process on this host holds it
-                if record.get("host") == socket.gethostname() and _pid_alive(int(record.get("pid", -1))) \
-                        and record.get("pid") != os.getpid():
+                pid = record.get("pid")
+                if record.get("host") == socket.gethostname() and isinstance(pid, int) and 0 < pid != os.getpid() \
+                        and _pid_alive(pid):
                     os.close(fd)
                     raise self._refusal(record) from None
             # The previous holder removes the file as it releases: a lock on a removed file guards nothing.
