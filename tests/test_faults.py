@@ -227,6 +227,18 @@ def test_a_full_disk_during_a_checkpoint_save_keeps_the_old_checkpoint(small_dis
     assert path.read_bytes() == old and sorted(p.name for p in small_disk.iterdir()) == ["best.pth", "filler"]
 
 
+def test_a_full_disk_at_a_train_start_is_one_line(small_disk: Path, trainable: Path,  # noqa: F811
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    models = small_disk / "models"
+    assert _train(trainable, models) == 0
+    before = _tree(models)
+    _fill(small_disk)
+    assert _train(trainable, models, "train.max_steps=8") == 2  # not even the run's lock record fits
+    line = _one_line(capsys)
+    assert f"{models / '.r.lock'}: No space left on device (0 bytes free on {models})" in line
+    assert _tree(models) == before and not (models / ".r.lock").exists()
+
+
 def test_a_library_write_error_is_one_line_naming_the_file_and_free_space(
         trainable: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],  # noqa: F811
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 from types import TracebackType
 
 from pipeline.core.errors import UserError
-from pipeline.core.files import FILE_MODE, _pid_alive
+from pipeline.core.files import FILE_MODE, _pid_alive, write_error
 
 _UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
@@ -111,9 +111,13 @@ class FolderLock:
                   f"(killed?); {self.path} now names this one", file=sys.stderr, flush=True)
         record = {"pid": os.getpid(), "host": socket.gethostname(), "stage": self.stage,
                   "started": dt.datetime.now().isoformat(timespec="seconds")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(record).encode("utf-8"), 0)
         self._fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(record).encode("utf-8"), 0)
+        except OSError as exc:  # a full disk: not even the record fits; let go, say where and how much is free
+            self.release()
+            raise write_error(self.path, exc) from exc
         return self
 
     def _refusal(self, record: dict) -> LockError:
