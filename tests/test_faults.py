@@ -520,6 +520,26 @@ def test_a_malicious_pickle_is_refused_without_unsafe_advice(tmp_path: Path,
     assert not marker.exists()
 
 
+class _Foreign:
+    """A class of someone else's code: safe loading refuses to import it."""
+
+
+def test_refused_objects_and_damaged_files_are_told_apart(tmp_path: Path) -> None:
+    from pipeline.models.checkpoint import CheckpointError, load_checkpoint
+
+    torch.save({"params": _Foreign()}, tmp_path / "object.pth")
+    with pytest.raises(CheckpointError, match="refused: it holds pickled objects .* .Unsupported global: GLOBAL "
+                                              "test_faults._Foreign was not an allowed global by default.; nothing"):
+        load_checkpoint(tmp_path / "object.pth")
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tmp_path / "object.pth")
+    assert "safe_globals" not in str(info.value)  # never the advice to allowlist what was refused
+    (tmp_path / "junk.pth").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pth: cannot load checkpoint .not a PyTorch weights file, or a "
+                                              "damaged one: Unsupported operand 110.$"):
+        load_checkpoint(tmp_path / "junk.pth")
+
+
 def _save_nan_nano(path: Path) -> Path:
     weights = build_model("edsr-nano").state_dict()
     weights["conv_first.weight"] = torch.full_like(weights["conv_first.weight"], float("nan"))

@@ -111,9 +111,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
             state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except CheckpointError:
         raise
-    except pickle.UnpicklingError as exc:  # weights_only refused an object: the one case that must not be retried
+    except pickle.UnpicklingError as exc:  # weights_only refused the file: never advise loading it unsafely
+        what = _refusal(exc)
+        if not what.startswith(_OBJECT_REFUSALS):  # bytes that are no pickle at all: a damaged or foreign file
+            raise CheckpointError(f"{path}: cannot load checkpoint (not a PyTorch weights file, or a damaged one: "
+                                  f"{what})") from None
         raise CheckpointError(f"{path}: refused: it holds pickled objects that safe loading does not allow "
-                              f"({_refusal(exc)}); nothing in it was run. Load weights only from sources you trust, "
+                              f"({what}); nothing in it was run. Load weights only from sources you trust, "
                               "as a plain state dict (.pth) or .safetensors") from None
     except Exception as exc:  # torch raises several types for corrupt or foreign files
         first = " ".join(str(exc).split())[:300]
@@ -124,13 +128,21 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     return state
 
 
+# How torch's weights-only unpickler words a refused object (a class, a function to call) rather than bytes
+# that are no pickle at all (_weights_only_unpickler.py).
+_OBJECT_REFUSALS = ("Unsupported global", "Trying to load unsupported GLOBAL", "Trying to call reduce",
+                    "Can only create new object", "Can only build Tensor")
+
+
 def _refusal(exc: pickle.UnpicklingError) -> str:
-    """What torch's weights-only unpickler refused, without its advice to load unsafely."""
+    """What torch's weights-only unpickler refused: its first sentence, without its advice (to load unsafely,
+    or to allowlist the refused global)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     useful = [line for line in lines if not line.startswith(("Weights only load failed", "Check the documentation",
                                                               "(1)", "(2)")) and "weights_only" not in line]
     text = useful[0] if useful else "an object that is not a tensor, number, string, list or dict"
-    return text.removeprefix("WeightsUnpickler error: ").rstrip(".")[:200]
+    text = text.removeprefix("WeightsUnpickler error: ").split(". ")[0]
+    return text.rstrip(".")[:200]
 
 
 def check_archive(path: Path) -> None:
