@@ -50,6 +50,14 @@ def _wait_for(condition, proc: subprocess.Popen, log: Path, what: str, seconds: 
         time.sleep(0.002)
 
 
+def _recorded(lock: Path) -> bool:
+    """True once a lock file holds its owner's record (written as soon as the lock is held)."""
+    try:
+        return lock.stat().st_size > 0
+    except FileNotFoundError:
+        return False
+
+
 def _photos(folder: Path, n: int, side: int, seed: int = 0) -> Path:
     for i in range(n):
         write_png(folder / f"p{i:02d}.png", _smooth(side, side, seed + i))
@@ -127,7 +135,8 @@ def test_two_add_data_runs_at_once_lose_no_set(tmp_path: Path, capsys: pytest.Ca
     first = _start(["add-data", "--data", str(root), "--from", str(set_a), "add_data.workers=1",
                     "add_data.jpeg=90", "add_data.noise=2"], tmp_path / "first.log")
     try:
-        _wait_for(lambda: (root / ".lock").is_file(), first, tmp_path / "first.log", "the data lock")
+        # the record is written once the lock is held (the file itself appears a moment before)
+        _wait_for(lambda: _recorded(root / ".lock"), first, tmp_path / "first.log", "the data lock")
         first.send_signal(signal.SIGSTOP)
         before = _tree(root)
         args = ["add-data", "--data", str(root), "--from", str(set_b), "add_data.workers=1"]

@@ -5,12 +5,15 @@ folder's state at their start and rewrite it at their end (best.pth, history/, l
 extra.csv), so the second silently undoes the first. ``FolderLock`` refuses the second process
 in one line that names the holder (pid, host, stage, start time).
 
-The lock is ``flock`` on a small hidden file beside the folder (``models/.<run>.lock``: a run
-folder may be moved aside while its lock is held) or inside it (``<data>/.lock``). The kernel
-releases it when its process dies, however it dies, so a lock is never stuck; the file a killed
-holder leaves behind still names it, and the next process says that it takes the lock over. A
-clean release removes the file. Where ``flock`` is unsupported (some network file systems), the
-recorded pid is checked instead: alive on this host = held.
+The lock is a POSIX record lock (``fcntl.lockf``) on a small hidden file beside the folder
+(``models/.<run>.lock``: a run folder may be moved aside while its lock is held) or inside it
+(``<data>/.lock``). The kernel releases it when its process dies, however it dies, so a lock is
+never stuck; a record lock belongs to the process alone (unlike ``flock``, it is not shared with
+the children it forked: loader workers that outlive a SIGKILLed trainer by a few seconds do not
+keep its run locked). The file a killed holder leaves behind still names it, and the next process
+says that it takes the lock over. A clean release removes the file. Where record locks are
+unsupported (some network file systems), the recorded pid is checked instead: alive on this host =
+held.
 """
 
 from __future__ import annotations
@@ -78,8 +81,8 @@ class FolderLock:
                     return self  # a folder this process cannot write: its writes fail with their own message
                 raise
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: another process holds it
                 record = _read_record(fd)
                 os.close(fd)
                 if time.monotonic() < deadline:
@@ -90,7 +93,7 @@ class FolderLock:
                 if exc.errno not in _UNSUPPORTED:
                     os.close(fd)
                     raise
-                record = _read_record(fd)  # no flock here: a live recorded process on this host holds it
+                record = _read_record(fd)  # no record locks here: a live recorded process on this host holds it
                 pid = record.get("pid")
                 if record.get("host") == socket.gethostname() and isinstance(pid, int) and 0 < pid != os.getpid() \
                         and _pid_alive(pid):
@@ -131,8 +134,8 @@ class FolderLock:
         try:
             self.path.unlink(missing_ok=True)  # while still held: nobody can take the old file meanwhile
         finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+            fcntl.lockf(fd, fcntl.LOCK_UN)
+            os.close(fd)  # (closing any descriptor of the file would release a record lock: this is the only one)
 
     def __enter__(self) -> FolderLock:
         return self.acquire()
