@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import dataclasses
+import multiprocessing
 import os
 import signal
 import sys
@@ -80,4 +81,7 @@ def die_with_parent(parent: int) -> None:
 
 def process_pool(workers: int) -> ProcessPoolExecutor:
     """A pool of ``workers`` processes that die with this one (see the module's docstring)."""
-    return ProcessPoolExecutor(workers, initializer=die_with_parent, initargs=(os.getpid(),))
+    # Workers must be this process's own children (fork, or spawn off Linux): under a forkserver (Python
+    # 3.14's Linux default) their parent would be the server, and the death signal would wait for it instead.
+    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=die_with_parent, initargs=(os.getpid(),))
