@@ -22,7 +22,6 @@ out measurement stays honest.
 from __future__ import annotations
 
 import zlib
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -35,6 +34,8 @@ from pipeline.core.errors import DataError, UserError
 from pipeline.core.files import atomic_write, staged_dir
 from pipeline.core.images import images_by_stem, read_uint8, to_uint8, write_png
 from pipeline.core.layout import EXTRA_COLUMNS, DataLayout, check_id
+from pipeline.core.locks import data_lock
+from pipeline.core.workers import process_pool
 
 STAMP = "add-data.yaml"  # the resolved settings, written into every set this stage makes
 
@@ -77,6 +78,12 @@ def main(cfg: Config) -> None:
         raise UserError("add-data needs --from DIR (a folder of HR photos)")
     data = DataLayout(Path(cfg.data.dir))
     data.check_exists()
+    with data_lock(data.root, "add-data"):  # extra.csv is read at the start and rewritten at the end
+        _add_set(cfg, data)
+
+
+def _add_set(cfg: Config, data: DataLayout) -> None:
+    opts = cfg.add_data
     source = Path(opts.source)
     name = check_id(opts.name or source.resolve().name, "add_data.name", "set name")
     photos = images_by_stem(source, "HR photo")
@@ -96,7 +103,7 @@ def main(cfg: Config) -> None:
         jobs = [(path, ids[stem], str(stage), cfg.data.scale, opts, zlib.crc32(f"{cfg.seed}/{stem}".encode()))
                 for stem, path in photos.items()]
         if opts.workers > 1 and len(jobs) > 1:
-            with ProcessPoolExecutor(opts.workers) as pool:
+            with process_pool(opts.workers) as pool:
                 made = list(tqdm(pool.map(_make_pair, jobs), total=len(jobs), desc="add-data", unit="img"))
         else:
             made = [_make_pair(job) for job in tqdm(jobs, desc="add-data", unit="img")]

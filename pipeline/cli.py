@@ -20,7 +20,9 @@ from pathlib import Path
 
 from pipeline.core.config import describe, load_config
 from pipeline.core.errors import Interrupted, UserError
+from pipeline.core.files import free_text
 from pipeline.core.images import set_max_pixels
+from pipeline.core.workers import check_worker_counts
 
 REPO = Path(__file__).resolve().parent.parent
 DATA_FLAG = {"--data": ("data.dir", "dataset root in the contest layout")}
@@ -136,7 +138,7 @@ STAGES: dict[str, Stage] = {
 
 
 def _parser(name: str, stage: Stage) -> argparse.ArgumentParser:
-    rows = [("run", "'default'", "run name"), ("seed", "0", "global seed")]
+    rows = [("run", "'default'", "run name"), ("seed", "0", "global seed (>= 0, <= 4294967295)")]
     for section in stage.sections:
         rows += describe(section)
     width = max(len(k) for k, _, _ in rows)
@@ -181,9 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(config_file, [*args.overrides, *flags])
         set_max_pixels(cfg.data.max_pixels)
+        check_worker_counts(cfg)
         module = importlib.import_module(stage.module)
         module.main(cfg)
-    except UserError as exc:
+    except UserError as exc:  # (a failed write too: pipeline.core.files.WriteError names the file and free space)
         return _fail(_from_worker(str(exc)))
     except OSError as exc:  # permission denied, disk full, a folder where a file should be ...
         return _fail(_from_worker(os_error_text(exc)))
@@ -207,6 +210,8 @@ def os_error_text(exc: OSError) -> str:
     hint = {errno.ENOSPC: " (free some space, or point paths.* / --data elsewhere)",
             errno.EACCES: " (check the folder's permissions)",
             errno.EROFS: " (the folder is read-only; write elsewhere)"}.get(exc.errno or -1, "")
+    if exc.errno == errno.ENOSPC and exc.filename is not None:
+        hint = f" (free some space, or point paths.* / --data elsewhere; {free_text(Path(str(exc.filename)).parent)})"
     return f"{where}: {what}{hint}" if where else f"{what}{hint}"
 
 

@@ -9,7 +9,10 @@ otherwise it is an error and no file is written. Inputs must be at least the mod
 (16 for HAT, DAT, OmniSR): smaller ones are padded by Python code the trace does not keep.
 
 safetensors: the weights inference uses (EMA first), with ``arch`` and ``kwargs`` in the
-metadata; read back and compared before it is kept. Either file is written atomically.
+metadata. Either file is written to a temporary name and checked there (ONNX Runtime's output, or
+the safetensors read back and compared); only a file that passes replaces the previous export, so
+a failed export never costs the good one. Temporary files of a killed export are removed by the
+next write into the folder.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from torch import nn
 
 from pipeline.core.config import Config, save_config
 from pipeline.core.errors import UserError
-from pipeline.core.files import atomic_write
+from pipeline.core.files import atomic_write, disk_full, write_error
 from pipeline.core.images import read_float
 from pipeline.core.layout import RunLayout
 from pipeline.models.checkpoint import load_checkpoint, load_weights_file, model_from_checkpoint, save_safetensors
@@ -94,6 +97,7 @@ def export_onnx(model: nn.Module, out: Path, opset: int, image: np.ndarray) -> f
                         "input size, so a traced graph would only take the traced size")
     lr = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)[None]  # (1,3,H,W)
     trace = torch.rand(1, 3, TRACE_SIDE, TRACE_SIDE + 4, generator=torch.Generator().manual_seed(0))
+    expected = _torch_output(model, lr)
     with atomic_write(out) as tmp:
         try:
             # TracerWarnings about sizes (the check below is the judge) and the TorchScript graph the
@@ -102,7 +106,9 @@ def export_onnx(model: nn.Module, out: Path, opset: int, image: np.ndarray) -> f
                 warnings.simplefilter("ignore")
                 torch.onnx.export(model, (trace,), str(tmp), dynamo=False, opset_version=opset,
                                   input_names=["lr"], output_names=["sr"], dynamic_axes=_AXES)
-        except Exception as exc:  # unsupported operators, opsets, tracing failures
+        except Exception as exc:  # unsupported operators, opsets, tracing failures (or a full disk)
+            if disk_full(exc, out.parent):
+                raise write_error(out, exc) from exc
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(" Please feel free")[0][:300]
             raise UserError(f"{name}: cannot export to ONNX opset {opset}: {first}") from None
         try:
@@ -112,7 +118,6 @@ def export_onnx(model: nn.Module, out: Path, opset: int, image: np.ndarray) -> f
             first = str(exc).strip().splitlines()[0][:300]
             raise UserError(f"{name}: the ONNX graph does not run on a {lr.shape[2]}x{lr.shape[3]} input in "
                             f"ONNX Runtime (sizes fixed by the trace?): {first}") from None
-        expected = _torch_output(model, lr)
         if sr.shape != expected.shape:
             raise UserError(f"{name}: ONNX output {sr.shape} differs from PyTorch's {expected.shape}")
         diff = float(np.abs(sr - expected).max())
@@ -123,16 +128,19 @@ def export_onnx(model: nn.Module, out: Path, opset: int, image: np.ndarray) -> f
 
 
 def export_safetensors(model: nn.Module, out: Path, source: str) -> None:
-    """Write ``out`` and check that it reads back as the same weights and architecture."""
+    """Write ``out``, checked before it replaces anything: it must read back as the same weights and architecture."""
     card = card_of(model)
     weights = model.state_dict()
-    save_safetensors(out, weights, card.arch, card.kwargs, source=Path(source).name)
-    back = load_checkpoint(out)
-    same = back.get("arch") == card.arch and back["params"].keys() == weights.keys() and all(
-        torch.equal(back["params"][k], v.cpu()) for k, v in weights.items())
-    if not same:
-        out.unlink(missing_ok=True)
-        raise UserError(f"{out}: the written file does not read back as the model's weights; removed")
+
+    def check(tmp: Path) -> None:
+        back = load_checkpoint(tmp, safetensors=True)
+        same = back.get("arch") == card.arch and back["params"].keys() == weights.keys() and all(
+            torch.equal(back["params"][k], v.cpu()) for k, v in weights.items())
+        if not same:
+            raise UserError(f"{out}: the written file does not read back as the model's weights; not kept"
+                            + (" (the previous export is unchanged)" if out.exists() else ""))
+
+    save_safetensors(out, weights, card.arch, card.kwargs, check=check, source=Path(source).name)
 
 
 def main(cfg: Config) -> None:

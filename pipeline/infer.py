@@ -46,6 +46,7 @@ from pipeline.core.errors import UserError
 from pipeline.core.files import atomic_write, staged_dir
 from pipeline.core.images import PngWriter, images_by_stem, read_ahead, read_uint8, to_uint8
 from pipeline.core.layout import COMPLETE_MARK, LEADERBOARD_COLUMNS, DataLayout, OutputLayout, output_name
+from pipeline.core.locks import file_lock
 from pipeline.core.metrics import gain_text, paired_gain, score_pair
 from pipeline.core.runtime import peak_memory
 from pipeline.inference.blend import blend_predictions
@@ -54,6 +55,8 @@ from pipeline.inference.reference import bicubic_psnr, exact_bicubic
 
 if TYPE_CHECKING:
     import torch
+
+LEADERBOARD_WAIT = 60.0  # seconds another infer may hold leaderboard.csv (it rewrites a small CSV)
 
 
 def settings_for(cfg: Config) -> Settings:
@@ -64,14 +67,17 @@ def settings_for(cfg: Config) -> Settings:
 
 
 def append_leaderboard(path: Path, row: dict) -> None:
-    """Add one row to the leaderboard CSV (rewritten atomically); older files gain the new columns, empty."""
-    table = pd.DataFrame([row], columns=list(LEADERBOARD_COLUMNS))
-    if path.is_file():
-        table = pd.concat([pd.read_csv(path), table], ignore_index=True)
-        extra = [c for c in table.columns if c not in LEADERBOARD_COLUMNS]
-        table = table[[*LEADERBOARD_COLUMNS, *extra]]
-    with atomic_write(path) as tmp:
-        table.to_csv(tmp, index=False)
+    """Add one row to the leaderboard CSV (rewritten atomically); older files gain the new columns, empty.
+    Every run's infer appends to the one file: the read and the rewrite hold its lock, so two runs
+    finishing together both keep their row."""
+    with file_lock(path, "infer", wait=LEADERBOARD_WAIT):
+        table = pd.DataFrame([row], columns=list(LEADERBOARD_COLUMNS))
+        if path.is_file():
+            table = pd.concat([pd.read_csv(path), table], ignore_index=True)
+            extra = [c for c in table.columns if c not in LEADERBOARD_COLUMNS]
+            table = table[[*LEADERBOARD_COLUMNS, *extra]]
+        with atomic_write(path) as tmp:
+            table.to_csv(tmp, index=False)
 
 
 def with_reference(cfg: Config, row: dict[str, Any], scores: pd.DataFrame, items: list[tuple[str, Path]],

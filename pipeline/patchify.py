@@ -22,8 +22,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -36,6 +36,9 @@ from pipeline.core.errors import DataError, UserError
 from pipeline.core.files import atomic_write, clean_stale
 from pipeline.core.images import encode_png, read_uint8
 from pipeline.core.layout import MANIFEST_COLUMNS, DataLayout, PatchLayout
+from pipeline.core.locks import data_lock
+from pipeline.core.workers import process_pool
+from pipeline.core.yaml_bounded import load_yaml
 
 
 def grid(length: int, size: int, stride: int, edge: str) -> list[int]:
@@ -145,6 +148,14 @@ def check_geometry(opts: PatchifyConfig, scale: int) -> tuple[int, int]:
     return opts.size // scale, stride // scale
 
 
+def _recorded(patches: PatchLayout) -> Any:
+    """The fingerprint the folder records (read with bounded aliases), or None when it cannot be read."""
+    try:
+        return load_yaml(patches.fingerprint.read_text())
+    except (yaml.YAMLError, UserError, UnicodeDecodeError):
+        return None  # a damaged record: the folder is rebuilt, as for other settings
+
+
 def _open_folder(patches: PatchLayout, fingerprint: dict) -> None:
     """Make ``patches/`` ready: ours with other settings is rebuilt, someone else's is refused."""
     out = patches.dir
@@ -155,7 +166,7 @@ def _open_folder(patches: PatchLayout, fingerprint: dict) -> None:
             else:
                 raise DataError(f"{out}: exists but was not made by patchify (no {patches.fingerprint.name}); "
                                 "move it away, patchify will not delete it")
-        elif yaml.safe_load(patches.fingerprint.read_text()) != fingerprint:
+        elif _recorded(patches) != fingerprint:
             print(f"{out}: settings or splits changed; rebuilding")
             shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -168,6 +179,11 @@ def _open_folder(patches: PatchLayout, fingerprint: dict) -> None:
 
 def main(cfg: Config) -> None:
     data = DataLayout(Path(cfg.data.dir))
+    with data_lock(data.root, "patchify"):  # one patches/ folder, cut by one process at a time
+        _patchify(cfg, data)
+
+
+def _patchify(cfg: Config, data: DataLayout) -> None:
     lr_size, lr_stride = check_geometry(cfg.patchify, cfg.data.scale)
     splits = data.splits()
     patches = data.patches
@@ -189,7 +205,7 @@ def main(cfg: Config) -> None:
     skipped = len(splits) - len(todo)
     if todo:
         if cfg.patchify.workers > 1 and len(todo) > 1:
-            with ProcessPoolExecutor(cfg.patchify.workers) as pool:
+            with process_pool(cfg.patchify.workers) as pool:
                 results = list(tqdm(pool.map(_patch_image, todo), total=len(todo), desc="patchify", unit="img"))
         else:
             results = [_patch_image(job) for job in tqdm(todo, desc="patchify", unit="img")]

@@ -17,7 +17,6 @@ with fold -1: training only, never a validation fold.
 
 from __future__ import annotations
 
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -29,6 +28,8 @@ from pipeline.core.files import atomic_write
 from pipeline.core.folds import assign_folds
 from pipeline.core.images import ImageError, image_size
 from pipeline.core.layout import EXTRA_FOLD, SPLIT_COLUMNS, DataLayout
+from pipeline.core.locks import data_lock
+from pipeline.core.workers import process_pool
 
 
 def _size_or_error(path: Path) -> tuple[int, int] | str:
@@ -42,7 +43,7 @@ def _sizes(paths: list[Path], workers: int, desc: str) -> list[tuple[int, int] |
     """Decode every image (in worker processes); a failure becomes its error message."""
     if workers <= 1 or len(paths) < 8:
         return [_size_or_error(p) for p in tqdm(paths, desc=desc, leave=False, disable=len(paths) < 50)]
-    with ProcessPoolExecutor(workers) as pool:
+    with process_pool(workers) as pool:
         return list(tqdm(pool.map(_size_or_error, paths, chunksize=8), total=len(paths), desc=desc, leave=False,
                          disable=len(paths) < 50))
 
@@ -95,6 +96,11 @@ def check_sample_submission(data: DataLayout, test: pd.DataFrame) -> list[str]:
 def main(cfg: Config) -> None:
     data = DataLayout(Path(cfg.data.dir))
     data.check_exists()
+    with data_lock(data.root, "prepare"):  # splits.csv follows extra.csv: no add-data in between
+        _prepare(cfg, data)
+
+
+def _prepare(cfg: Config, data: DataLayout) -> None:
     root = data.root
     if not 0 <= cfg.data.val_fold < cfg.data.folds:
         raise DataError(f"data.val_fold={cfg.data.val_fold} is outside 0..{cfg.data.folds - 1}")

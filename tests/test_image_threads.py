@@ -73,7 +73,8 @@ def test_writer_error_surfaces_in_the_caller_and_leaves_nothing_half_written(
 
     monkeypatch.setattr(files.os, "replace", disk_full_on_b)
     imgs = _images(3)
-    with pytest.raises(OSError, match=r"No space left on device"):  # as raised: the CLI words it (test_safety)
+    # one write-error path (pipeline.core.files.WriteError): the file, the disk full, the free space
+    with pytest.raises(files.WriteError, match=r"b\.png: No space left on device \(.* free on "):
         with PngWriter(workers=1, depth=8) as writer:
             for name, img in zip("abc", imgs):
                 writer.write(tmp_path / f"{name}.png", img)

@@ -4,6 +4,7 @@ import cv2
 import numpy as np
 import pytest
 
+from pipeline.core.files import WriteError
 from pipeline.core.images import ImageError, atomic_write, read_float, read_uint8, to_uint8, write_png
 
 RNG = np.random.default_rng(0)
@@ -57,7 +58,7 @@ def test_write_png_is_atomic(tmp_path: Path):
     assert np.array_equal(read_uint8(target), RGB)
     with pytest.raises(ImageError):
         write_png(tmp_path / "out" / "y.png", RGB.astype(np.float32))
-    with pytest.raises(RuntimeError):
+    with pytest.raises(WriteError, match="z.bin: cannot write it .RuntimeError: crash mid-write"):  # one line
         with atomic_write(tmp_path / "out" / "z.bin") as tmp:
             tmp.write_bytes(b"half")
             raise RuntimeError("crash mid-write")

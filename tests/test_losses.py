@@ -220,7 +220,7 @@ def test_wrong_weights_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="alexnet.pth: not torchvision's VGG19 weights"):
         load_vgg_features(path, ("conv1_1",))
     (tmp_path / "junk.pth").write_text("not a checkpoint")
-    with pytest.raises(UserError, match="junk.pth: cannot load weights"):
+    with pytest.raises(UserError, match="junk.pth: cannot load checkpoint .not a PyTorch weights file"):
         load_vgg_features(tmp_path / "junk.pth", ("conv1_1",))
     # no perceptual weight: no file needed, nothing loaded
     assert build_generator_loss(load_config(None, ["loss.tv=1"])).vgg is None

@@ -24,7 +24,7 @@ import torch
 
 from pipeline.cli import main as cli
 from pipeline.core.compat import imresize
-from pipeline.core.files import FILE_MODE, atomic_write, clean_stale
+from pipeline.core.files import FILE_MODE, WriteError, atomic_write, clean_stale
 from pipeline.core.images import encode_png, read_uint8, to_uint8, write_png
 from pipeline.models.checkpoint import save_checkpoint
 from pipeline.models.table import build_model, model_kwargs
@@ -428,9 +428,10 @@ def test_files_follow_the_umask_and_stale_temps_are_cleaned(tmp_path: Path) -> N
     live.write_bytes(b"busy")
     assert clean_stale(tmp_path) == [stale]
     assert live.exists() and not stale.exists()
-    with pytest.raises(RuntimeError), atomic_write(tmp_path / "d.png") as tmp:
+    with pytest.raises(WriteError, match="d.png: cannot write it .RuntimeError: crash mid-write"), \
+            atomic_write(tmp_path / "d.png") as tmp:
         tmp.write_bytes(b"partial")
-        raise RuntimeError("crash mid-write")
+        raise RuntimeError("crash mid-write")  # what a library raises: one line naming the file
     assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "a.png"]
 
 

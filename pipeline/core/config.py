@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ from typing import Any, Literal
 import yaml
 
 from pipeline.core.errors import UserError
+from pipeline.core.yaml_bounded import YamlTooLarge, load_yaml
 
 
 class ConfigError(UserError):
@@ -451,7 +454,7 @@ class ExportConfig:
 @dataclass(frozen=True)
 class Config:
     run: str = opt("default", "run name: checkpoints in models/<run>, outputs in submit/<run>")
-    seed: int = opt(0, "global seed (splits, data order, initialisation)")
+    seed: int = opt(0, "global seed (splits, data order, initialisation)", ge=0, le=2**32 - 1)
     paths: PathsConfig = field(default_factory=PathsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     patchify: PatchifyConfig = field(default_factory=PatchifyConfig)
@@ -503,6 +506,18 @@ def view_of(section: type) -> typing.Callable[[type], type]:
 # ---------------------------------------------------------------------------------------------
 # Type checking of values coming from YAML or the command line.
 
+def _repr_for_messages() -> reprlib.Repr:
+    """A bounded repr: a value quoted in an error message is at most a line, whatever its size."""
+    r = reprlib.Repr()
+    r.maxstring = r.maxother = 60
+    r.maxlist = r.maxtuple = r.maxdict = 6
+    r.maxlevel = 3
+    return r
+
+
+_short = _repr_for_messages().repr
+FLOAT32_MAX = 3.4028234e38  # settings reach torch as float32
+
 
 def _check(value: Any, tp: Any, key: str) -> Any:
     """Return ``value`` converted to ``tp`` (int -> float, list -> tuple) or raise ConfigError."""
@@ -512,14 +527,14 @@ def _check(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool) and value not in choices:
             value = "on" if value else "off"  # YAML 1.1 reads a bare on/off (train.compile=off) as a boolean
         if value not in choices:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
+            raise ConfigError(f"{key}: {_short(value)} is not one of {', '.join(map(repr, choices))}")
         return value
     if origin is tuple:
         (item_tp, _ellipsis) = typing.get_args(tp)
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             value = [value]  # a single value stands for a one-element tuple
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {_short(value)}")
         return tuple(_check(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(tp):
@@ -527,14 +542,14 @@ def _check(value: Any, tp: Any, key: str) -> Any:
                 return _check(value, arg, key)
             except ConfigError:
                 continue
-        raise ConfigError(f"{key}: {value!r} is not {' or '.join(_type_name(a) for a in typing.get_args(tp))}")
+        raise ConfigError(f"{key}: {_short(value)} is not {' or '.join(_type_name(a) for a in typing.get_args(tp))}")
     if tp is type(None):
         if value is not None:
-            raise ConfigError(f"{key}: expected null, got {value!r}")
+            raise ConfigError(f"{key}: expected null, got {_short(value)}")
         return None
     if dataclasses.is_dataclass(tp):  # an entry of a list of sections (train.phases)
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of settings, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping of settings, got {_short(value)}")
         return _merge(tp(), value, f"{key}.")
     if tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
         return float(value)  # YAML 1.1 reads 2e-4 (no dot) as a string, also inside lists and mappings
@@ -543,7 +558,7 @@ def _check(value: Any, tp: Any, key: str) -> Any:
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # `run=1` or a tile spec like `0` is still a name
     if tp in (int, float, str, bool) and (type(value) is not tp):
-        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {_short(value)}")
     return value
 
 
@@ -589,7 +604,7 @@ def _merge(obj: Any, values: dict[str, Any], prefix: str) -> Any:
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
-                raise ConfigError(f"{key}: expected a mapping of settings, got {value!r}")
+                raise ConfigError(f"{key}: expected a mapping of settings, got {_short(value)}")
             changes[name] = _merge(getattr(obj, name), value, f"{key}.")
         else:
             changes[name] = _check_bounds(_check(value, tp, key), _fields(cls)[name], key)
@@ -607,19 +622,24 @@ _BOUND_OK = {"ge": lambda v, b: v >= b, "gt": lambda v, b: v > b, "le": lambda v
 def _check_bounds(value: Any, f: dataclasses.Field, key: str) -> Any:
     """A value outside the field's declared bounds is a ConfigError naming the key and the bound."""
     bounds = f.metadata.get("bounds", {})
+    if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+        raise ConfigError(f"{key}={value} is not a finite float32 number" if value == value else
+                          f"{key}: nan is not a number")
     if not bounds or not isinstance(value, (int, float)) or isinstance(value, bool):
         return value
-    if value != value:  # NaN passes no comparison
-        raise ConfigError(f"{key}: nan is not a number")
     for kind, limit in bounds.items():
         if not _BOUND_OK[kind](value, limit):
-            raise ConfigError(f"{key}={value} must be {_BOUND_TEXT[kind]} {limit:g}")
+            raise ConfigError(f"{key}={value} must be {_BOUND_TEXT[kind]} {_bound(limit)}")
     return value
+
+
+def _bound(limit: float) -> str:
+    return str(limit) if isinstance(limit, int) else f"{limit:g}"
 
 
 def bounds_text(f: dataclasses.Field) -> str:
     """``'>= 1'``, ``'>= 0, <= 512'``: a field's bounds for --help."""
-    return ", ".join(f"{_BOUND_TEXT[k]} {v:g}" for k, v in f.metadata.get("bounds", {}).items())
+    return ", ".join(f"{_BOUND_TEXT[k]} {_bound(v)}" for k, v in f.metadata.get("bounds", {}).items())
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -628,9 +648,11 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override {text!r} must look like key=value")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
+    except YamlTooLarge as exc:
+        raise ConfigError(f"{key}: {exc}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{key}: cannot parse {raw!r}: {exc}") from None
+        raise ConfigError(f"{key}: cannot parse {_short(raw)}: {exc}") from None
     # YAML 1.1 reads 2e-4 as a string (no dot); take it as the float the user meant.
     if isinstance(value, str) and _FLOAT.fullmatch(raw.strip()):
         value = float(raw)
@@ -661,7 +683,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = load_yaml(path.read_text()) or {}
+        except YamlTooLarge as exc:
+            raise ConfigError(f"{path}: {exc}") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(values, dict):

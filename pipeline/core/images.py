@@ -9,7 +9,9 @@ Reading rules (documented in the README):
   usual 8 -> 16 bit expansion v * 257; ``read_float`` keeps the full 16-bit precision.
 - At most ``max_pixels()`` pixels (``data.max_pixels``, default 8192 x 8192), checked from the
   file's header before anything is decoded: a small file that claims a huge size (or a real
-  huge photo) is refused in one line instead of exhausting memory.
+  huge photo) is refused in one line instead of exhausting memory. The file's size is checked
+  before it is read: no image within the cap needs more than ``max_file_bytes()`` (8 bytes a
+  pixel, 16-bit RGBA uncompressed, plus room for metadata), so a 3 GB file is never read whole.
 """
 
 from __future__ import annotations
@@ -63,6 +65,12 @@ def check_pixels(width: int, height: int, where: str | Path) -> None:
                          f"data.max_pixels={max_pixels()}; raise it if the image is genuine")
 
 
+def max_file_bytes() -> int:
+    """The largest image file worth reading under the pixel cap: 16-bit RGBA uncompressed (8 bytes a
+    pixel) with 1% of encoding overhead, plus 16 MiB of metadata (EXIF, ICC profiles, thumbnails)."""
+    return max_pixels() * 8 * 101 // 100 + 16 * 2**20
+
+
 def _header_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) from the file's header (PIL reads headers lazily: no pixel is decoded), or
     None when PIL does not know the format (OpenCV may still: it has its own 2^30-pixel cap)."""
@@ -76,7 +84,11 @@ def _header_size(data: bytes) -> tuple[int, int] | None:
 def _decode(path: Path) -> np.ndarray:
     """Raw decoded array (H,W) or (H,W,C) in OpenCV's channel order, any bit depth."""
     if not path.is_file():
-        raise ImageError(f"{path}: file not found")
+        raise ImageError(f"{path}: file not found" if not path.is_dir() else f"{path}: is a folder, not an image")
+    nbytes = path.stat().st_size
+    if nbytes > max_file_bytes():
+        raise ImageError(f"{path}: file is {nbytes} bytes, more than any image within data.max_pixels="
+                         f"{max_pixels()} needs ({max_file_bytes()}); refused before reading it")
     data = path.read_bytes()  # (imdecode of the bytes also handles non-ASCII paths; cv2.imread does not)
     if not data:
         raise ImageError(f"{path}: file is empty")

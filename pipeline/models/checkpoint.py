@@ -16,12 +16,20 @@ original repositories' bare state dicts, ``model``/``state_dict``/``net`` wrappe
 table model asked for, or its architecture and hyper-parameters are detected (``zoo.detect``).
 
 Checkpoint arguments are checked against the model table BEFORE anything is built: a file cannot
-make us allocate what the table does not describe.
+make us allocate what the table does not describe. Loading is bounded by the file's size: a .pth
+archive whose members are compressed (``torch.save`` never compresses; a 1 MB file could inflate to
+GBs) is refused before ``torch.load``, and so is a tensor that claims more elements than its data
+holds (a zero-stride view: a 2 KB file "holding" 10^12 values that a detected architecture would be
+built for). Weights loaded into a model must be finite, so NaN weights are named as such, not
+blamed on the learning rate or an image.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +46,9 @@ from pipeline.models import zoo
 from pipeline.models.table import MODELS, ModelCard, build_model, card_of, count_parameters, model_kwargs
 from pipeline.models.zoo import SPANDREL_PREFIX, plain
 
-__all__ = ["CheckpointError", "check_table_kwargs", "load_checkpoint", "load_state_into", "load_weights",
-           "load_weights_file", "model_from_checkpoint", "save_checkpoint", "save_model_card", "save_safetensors",
-           "state_dict_from", "weights_key"]
+__all__ = ["CheckpointError", "check_archive", "check_finite", "check_table_kwargs", "load_checkpoint",
+           "load_state_into", "load_weights", "load_weights_file", "model_from_checkpoint", "save_checkpoint",
+           "save_model_card", "save_safetensors", "state_dict_from", "weights_key"]
 
 _TRAINING_STATE = ("params", "params_ema", "optimizer", "scheduler", "scaler", "rng")
 PRODUCER = "sr-pipeline"
@@ -54,13 +62,16 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
 
 
 def save_safetensors(path: str | Path, weights: dict[str, torch.Tensor], arch: str, kwargs: dict[str, Any],
-                     **extra: str) -> Path:
-    """Weights only, atomically, with the model's table name and arguments in the metadata."""
+                     check: Callable[[Path], None] | None = None, **extra: str) -> Path:
+    """Weights only, atomically, with the model's table name and arguments in the metadata; ``check(tmp)``
+    (raising to refuse) reads the written file back before it replaces ``path``."""
     # safetensors refuses views and tensors sharing storage: give it one contiguous copy of each.
     tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in weights.items()}
     metadata = {"producer": PRODUCER, "arch": arch, "kwargs": json.dumps(plain(kwargs)), **extra}
     with atomic_write(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+        if check is not None:
+            check(tmp)
     return Path(path)
 
 
@@ -78,23 +89,111 @@ def _load_safetensors(path: Path, map_location: str | torch.device) -> dict[str,
     return {"params": tensors, "arch": metadata["arch"], "kwargs": kwargs}
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a .pth/.pt/.ckpt with ``weights_only=True`` (no code execution) or a .safetensors; errors name the file."""
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False,
+                    safetensors: bool | None = None) -> dict[str, Any]:
+    """Load a .pth/.pt/.ckpt with ``weights_only=True`` (no code execution) or a .safetensors; errors name the file.
+
+    ``mmap``: map a .pth's tensors instead of reading them (for its metadata alone). ``safetensors``: the
+    format, when the suffix does not say it (a temporary file); by default the suffix decides.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a weights file")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    if safetensors is None:
+        safetensors = path.suffix.lower() == ".safetensors"
     try:
-        if path.suffix.lower() == ".safetensors":
+        if safetensors:
             state = _load_safetensors(path, map_location)
         else:
-            state = torch.load(path, map_location=map_location, weights_only=True)
+            check_archive(path)
+            state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except CheckpointError:
         raise
+    except pickle.UnpicklingError as exc:  # weights_only refused the file: never advise loading it unsafely
+        what = _refusal(exc)
+        if not what.startswith(_OBJECT_REFUSALS):  # bytes that are no pickle at all: a damaged or foreign file
+            raise CheckpointError(f"{path}: cannot load checkpoint (not a PyTorch weights file, or a damaged one: "
+                                  f"{what})") from None
+        raise CheckpointError(f"{path}: refused: it holds pickled objects that safe loading does not allow "
+                              f"({what}); nothing in it was run. Load weights only from sources you trust, "
+                              "as a plain state dict (.pth) or .safetensors") from None
     except Exception as exc:  # torch raises several types for corrupt or foreign files
-        raise CheckpointError(f"{path}: cannot load checkpoint ({type(exc).__name__}: {str(exc)[:300]})") from None
+        first = " ".join(str(exc).split())[:300]
+        raise CheckpointError(f"{path}: cannot load checkpoint ({type(exc).__name__}: {first})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a dict, got {type(state).__name__}")
+    _check_views(state, path)
     return state
+
+
+# How torch's weights-only unpickler words a refused object (a class, a function to call) rather than bytes
+# that are no pickle at all (_weights_only_unpickler.py).
+_OBJECT_REFUSALS = ("Unsupported global", "Trying to load unsupported GLOBAL", "Trying to call reduce",
+                    "Can only create new object", "Can only build Tensor")
+
+
+def _refusal(exc: pickle.UnpicklingError) -> str:
+    """What torch's weights-only unpickler refused: its first sentence, without its advice (to load unsafely,
+    or to allowlist the refused global)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(("Weights only load failed", "Check the documentation",
+                                                              "(1)", "(2)")) and "weights_only" not in line]
+    text = useful[0] if useful else "an object that is not a tensor, number, string, list or dict"
+    text = text.removeprefix("WeightsUnpickler error: ").split(". ")[0]
+    return text.rstrip(".")[:200]
+
+
+def check_archive(path: Path) -> None:
+    """Refuse a .pth zip archive that would load into more memory than its size, before ``torch.load``.
+
+    ``torch.save`` stores every member uncompressed; a compressed member (deflate: ~1000x) would be
+    inflated in memory by the loader before anything else could be checked.
+    """
+    if not zipfile.is_zipfile(path):
+        return  # the legacy format: its storages are read as stored, bounded by the file
+    size = path.stat().st_size
+    with zipfile.ZipFile(path) as zf:
+        total = 0
+        for info in zf.infolist():
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise CheckpointError(f"{path}: member {info.filename!r} is compressed ({info.compress_size} bytes "
+                                      f"that inflate to {info.file_size}); torch.save never compresses: refused before "
+                                      "loading")
+            if info.file_size != info.compress_size:
+                raise CheckpointError(f"{path}: member {info.filename!r} declares {info.file_size} bytes but stores "
+                                      f"{info.compress_size}: refused before loading")
+            total += info.file_size
+        if total > size:
+            raise CheckpointError(f"{path}: its members declare {total} bytes, more than the file's {size}: refused "
+                                  "before loading")
+
+
+def _check_views(value: Any, path: Path, depth: int = 0) -> None:
+    """Every tensor in a loaded file holds at most as many values as its stored data (no broadcast views)."""
+    if isinstance(value, torch.Tensor):
+        if value.is_nested or value.layout != torch.strided:  # (they have no one storage to measure)
+            kind = "nested" if value.is_nested else str(value.layout).removeprefix("torch.")
+            raise CheckpointError(f"{path}: holds a {kind} tensor; weights files hold dense tensors")
+        if value.numel() * value.element_size() > value.untyped_storage().nbytes():
+            raise CheckpointError(f"{path}: a tensor of shape {tuple(value.shape)} is a view of only "
+                                  f"{value.untyped_storage().nbytes()} stored bytes (zero strides): refused")
+    elif depth < 16 and isinstance(value, dict):
+        for item in value.values():
+            _check_views(item, path, depth + 1)
+    elif depth < 16 and isinstance(value, (list, tuple)):
+        for item in value:
+            _check_views(item, path, depth + 1)
+
+
+def check_finite(model: nn.Module, path: str | Path) -> None:
+    """Refuse weights with NaN or infinite values: every output would be NaN, whatever the image or rate."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            bad = int((~torch.isfinite(p)).sum())
+            raise CheckpointError(f"{path}: weights {name!r} hold {bad} NaN or infinite value(s): the file is broken "
+                                  "(a diverged run?); use another checkpoint")
 
 
 def weights_key(ema: bool) -> str:
@@ -122,6 +221,7 @@ def _load_into(model: nn.Module, weights: dict[str, torch.Tensor], path: str | P
     except RuntimeError as exc:
         first = " ".join(str(exc).strip().splitlines()[:3])[:400]
         raise CheckpointError(f"{path}: weights do not fit {what}: {first}") from None
+    check_finite(model, path)
 
 
 def load_weights(model: nn.Module, path: str | Path, ema: bool = True) -> None:
@@ -163,6 +263,7 @@ def _rebuild(state: dict[str, Any], path: str | Path, prefer: str) -> nn.Module:
         if arch_id not in MAIN_REGISTRY or not isinstance(kwargs, dict):
             raise CheckpointError(f"{path}: arch {_short(arch)} is not an architecture spandrel knows")
         found = zoo.detect(weights, path)  # rebuilt from the weights' own shapes, never from kwargs
+        check_finite(found.model, path)
         if found.arch_id != arch_id:
             raise CheckpointError(f"{path}: arch says {arch_id} but the weights are {found.arch_id}")
         for key, value in kwargs.items():
@@ -236,6 +337,7 @@ def load_weights_file(path: str | Path, name: str = "", ema: bool = True) -> nn.
         _load_into(model, tensors, path, name)
         return model
     found = zoo.detect(tensors, path)
+    check_finite(found.model, path)
     entry = _table_entry(found)
     what = f"{found.arch_id} x{found.scale} ({found.parameters / 1e6:.3f}M parameters, detected by spandrel)"
     note = f"{path} holds a {what}" + (f", not model.name={name}" if name else "")

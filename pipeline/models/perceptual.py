@@ -35,12 +35,11 @@ def load_torchvision_weights(path: str | Path, setting: str, file_name: str, pur
     if not str(path):
         raise UserError(f"{purpose} needs {setting}: {where} (nothing is downloaded)")
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{setting}={path}: file not found; {purpose} needs torchvision's {file_name}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for corrupt or foreign files
-        raise UserError(f"{path}: cannot load weights ({type(exc).__name__}: {str(exc)[:200]})") from None
+    from pipeline.models.checkpoint import load_checkpoint  # bounded and safe loading, the one way files load
+
+    state = load_checkpoint(path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path}: not a state dict of tensors; {purpose} needs torchvision's {file_name}")
     return state

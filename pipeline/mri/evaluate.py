@@ -54,8 +54,11 @@ def score_items(root: Path, sr_files: dict[str, Path], method: str, baselines: t
         if sr.shape != hr.shape:
             raise UserError(f"{sr_path}: SR is {sr.shape} but its HR {row['path']} is {hr.shape} (after the LR "
                             f"grid's crop); was it made from this folder's LR?")
-        mask = foreground_mask(hr, mri.mask_dilate)
-        rows.append({"method": method, "item": item, **score_volume(sr, hr, mask)})
+        try:
+            mask = foreground_mask(hr, mri.mask_dilate)
+            rows.append({"method": method, "item": item, **score_volume(sr, hr, mask)})
+        except UserError as exc:  # the metric's own message names no file
+            raise UserError(f"{root / row['path']}: {exc}") from None
         if not baselines:
             continue
         if item not in lr_files:

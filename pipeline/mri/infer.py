@@ -46,6 +46,8 @@ def checkpoint_path(cfg: Config) -> Path:
     """``mri_infer.checkpoint``: best / last of the run, or a file."""
     which = cfg.mri_infer.checkpoint
     path = RunLayout(Path(cfg.paths.models), cfg.run).checkpoint(which) if which in ("best", "last") else Path(which)
+    if path.is_dir():
+        raise UserError(f"mri_infer.checkpoint={path}: is a folder, not a checkpoint file")
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found (train run {cfg.run!r} first, name a file in "
                         "mri_infer.checkpoint, or use mri_infer.model=tricubic)")

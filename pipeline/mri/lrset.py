@@ -44,7 +44,10 @@ def write_lr_folder(root: Path, table: pd.DataFrame, cfg: Config) -> Path:
     with staged_dir(layout.lr_dir, layout.lr_record.name) as stage:
         for row in table.itertuples():
             hr = read_volume(root / row.path, int(row.volume), mri.max_voxels)
-            lr, affine = lr_volume(hr, mri)
+            try:
+                lr, affine = lr_volume(hr, mri)
+            except UserError as exc:  # the degradation's own message names no file
+                raise type(exc)(f"{hr.path}: {exc}") from None
             write_volume(stage / layout.lr_name(row.item, suffix_of(row.path)), lr, hr, affine)
         save_config(cfg, stage / layout.lr_record.name, sections=("mri",))
     return layout.lr_dir

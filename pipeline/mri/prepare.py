@@ -17,12 +17,18 @@ from pathlib import Path
 
 from pipeline.core.config import Config
 from pipeline.core.layout import VolumeLayout
+from pipeline.core.locks import data_lock
 from pipeline.mri.lrset import write_lr_folder
 from pipeline.mri.splits import build_splits, write_splits
 
 
 def main(cfg: Config) -> None:
     root = Path(cfg.mri.dir)
+    with data_lock(root, "mri-prepare"):  # mri_splits.csv and lr/ are one set, made by one process
+        _prepare(cfg, root)
+
+
+def _prepare(cfg: Config, root: Path) -> None:
     start = time.perf_counter()
     table = build_splits(root, cfg.mri.folds, cfg.seed, cfg.mri.subject_pattern, cfg.mri.volume4d)
     write_splits(root, table)

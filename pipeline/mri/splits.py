@@ -27,7 +27,7 @@ from pipeline.core.errors import DataError
 from pipeline.core.files import atomic_write
 from pipeline.core.folds import assign_folds  # the project's one fold rule: a subject plays a source photo's part
 from pipeline.core.layout import VOLUME_SPLIT_COLUMNS as SPLIT_COLUMNS
-from pipeline.core.layout import VolumeLayout, read_table
+from pipeline.core.layout import VolumeLayout, check_id, read_table, resolve_under
 from pipeline.mri.volumes import list_volumes, volume_shape, volume_stem
 
 SUBJECTS_CSV = VolumeLayout(Path(".")).subjects_csv.name
@@ -113,11 +113,16 @@ def write_splits(root: str | Path, table: pd.DataFrame) -> Path:
 
 
 def read_splits(root: str | Path) -> pd.DataFrame:
-    """``mri_splits.csv`` of a folder, checked for its columns (ids stay strings)."""
+    """``mri_splits.csv`` of a folder, checked for its columns (ids stay strings), its items (safe file names)
+    and its paths (inside the folder: absolute paths and ``..`` are refused, as in the image CSVs)."""
     path = splits_path(root)
     if not path.is_file():
         raise DataError(f"{path}: not found; split the folder first (pipeline.mri.splits.write_splits)")
     table = read_table(path, SPLIT_COLUMNS, "split the folder first (pipeline.mri.splits.write_splits)")
+    for item in table["item"]:
+        check_id(item, str(path), "item")
+    for rel in table["path"]:
+        resolve_under(Path(root), rel, str(path))
     try:
         return table.astype({"fold": int, "volume": int})
     except ValueError:

@@ -29,6 +29,7 @@ from pipeline.core.distributed import Dist, barrier, init_distributed, shutdown
 from pipeline.core.errors import Interrupted, UserError
 from pipeline.core.files import clean_stale
 from pipeline.core.layout import RunLayout
+from pipeline.core.locks import run_lock
 from pipeline.core.runtime import enable_tf32, peak_memory, precision_name, seed_everything, train_autocast_dtype
 from pipeline.models.checkpoint import CheckpointError, load_checkpoint
 from pipeline.models.table import autocast_cap, count_parameters
@@ -102,8 +103,11 @@ def run(cfg: Config, make_task: Callable[[Config, Dist], TrainTask]) -> None:
     _check(cfg)
     d = init_distributed(t.deterministic)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
+    lock = None
     try:
         run_dir = RunLayout(Path(cfg.paths.models), cfg.run)
+        # One process owns the run folder for the whole session (rank 0 writes for all ranks).
+        lock = run_lock(run_dir.models_root, run_dir.run).acquire() if d.main else None
         if d.device.type == "cuda":
             enable_tf32()  # fp32 steps (precision auto on small steps, or fp32) run on the tensor cores
         if t.deterministic:
@@ -131,7 +135,7 @@ def run(cfg: Config, make_task: Callable[[Config, Dist], TrainTask]) -> None:
         trainer = Trainer(cfg=cfg, d=d, run=run_dir, task=task, objective=objective, updates=updates, dtype=dtype,
                           total_steps=total_steps, best_floor=best_floor)
         if state is not None:
-            trainer.load_state(state, run_dir.last)
+            run_folder.load_training_state(trainer, state, run_dir.last)
         if d.rank == 0:  # only now that every check passed: a failed start leaves the old config
             save_config(cfg, run_dir.config)
             if task.save_card is not None:
@@ -151,6 +155,8 @@ def run(cfg: Config, make_task: Callable[[Config, Dist], TrainTask]) -> None:
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
         shutdown(d)
+        if lock is not None:
+            lock.release()
 
 
 def _start_line(cfg: Config, trainer: Trainer, dtype: torch.dtype | None) -> str:

@@ -30,9 +30,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.core.files import atomic_write
+from pipeline.core.errors import CheckpointError
+from pipeline.core.files import append_text, atomic_write
 from pipeline.core.layout import RunLayout
-from pipeline.models.checkpoint import save_checkpoint
+from pipeline.models.checkpoint import load_checkpoint, save_checkpoint
 
 PLOT_SECONDS = 60.0
 
@@ -64,7 +65,8 @@ def best_score_of(metrics: dict[str, Any], rule: str) -> float:
 class BestCheckpoint:
     """best.pth: the validated weights that score best under ``rule`` (psnr, lpips or last), with
     their metrics and ``best_by``. It is replaced only when beaten, also by the best.pth an earlier
-    start left on disk (``floor``: its score; that start may have been killed before saving last.pth)."""
+    start left on disk (``floor``: its score; that start may have been killed before saving last.pth),
+    and by the best.pth on disk at the moment of saving (read again before every replacement)."""
 
     path: Path
     rule: str
@@ -80,9 +82,19 @@ class BestCheckpoint:
         if score <= self.score:
             return False
         self.score, self.psnr, self.step = score, metrics["psnr"], step
-        if write and score > self.floor:
+        if write and score > self.floor and score > self.on_disk():
             save_checkpoint(self.path, {**checkpoint(), **metrics, "best_by": self.rule})
         return True
+
+    def on_disk(self) -> float:
+        """The score of the best.pth on disk now (-inf when there is none, or it cannot be read): whatever
+        wrote it (another start, a copy by hand), a better file is never replaced."""
+        if not self.path.is_file():
+            return -math.inf
+        try:
+            return best_score_of(load_checkpoint(self.path, mmap=True), self.rule)  # metadata only: no tensor read
+        except (CheckpointError, TypeError, ValueError):
+            return -math.inf
 
 
 def prune_history(run: RunLayout, keep: int) -> None:
@@ -90,6 +102,26 @@ def prune_history(run: RunLayout, keep: int) -> None:
     files = run.history_files()
     for old in files[: max(0, len(files) - keep)]:
         old.unlink()
+
+
+def load_training_state(trainer: Any, state: dict[str, Any], path: Path) -> None:
+    """``trainer.load_state(state)`` of a last.pth, any malformed entry (step, progress, RNG state) one line
+    naming the file instead of a traceback from deep inside torch, numpy or random."""
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 2**53:
+        raise _unresumable(path, f"step {str(step)[:40]!r} is not a step number")
+    try:
+        trainer.load_state(state, path)
+    except CheckpointError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, OverflowError, AttributeError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise _unresumable(path, f"{type(exc).__name__}: {first}") from None
+
+
+def _unresumable(path: Path, problem: str) -> CheckpointError:
+    return CheckpointError(f"{path}: malformed training state ({problem}); it cannot be resumed: train.resume=never "
+                           "starts over (the old run is moved aside, not deleted)")
 
 
 def rng_state() -> dict[str, Any]:
@@ -157,8 +189,7 @@ class RunLog:
         entry = {"step": step, "kind": kind, **({"phase": self.phase} if self.phase else {}),
                  **{k: _json_float(v) for k, v in values.items()}}
         self.entries.append(entry)
-        with self.path.open("a") as f:
-            f.write(json.dumps(entry) + "\n")
+        append_text(self.path, json.dumps(entry) + "\n")
         for name, value in values.items():
             if "/" in name or name == "learning_rate":
                 self.writer.add_scalar(name, value, step)
