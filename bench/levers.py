@@ -115,7 +115,7 @@ def _infer(*args: str) -> None:
 
 
 def _train(*args: str) -> None:
-    assert cli(["train", *args]) == 0, args
+    assert cli(["train", *args, "train.resume=never"]) == 0, args  # a rerun starts over (the old run moved aside)
 
 
 def rows(root: Path, data: Path, minutes: float) -> list[tuple[Row, Callable[[], None]]]:

@@ -46,8 +46,9 @@ from pipeline.training.compile import StepCompiler
 from pipeline.training.objectives import Objective
 from pipeline.training.profile import StepProfiler
 from pipeline.training.task import TrainTask
-from pipeline.training.updates import GeneratorUpdates, LearningRates, Schedule, load_updates, updates_state
+from pipeline.training.updates import GeneratorUpdates, load_updates, updates_state
 from pipeline.training.validation import ValidationCadence
+from pipeline.training.votes import Votes
 
 PROFILE_AFTER = 5  # steps of the session (after any compile warm-up) before train.profile_steps begins
 PHASE_END = "phase end"  # the stop reason that moves a run with train.phases on to its next phase
@@ -55,27 +56,6 @@ PHASE_END = "phase end"  # the stop reason that moves a run with train.phases on
 
 class TrainingDiverged(UserError):
     """A loss became NaN or infinite, or the discriminator collapsed: the settings need changing."""
-
-
-@dataclass
-class Votes:
-    """What the ranks decide together at a log point: each rank votes, the all-reduce keeps the largest."""
-
-    signal: bool = False  # a rank got SIGTERM / SIGINT: save and stop
-    out_of_time: bool = False  # train.max_minutes is spent
-    cosine_length: int = 0  # rank 0's estimate of a time-budgeted cosine's length in steps (0 = keep it)
-    compile: bool = False  # rank 0's vote for train.compile=auto at the first log point
-    phase_over: bool = False  # a phase of train.phases that lasts minutes has had them
-
-    def agree(self, d: Dist) -> Votes:
-        """Every rank's votes combined (any signal stops all; rank 0 alone votes on pace and compile)."""
-        if d.world == 1:
-            return self
-        shared = torch.tensor([float(self.signal), float(self.out_of_time), float(self.cosine_length),
-                               float(self.compile), float(self.phase_over)], dtype=torch.float64, device=d.device)
-        dist.all_reduce(shared, op=dist.ReduceOp.MAX)
-        sig, out_of_time, length, compile_, phase_over = shared.tolist()
-        return Votes(bool(sig), bool(out_of_time), int(length), bool(compile_), bool(phase_over))
 
 
 @dataclass
@@ -114,18 +94,13 @@ class Trainer:
         self.raw: nn.Module = self.task.generator  # EMA, validation and checkpoints use the model itself
         self.model: nn.Module = wrap_ddp(self.raw, self.d)  # what the step calls (DDP under torchrun)
         self.compiler = StepCompiler(self.model)  # `model`, eager or compiled (use_compile)
-        u = self.updates
-        self.rates = LearningRates(self.objective.schedule, [u.scheduler, *self.objective.schedulers()])
+        self.phases = phases.PhaseTracker(self.cfg, self.task, self.updates, self.objective)
         self.best = run_folder.BestCheckpoint(self.run.best, self.objective.best_by, floor=self.best_floor)
         t = self.cfg.train
         self.cadence = ValidationCadence(t.val_every, t.val_share, t.deterministic, self.device, self.world)
         self.profiler = StepProfiler(self.run.profile, t.profile_steps, self.device, self.main)
         self.log = run_folder.RunLog(self.run, 0, enabled=False)  # fit opens the run's log
         self.bar = tqdm(disable=True)  # fit opens the progress bar
-        self.phases = phases.plan(self.cfg)
-        self.phase = self.phases[0]
-        self.phase_start = (0, 0.0)  # (step, training seconds) where the phase began
-        self.loader, self.batches = self.task.loader, self.task.batches  # the phase's (the task built the first)
         self.augment = BatchAugment(self.cfg.train.batch_aug, self.cfg.train.batch_aug_prob, self.cfg.seed)
 
     # What a step reads (objectives.StepContext).
@@ -133,7 +108,7 @@ class Trainer:
     rank = property(lambda self: self.d.rank)
     world = property(lambda self: self.d.world)
     main = property(lambda self: self.d.main)
-    train = property(lambda self: self.phase.cfg.train)  # the train settings in force
+    train = property(lambda self: self.phases.current.cfg.train)  # the train settings in force (the phase's)
     optimizer = property(lambda self: self.updates.optimizer)
     scaler = property(lambda self: self.updates.scaler)
     ema = property(lambda self: self.updates.ema)
@@ -155,7 +130,7 @@ class Trainer:
     def model_checkpoint(self) -> dict[str, Any]:
         """What best.pth and history files hold: weights and how to rebuild the model."""
         state = {"params": self.raw.state_dict(), "arch": self.task.arch, "kwargs": self.task.kwargs,
-                 "step": self.step, "epoch": self.step // self.batches.steps_per_epoch,
+                 "step": self.step, "epoch": self.step // self.phases.batches.steps_per_epoch,
                  "best_psnr": self.best.psnr, "config": to_dict(self.cfg)}
         if self.ema is not None:
             state["params_ema"] = self.ema.module.state_dict()
@@ -169,20 +144,13 @@ class Trainer:
                 "progress": {"bad_validations": self.bad_validations, "val_step": self.val_step,
                              "train_seconds": self.elapsed(), "best_score": self.best.score,
                              "best_step": self.best.step, "start_psnr": self.start_psnr,
-                             "phase": {"index": self.phase.index, "start_step": self.phase_start[0],
-                                       "start_seconds": self.phase_start[1]}},
+                             "phase": self.phases.state()},
                 **self.objective.state_dict()}
 
     def load_state(self, state: dict[str, Any], path: Any) -> None:
         u = self.updates
         try:
-            where = state["progress"].get("phase", {"index": 0, "start_step": 0, "start_seconds": 0.0})
-            index, start = int(where["index"]), (int(where["start_step"]), float(where["start_seconds"]))
-            if not 0 <= index < len(self.phases):
-                raise ValueError(f"it was saved in phase {index + 1}, and train.phases has {len(self.phases)}")
-            if index > 0:
-                self._enter_phase(index, start)  # the phase's loader and scheduler, for the saved state to fill
-            self.phase_start = start
+            self.phases.restore(state["progress"].get("phase"), self.device)
             self.raw.load_state_dict(state["params"])
             if self.ema is not None:
                 self.ema.module.load_state_dict(state.get("params_ema", state["params"]))
@@ -243,11 +211,11 @@ class Trainer:
         name = validation.baseline_name
         self.say(f"{name} validation PSNR {self.baseline['psnr']:.3f} dB on {validation.size} images")
         self.log = run_folder.RunLog(self.run, self.step, self.main)
-        self.log.phase = self.phase.name
-        if len(self.phases) > 1 and self.step == 0:
+        self.log.phase = self.phases.current.name
+        if self.phases.many and self.step == 0:
             self.log.write(0, "phase", {})  # where each phase begins (curves.png draws it)
-        self.bar = tqdm(total=self._planned_steps() or None, initial=self.step, disable=not self.main, unit="step",
-                        dynamic_ncols=True)
+        self.bar = tqdm(total=self.phases.planned_steps(self.total_steps) or None, initial=self.step,
+                        disable=not self.main, unit="step", dynamic_ncols=True)
         # Python lets only the main thread set handlers; elsewhere (a notebook's worker) Ctrl-C is plain.
         signals = (signal.SIGTERM, signal.SIGINT) if threading.current_thread() is threading.main_thread() else ()
         handlers = {s: signal.signal(s, self._on_signal) for s in signals}
@@ -262,13 +230,15 @@ class Trainer:
             reason = self._stop_reason()
             while True:
                 reason = self._run_phase(reason)
-                if reason != PHASE_END or self.phase.index == len(self.phases) - 1:
+                if reason != PHASE_END or self.phases.last:
                     break
                 if self._window:
                     self._log_train()  # the phase's last losses, so no logged mean spans two phases
                 if self.val_step != self.step:
                     self._validate()  # the phase's last weights compete for best.pth
-                self._enter_phase(self.phase.index + 1, (self.step, self.elapsed()))
+                self.say(self.phases.enter(self.phases.current.index + 1, (self.step, self.elapsed()), self.device))
+                self.log.phase = self.phases.current.name
+                self.log.write(self.step, "phase", {})  # where the phase begins (curves.png draws it)
                 reason = self._stop_reason()
             if self.profiler.summary:
                 self.say(f"profile of {self.cfg.train.profile_steps} steps in {self.profiler.out}:\n"
@@ -283,18 +253,17 @@ class Trainer:
             for s, handler in handlers.items():
                 signal.signal(s, handler)
         if reason == PHASE_END:
-            reason = f"end of the last phase, {self.phase.name}" if len(self.phases) > 1 else reason
+            reason = f"end of the last phase, {self.phases.current.name}" if self.phases.many else reason
         self.say(f"stopped at step {self.step} ({self.stop_signal or reason}); {self._best_text()}; "
                  f"checkpoints in {self.run.dir}")
 
     def _run_phase(self, reason: str | None) -> str | None:
         """Steps of the current phase from ``self.step`` until a reason to stop (PHASE_END: its end)."""
-        spe = self.batches.steps_per_epoch
-        done = self.step - self.phase_start[0]
-        self.batches.set_position(done // spe, done % spe)
+        order, done = self.phases.batches, self.phases.steps_in(self.step)
+        order.set_position(done // order.steps_per_epoch, done % order.steps_per_epoch)
         # One iterator for the whole phase: its workers start once and run on across epochs
         # (the loader's sampler chains them, loader.RunBatches), prefetching over epoch ends.
-        batches = iter(self.loader)
+        batches = iter(self.phases.loader)
         try:
             while reason is None:
                 with self.section("data"):
@@ -307,33 +276,6 @@ class Trainer:
             del batches  # shuts the loader workers down now (also on an error), not at interpreter exit
             self.profiler.stop()
         return reason
-
-    def _enter_phase(self, index: int, start: tuple[int, float]) -> None:
-        """Phase ``index`` of train.phases begins at ``start`` (step, training seconds): its loader, its loss
-        mix, and its learning rate with a schedule counted from that step."""
-        phase = self.phase = self.phases[index]
-        self.phase_start = start
-        assert self.task.loader_for is not None  # (run checks that a phased run's task has one)
-        self.loader, self.batches = self.task.loader_for(phase.cfg, index)
-        t, u = phase.cfg.train, self.updates
-        for group in u.optimizer.param_groups:
-            group["lr"] = group["initial_lr"] = t.learning_rate  # the phase's peak; its scheduler starts from it
-        schedule = Schedule.of(t, self.batches.steps_per_epoch, phase.steps)
-        u.scheduler = schedule.build(u.optimizer)
-        self.rates = LearningRates(schedule, [u.scheduler])
-        self.objective.enter_phase(phase.cfg, self.device)
-        self.log.phase = phase.name
-        self.log.write(start[0], "phase", {})
-        self.say(f"step {start[0]}: phase {index + 1}/{len(self.phases)} ({phase.name}): " + ", ".join(
-            f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-            for k, v in phases.settings_of(self.cfg.train.phases[index]).items()))
-
-    def _planned_steps(self) -> int:
-        """Steps the run will take when it is known in advance (progress bar): the step limit, or the phases'."""
-        lengths = [p.steps for p in self.phases]
-        if len(self.phases) > 1 and all(lengths) and not any(p.timed for p in self.phases):
-            return min(sum(lengths), self.total_steps) if self.total_steps else sum(lengths)
-        return self.total_steps
 
     def _validate_start(self) -> None:
         """The weights the run starts from, validated before its first step: logged at step 0, and in the
@@ -365,7 +307,7 @@ class Trainer:
         with self.section("to_device"):
             lr, hr = self.task.to_device(lr_batch), self.task.to_device(hr_batch)
             lr, hr = self.augment(lr, hr, self.step)  # train.batch_aug (nothing when empty)
-        self.rates.set(self.step - self.phase_start[0])  # the learning rates of the phase's update number
+        self.phases.rates.set(self.phases.steps_in(self.step))  # the learning rates of the phase's update number
         losses = self.objective.step(self, lr, hr)
         self.step += 1
         if self.ema is not None:
@@ -485,12 +427,12 @@ class Trainer:
         return seconds
 
     def _stop_reason(self) -> str | None:
-        t, phase = self.cfg.train, self.phase
+        t = self.cfg.train
         if self.total_steps and self.step >= self.total_steps:
             return "step limit"
         if t.patience and self.bad_validations >= t.patience:
             return f"no improvement in {t.patience} validations"
-        if phase.steps and self.step - self.phase_start[0] >= phase.steps:
+        if self.phases.out_of_steps(self.step):
             return PHASE_END
         if self.world > 1 and self.step % t.log_every:
             return None  # clock and signal decisions wait for the next point where ranks agree
@@ -499,10 +441,10 @@ class Trainer:
                       out_of_time=t.max_minutes > 0 and self.elapsed() >= t.max_minutes * 60,
                       cosine_length=self._cosine_length(),
                       compile=decide and self.main and compile_mode("auto", self.device, self._seconds_left()) != "off",
-                      phase_over=phase.timed and self.elapsed() - self.phase_start[1] >= phase.minutes * 60,
+                      phase_over=self.phases.out_of_minutes(self.elapsed()),
                       ).agree(self.d)
         if votes.cosine_length > 0:
-            self.rates.retime(votes.cosine_length)
+            self.phases.rates.retime(votes.cosine_length)
         if decide:  # every rank reaches this step together, and follows rank 0's vote
             self._compile_pending = False
             self.use_compile("reduce-overhead" if votes.compile else "off")
@@ -516,19 +458,14 @@ class Trainer:
         return None
 
     def _cosine_length(self) -> int:
-        """A cosine's length for a time budget without a step limit (the run's max_minutes, or a phase's
-        minutes): the steps the budget allows at the pace so far (validations included), counted from the
+        """A cosine's length when only time bounds it (a timed phase, or train.max_minutes without a step
+        limit): the steps its budget allows at the pace so far (validations included), counted from the
         phase's start. 0 = keep the current length."""
-        t, phase = self.cfg.train, self.phase
-        if not self.main or self.rates.schedule.kind != "cosine" or self.step == 0 or self.step % t.log_every:
+        t, rates = self.cfg.train, self.phases.rates
+        if not self.main or rates.schedule.kind != "cosine" or self.step == 0 or self.step % t.log_every:
             return 0
-        if phase.timed and not phase.steps:
-            budget = phase.minutes * 60
-        elif len(self.phases) == 1 and not self.total_steps and t.max_minutes > 0:
-            budget = t.max_minutes * 60
-        else:
+        budget = self.phases.budget_seconds(t.max_minutes, self.total_steps)
+        steps, seconds = self.phases.steps_in(self.step), self.elapsed() - self.phases.start[1]
+        if budget <= 0 or steps <= 0:
             return 0
-        steps, seconds = self.step - self.phase_start[0], self.elapsed() - self.phase_start[1]
-        if steps <= 0:
-            return 0
-        return max(steps + 1, self.rates.schedule.warmup + 1, round(steps * budget / seconds))
+        return max(steps + 1, rates.schedule.warmup + 1, round(steps * budget / seconds))

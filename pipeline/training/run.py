@@ -169,5 +169,5 @@ def _start_line(cfg: Config, trainer: Trainer, dtype: torch.dtype | None) -> str
     return (f"{what} on {d.device} x{d.world}{group}, {precision_name(dtype) if dtype else fp32}, {update} "
             f"{t.optimizer}, compile {compile_}, "
             f"{task.description}, {task.batches.steps_per_epoch} steps/epoch, global batch {t.batch_size}"
-            + (f"; {len(trainer.phases)} phases ({', '.join(p.name for p in trainer.phases)})"
+            + (f"; {len(trainer.phases.all)} phases ({', '.join(p.name for p in trainer.phases.all)})"
                if cfg.train.phases else ""))
