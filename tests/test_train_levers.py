@@ -1,6 +1,6 @@
 """The trainer's winning levers: train.phases (L1 then an L2 phase, exact resume in phase 2), a fine-tune
 whose start competes for best.pth (also from a real published network), schedule-free AdamW and the
-batch augmentations (MixUp, CutBlur), each resuming exactly after SIGKILL."""
+batch augmentations (MixUp, CutBlur), each resuming exactly after SIGKILL; a finite blow-up stops the run."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from pipeline.cli import main as cli
 from pipeline.core.config import load_config
 from pipeline.core.errors import UserError
 from pipeline.training.augment import BatchAugment
+from pipeline.training.losses import GeneratorLoss, build_generator_loss
+from pipeline.training.objectives import PixelObjective
 from pipeline.training.phases import plan
 
 CRAFT = ROOT.parent / "shared" / "weights" / "craft_x4_ntire2024_team34.pth"
@@ -119,6 +121,48 @@ def test_a_published_network_fine_tuned_far_too_fast_keeps_its_start(patched_dem
     start = vals[0]["val/psnr"]
     assert start > vals[0]["val/bicubic_psnr"]  # the published network beats bicubic before any step
     assert load(models / "craft" / "best.pth")["psnr"] >= start
+
+
+# -- blow-ups -------------------------------------------------------------------------------------------
+
+
+def test_a_finite_blowup_stops_the_run_and_keeps_the_weights_from_before(
+        data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    original, calls = GeneratorLoss.forward, []
+
+    def blown(self: GeneratorLoss, *args: object, **kwargs: object) -> dict[str, torch.Tensor]:
+        losses = original(self, *args, **kwargs)
+        calls.append(1)
+        # From step 11 on the loss is 1000x (finite: no NaN check sees it; Adam's steps keep their size).
+        return {key: value * 1000 for key, value in losses.items()} if len(calls) > 10 else losses
+
+    monkeypatch.setattr(GeneratorLoss, "forward", blown)
+    assert cli(train_args(data, tmp_path, "blown", "train.max_steps=40")) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(err) == 1 and err[0].startswith("error: training blew up at step 15: loss/total "), err
+    assert "train.blowup=10" in err[0] and "last.pth: step 10" in err[0], err
+    last, best = load(tmp_path / "blown" / "last.pth"), load(tmp_path / "blown" / "best.pth")
+    assert last["step"] == 10 and best["step"] <= 10  # saved before the blow-up, not after it
+    calls.clear()
+    assert cli(train_args(data, tmp_path, "unchecked", "train.max_steps=20", "train.blowup=0")) == 0  # 0 = off
+    assert load(tmp_path / "unchecked" / "last.pth")["step"] == 20
+
+
+def test_a_phase_of_another_loss_mix_measures_blowups_afresh() -> None:
+    l1 = load_config(None, ["train.loss_l1=1", "train.loss_mse=0"])
+    l2 = load_config(None, ["train.loss_l1=0", "train.loss_mse=1"])
+    cpu = torch.device("cpu")
+    objective = PixelObjective(build_generator_loss(l1), None, 10.0)  # (no schedule: only its checks run)
+    assert objective.diverged({"loss/total": 0.05}, 5) is None
+    assert objective.diverged({"loss/total": 0.4}, 10) is None  # 8x the lowest: within train.blowup
+    objective.enter_phase(l1, cpu)  # the same mix: the lowest stays
+    assert "blew up at step 15: loss/total 0.6 is 12x" in (objective.diverged({"loss/total": 0.6}, 15) or "")
+    objective.enter_phase(l2, cpu)  # MSE: another scale
+    assert objective.diverged({"loss/total": 0.004}, 20) is None
+    objective.enter_phase(l1, cpu)
+    assert objective.diverged({"loss/total": 0.06}, 25) is None  # 15x the L2 phase's lowest, but L1 again
+    off = PixelObjective(build_generator_loss(l1), None, 0.0)
+    assert off.diverged({"loss/total": 0.01}, 5) is None and off.diverged({"loss/total": 100.0}, 10) is None
 
 
 # -- schedule-free AdamW and batch augmentations ---------------------------------------------------------

@@ -133,6 +133,11 @@ class TrainConfig:
     loss_l1: float = opt(2.0, "weight of the L1 loss", ge=0)
     loss_mse: float = opt(1.0, "weight of the MSE loss", ge=0)
     grad_clip: float = opt(0.0, "clip the gradient norm to this; 0 = off", ge=0)
+    blowup: float = opt(
+        10.0, "stop the run as diverged when a log point's mean loss exceeds this many times the lowest one "
+        "so far with the same mix of loss terms (a phase of another mix starts afresh): a finite blow-up that "
+        "no NaN check sees (Adam at too high a rate: measured 0.07 -> 783 within 20 steps); last.pth and "
+        "best.pth keep the weights from before it; PSNR runs only; 0 = off", ge=0)
     ema_decay: float = opt(0.999, "EMA decay of the weights; 0 = no EMA", ge=0, le=0.99999)
     ema_warmup: bool = opt(
         True, "EMA decay warms up (1 - (1+step)^-2/3, capped at ema_decay) so short runs from scratch get a "

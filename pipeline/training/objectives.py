@@ -39,7 +39,7 @@ from pipeline.core.runtime import autocast
 from pipeline.models.checkpoint import CheckpointError, load_checkpoint, state_dict_from, weights_key
 from pipeline.models.table import count_parameters
 from pipeline.training.compile import StepCompiler
-from pipeline.training.losses import GeneratorLoss, build_generator_loss, discriminator_loss, full_precision
+from pipeline.training.losses import GeneratorLoss, build_generator_loss, discriminator_loss, full_precision, loss_mix
 from pipeline.training.task import TrainTask
 from pipeline.training.updates import Schedule, build_optimizer, load_updates, update, updates_state
 
@@ -131,8 +131,25 @@ class PixelObjective(Objective):
     compiles = True
     phased = True
 
+    def __init__(self, loss: GeneratorLoss, schedule: Schedule, blowup: float) -> None:
+        super().__init__(loss, schedule)
+        self.blowup = blowup  # train.blowup
+        self.lowest = math.inf  # the lowest log-point loss of this session with this loss mix
+
     def enter_phase(self, cfg: Config, device: torch.device) -> None:
+        if loss_mix(cfg) != self.loss.mix:
+            self.lowest = math.inf  # another mix of terms (an L2 phase): another scale of loss
         self.loss = build_generator_loss(cfg).to(device)  # the phase's mix (an L2 phase: loss_l1=0, loss_mse=1)
+
+    def diverged(self, values: dict[str, float], step: int) -> str | None:
+        """A finite blow-up: the log point's mean loss is train.blowup times the lowest one so far."""
+        total = values["loss/total"]
+        if self.blowup and total > self.blowup * self.lowest:
+            return (f"training blew up at step {step}: loss/total {total:.4g} is {total / self.lowest:.0f}x the "
+                    f"lowest so far ({self.lowest:.4g}, train.blowup={self.blowup:g}): lower train.learning_rate "
+                    "or set train.grad_clip")
+        self.lowest = min(self.lowest, total)
+        return None
 
     def step(self, tr: StepContext, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:
         tr.compiler.begin_step()
@@ -335,7 +352,7 @@ class GanObjective(Objective):
 
 def _psnr(cfg: Config, task: TrainTask, d: Dist, dtype: torch.dtype | None, total_steps: int) -> Objective:
     return PixelObjective(build_generator_loss(cfg).to(d.device),
-                          Schedule.of(cfg.train, task.batches.steps_per_epoch, total_steps))
+                          Schedule.of(cfg.train, task.batches.steps_per_epoch, total_steps), cfg.train.blowup)
 
 
 def _gan(cfg: Config, task: TrainTask, d: Dist, dtype: torch.dtype | None, total_steps: int) -> Objective:
