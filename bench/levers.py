@@ -18,6 +18,7 @@ Run it on a quiet machine: the training rows are time budgets.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import time
 from collections.abc import Callable
@@ -90,6 +91,7 @@ class Row:
     minutes: float  # training minutes (0 for zero-shot rows)
     pred: Path  # held-out predictions
     base: str = ""  # the row its gain is measured against ('' = the previous row)
+    run: str = ""  # the training run it makes (its steps go into the table)
 
 
 def main() -> None:
@@ -148,12 +150,12 @@ def rows(root: Path, data: Path, minutes: float) -> list[tuple[Row, Callable[[],
                         str(pred / "craft-x8"))),
         (Row(f"CRAFT fine-tuned {minutes:g} min (finetune.yaml, L1 only)",
              f"train --config configs/finetune.yaml model.pretrained=CRAFT train.max_minutes={minutes:g} "
-             f"{l1_only}; infer x8", minutes, pred / "ft"),
+             f"{l1_only}; infer x8", minutes, pred / "ft", run="ft"),
          lambda: (_train(*ft, "run=ft", f"train.max_minutes={minutes}", l1_only),
                   _infer("--config", str(FINETUNE), *common, "run=ft", *test, "--output", str(pred / "ft")))),
         (Row(f"+ L2 phase (finetune.yaml as shipped, {minutes:g} min in all)",
              f"train --config configs/finetune.yaml model.pretrained=CRAFT ({scaled.removeprefix('train.')}); "
-             "infer x8", minutes, pred / "ft-l2"),
+             "infer x8", minutes, pred / "ft-l2", run="ft-l2"),
          lambda: (_train(*ft, "run=ft-l2", scaled),
                   _infer("--config", str(FINETUNE), *common, "run=ft-l2", *test, "--output", str(pred / "ft-l2")))),
         (Row("+ multi-window (whole, 32/16, 48/16) x8", f"infer run=ft-l2 {windows}", 0, pred / "ft-l2-windows"),
@@ -168,17 +170,18 @@ def rows(root: Path, data: Path, minutes: float) -> list[tuple[Row, Callable[[],
                                  "blend.name=bl"])))),
         (Row(f"edsr-tiny from scratch, AdamW, {minutes:g} min (demo recipe)",
              f"train --config configs/demo.yaml model.name=edsr-tiny train.optimizer=adamw "
-             f"train.max_minutes={minutes:g}; infer x8", minutes, pred / "sc-adamw", base="bicubic"),
+             f"train.max_minutes={minutes:g}; infer x8", minutes, pred / "sc-adamw", base="bicubic",
+             run="sc-adamw"),
          lambda: (_train(*scratch, "run=sc-adamw"),
                   _infer(*scratch_infer, "run=sc-adamw", *test, "--output", str(pred / "sc-adamw")))),
         (Row(f"edsr-tiny from scratch, schedule-free AdamW, {minutes:g} min",
              "... train.optimizer=adamw-schedulefree", minutes, pred / "sc-sf",
-             base=f"edsr-tiny from scratch, AdamW, {minutes:g} min (demo recipe)"),
+             base=f"edsr-tiny from scratch, AdamW, {minutes:g} min (demo recipe)", run="sc-sf"),
          lambda: (_train(*scratch, "run=sc-sf", "train.optimizer=adamw-schedulefree"),
                   _infer(*scratch_infer, "run=sc-sf", *test, "--output", str(pred / "sc-sf")))),
         (Row(f"edsr-tiny from scratch, AdamW + CutBlur, {minutes:g} min",
              "... train.batch_aug=[cutblur] train.batch_aug_prob=0.5", minutes, pred / "sc-cutblur",
-             base=f"edsr-tiny from scratch, AdamW, {minutes:g} min (demo recipe)"),
+             base=f"edsr-tiny from scratch, AdamW, {minutes:g} min (demo recipe)", run="sc-cutblur"),
          lambda: (_train(*scratch, "run=sc-cutblur", "train.batch_aug=[cutblur]"),
                   _infer(*scratch_infer, "run=sc-cutblur", *test, "--output", str(pred / "sc-cutblur")))),
     ]
@@ -188,23 +191,45 @@ def assert_ok(code: int) -> None:
     assert code == 0
 
 
+def held_out_photos(hr: Path) -> pd.Series:
+    """The photo (source) of each held-out crop, indexed like ``psnr_of_folder``'s scores: the crops
+    are numbered 20000... in the order of SOURCES' held-out photos, grid by grid (pipeline.demo_data)."""
+    names = [Path(src.name).stem.removesuffix("_left").removesuffix("_right")
+             for src in SOURCES if src.split == "test" for _ in range(src.grid[0] * src.grid[1])]
+    crops = sorted(hr.glob("*.png"))
+    assert len(crops) == len(names), (len(crops), len(names))
+    return pd.Series(names, index=[p.stem for p in crops])
+
+
 def _run_rows(root: Path, data: Path, minutes: float, only: set[str]) -> None:
     hr = data / "test_hr"
+    photos = held_out_photos(hr)
+    # A row only re-scored keeps the seconds its predictions took when they were made.
+    earlier = (pd.read_csv(RESULTS / "levers.csv").set_index("row")["seconds"].to_dict()
+               if (RESULTS / "levers.csv").is_file() else {})
     scores: dict[str, pd.Series] = {}
     table = []
     previous = ""
     for row, make in rows(root, data, minutes):
         chosen = not only or any(row.name.startswith(word) for word in only)
         if chosen or row.pred.exists():
-            seconds = timed(make) if chosen else float("nan")  # (else: scored from an earlier invocation)
+            seconds = timed(make) if chosen else earlier.get(row.name, float("nan"))  # (else: made earlier)
             psnr = psnr_of_folder(row.pred, hr)
             scores[row.name] = psnr
             base = row.base or previous
             entry = {"row": row.name, "command": row.command, "minutes": row.minutes, "seconds": round(seconds, 1),
                      "psnr": round(float(psnr.mean()), 4)}
+            if row.run:  # equal minutes: how many steps they were on this machine
+                log = root / "models" / row.run / "log.jsonl"
+                entry["steps"] = max(json.loads(line)["step"] for line in log.read_text().splitlines())
             if base in scores:
-                mean, lo, hi = paired_gain(psnr.to_numpy(), scores[base].reindex(psnr.index).to_numpy())
+                other = scores[base].reindex(psnr.index)
+                mean, lo, hi = paired_gain(psnr.to_numpy(), other.to_numpy())
                 entry.update(base=base, gain_db=round(mean, 4), gain_lo=round(lo, 4), gain_hi=round(hi, 4))
+                # Crops of one photo are correlated: the interval over photo means (fewer, independent) too.
+                by_photo = psnr.groupby(photos).mean(), other.groupby(photos).mean()
+                _, lo, hi = paired_gain(by_photo[0].to_numpy(), by_photo[1].to_numpy())
+                entry.update(photo_lo=round(lo, 4), photo_hi=round(hi, 4))
             table.append(entry)
             print(entry, flush=True)
         previous = row.name
