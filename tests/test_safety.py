@@ -339,6 +339,11 @@ def test_zip_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
     ("train.workers=-1", "train.workers=-1 must be >= 0"),
     ("infer.pad=100000", "infer.pad=100000 must be <= 512"),
     ("data.max_pixels=0", "data.max_pixels=0 must be >= 1"),
+    # numbers no run can use (a traceback before they were bounded)
+    ("train.learning_rate=1e300", "train.learning_rate=1e+300 is not a finite float32 number"),
+    ("train.max_minutes=.inf", "train.max_minutes=inf is not a finite float32 number"),
+    ("seed=99999999999999999999", "seed=99999999999999999999 must be <= 4294967295"),
+    ("seed=-1", "seed=-1 must be >= 0"),
 ])
 def test_bad_numbers_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], setting: str,
                                   message: str) -> None:
