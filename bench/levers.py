@@ -5,6 +5,7 @@ none at equal minutes. Every row: held-out PSNR, its gain over the row it builds
 paired bootstrap 95% interval over the held-out crops.
 
     python -m bench.levers --out /tmp/levers --minutes 5            # the whole table (about an hour, CPU)
+    python -m bench.levers --out /tmp/levers --minutes 5 --scratch-steps 3800 --only equal   # + equal steps
     python -m bench.levers --out /tmp/levers --data-only            # just the dataset
 
 The dataset (``--out``/data, contest layout): every colour or grey photo that scikit-image and
@@ -98,6 +99,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--minutes", type=float, default=5.0, help="training minutes of each trained row")
+    p.add_argument("--scratch-steps", type=int, default=0,
+                   help="also the from-scratch rows at this many steps each (equal steps, beside equal minutes)")
     p.add_argument("--data-only", action="store_true")
     p.add_argument("--only", nargs="*", default=[], help="(re)run only the rows whose name starts with these words "
                    "(others are scored from their earlier predictions)")
@@ -109,7 +112,7 @@ def main() -> None:
           f"photos, {tests} held-out crops (LR 64 -> HR 256)")
     if args.data_only:
         return
-    _run_rows(args.out, data, args.minutes, set(args.only))
+    _run_rows(args.out, data, args.minutes, set(args.only), args.scratch_steps)
 
 
 def _infer(*args: str) -> None:
@@ -120,7 +123,7 @@ def _train(*args: str) -> None:
     assert cli(["train", *args, "train.resume=never"]) == 0, args  # a rerun starts over (the old run moved aside)
 
 
-def rows(root: Path, data: Path, minutes: float) -> list[tuple[Row, Callable[[], None]]]:
+def rows(root: Path, data: Path, minutes: float, steps: int = 0) -> list[tuple[Row, Callable[[], None]]]:
     """Each row with what makes its held-out predictions (run in order: later rows use earlier runs)."""
     pred, models, submit = root / "pred", root / "models", root / "submit"
     test = ["--input", str(data / "test" / "lr")]
@@ -134,9 +137,29 @@ def rows(root: Path, data: Path, minutes: float) -> list[tuple[Row, Callable[[],
         "{" + ", ".join(f"{k}: {v}" for k, v in {**settings_of(p), "minutes": round(minutes * f, 3),
                                                    "name": p.name}.items() if v is not None) + "}"
         for p, f in zip(phases, share)) + "]"
-    scratch = ["--config", str(ROOT / "configs" / "demo.yaml"), "--data", str(data), *common, "model.name=edsr-tiny",
-               f"train.max_minutes={minutes}", "train.optimizer=adamw"]
     scratch_infer = ["--data", str(data), *common, "infer.tta=8", "infer.tile=0"]
+
+    def scratch_rows(budget: str, limit: str, row_minutes: float, suffix: str, prefix: str = "") -> list:
+        """edsr-tiny from scratch with the demo recipe: AdamW, schedule-free AdamW, AdamW + CutBlur."""
+        scratch = ["--config", str(ROOT / "configs" / "demo.yaml"), "--data", str(data), *common,
+                   "model.name=edsr-tiny", limit, "train.optimizer=adamw"]
+        adamw = f"{prefix}edsr-tiny from scratch, AdamW, {budget} (demo recipe)"
+        variants = [(adamw, f"train --config configs/demo.yaml model.name=edsr-tiny train.optimizer=adamw {limit}; "
+                     "infer x8", "sc-adamw", ()),
+                    (f"{prefix}edsr-tiny from scratch, schedule-free AdamW, {budget}",
+                     "... train.optimizer=adamw-schedulefree", "sc-sf", ("train.optimizer=adamw-schedulefree",)),
+                    (f"{prefix}edsr-tiny from scratch, AdamW + CutBlur, {budget}",
+                     "... train.batch_aug=[cutblur] train.batch_aug_prob=0.5", "sc-cutblur",
+                     ("train.batch_aug=[cutblur]",))]
+        out = []
+        for name, command, run, extra in variants:
+            run += suffix
+            out.append((Row(name, command, row_minutes, pred / run, base="bicubic" if name == adamw else adamw,
+                            run=run),
+                        lambda run=run, extra=extra: (
+                            _train(*scratch, f"run={run}", *extra),
+                            _infer(*scratch_infer, f"run={run}", *test, "--output", str(pred / run)))))
+        return out
     windows = "infer.windows=[0, 32/16, 48/16]"
     members = "blend.members=[ft-l2, ft-l2:checkpoint=last, ft-l2:last_k=3]"
     return [
@@ -168,22 +191,9 @@ def rows(root: Path, data: Path, minutes: float) -> list[tuple[Row, Callable[[],
                                  "blend.name=bl", members])),
                   assert_ok(cli(["infer", "--config", str(FINETUNE), "--data", str(data), *common,
                                  "blend.name=bl"])))),
-        (Row(f"edsr-tiny from scratch, AdamW, {minutes:g} min (demo recipe)",
-             f"train --config configs/demo.yaml model.name=edsr-tiny train.optimizer=adamw "
-             f"train.max_minutes={minutes:g}; infer x8", minutes, pred / "sc-adamw", base="bicubic",
-             run="sc-adamw"),
-         lambda: (_train(*scratch, "run=sc-adamw"),
-                  _infer(*scratch_infer, "run=sc-adamw", *test, "--output", str(pred / "sc-adamw")))),
-        (Row(f"edsr-tiny from scratch, schedule-free AdamW, {minutes:g} min",
-             "... train.optimizer=adamw-schedulefree", minutes, pred / "sc-sf",
-             base=f"edsr-tiny from scratch, AdamW, {minutes:g} min (demo recipe)", run="sc-sf"),
-         lambda: (_train(*scratch, "run=sc-sf", "train.optimizer=adamw-schedulefree"),
-                  _infer(*scratch_infer, "run=sc-sf", *test, "--output", str(pred / "sc-sf")))),
-        (Row(f"edsr-tiny from scratch, AdamW + CutBlur, {minutes:g} min",
-             "... train.batch_aug=[cutblur] train.batch_aug_prob=0.5", minutes, pred / "sc-cutblur",
-             base=f"edsr-tiny from scratch, AdamW, {minutes:g} min (demo recipe)", run="sc-cutblur"),
-         lambda: (_train(*scratch, "run=sc-cutblur", "train.batch_aug=[cutblur]"),
-                  _infer(*scratch_infer, "run=sc-cutblur", *test, "--output", str(pred / "sc-cutblur")))),
+        *scratch_rows(f"{minutes:g} min", f"train.max_minutes={minutes:g}", minutes, ""),
+        *(scratch_rows(f"{steps} steps", f"train.max_steps={steps}", 0, f"-{steps}s", "equal steps: ")
+          if steps else []),
     ]
 
 
@@ -201,7 +211,7 @@ def held_out_photos(hr: Path) -> pd.Series:
     return pd.Series(names, index=[p.stem for p in crops])
 
 
-def _run_rows(root: Path, data: Path, minutes: float, only: set[str]) -> None:
+def _run_rows(root: Path, data: Path, minutes: float, only: set[str], steps: int = 0) -> None:
     hr = data / "test_hr"
     photos = held_out_photos(hr)
     # A row only re-scored keeps the seconds its predictions took when they were made.
@@ -210,7 +220,7 @@ def _run_rows(root: Path, data: Path, minutes: float, only: set[str]) -> None:
     scores: dict[str, pd.Series] = {}
     table = []
     previous = ""
-    for row, make in rows(root, data, minutes):
+    for row, make in rows(root, data, minutes, steps):
         chosen = not only or any(row.name.startswith(word) for word in only)
         if chosen or row.pred.exists():
             seconds = timed(make) if chosen else earlier.get(row.name, float("nan"))  # (else: made earlier)
