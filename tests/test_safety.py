@@ -344,6 +344,7 @@ def test_zip_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
     ("train.max_minutes=.inf", "train.max_minutes=inf is not a finite float32 number"),
     ("seed=99999999999999999999", "seed=99999999999999999999 must be <= 4294967295"),
     ("seed=-1", "seed=-1 must be >= 0"),
+    ("run=off", "run: expected str, got False (YAML reads a bare yes / no / on / off"),  # a name YAML makes a bool
 ])
 def test_bad_numbers_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], setting: str,
                                   message: str) -> None:

@@ -562,6 +562,9 @@ def _check(value: Any, tp: Any, key: str) -> Any:
         return float(value)
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # `run=1` or a tile spec like `0` is still a name
+    if tp is str and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected str, got {value} (YAML reads a bare yes / no / on / off / true / false "
+                          f"as a boolean: quote the name, e.g. {key}='{'on' if value else 'off'}')")
     if tp in (int, float, str, bool) and (type(value) is not tp):
         raise ConfigError(f"{key}: expected {tp.__name__}, got {_short(value)}")
     return value
