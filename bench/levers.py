@@ -204,8 +204,7 @@ def assert_ok(code: int) -> None:
 def held_out_photos(hr: Path) -> pd.Series:
     """The photo (source) of each held-out crop, indexed like ``psnr_of_folder``'s scores: the crops
     are numbered 20000... in the order of SOURCES' held-out photos, grid by grid (pipeline.demo_data)."""
-    names = [Path(src.name).stem.removesuffix("_left").removesuffix("_right")
-             for src in SOURCES if src.split == "test" for _ in range(src.grid[0] * src.grid[1])]
+    names = [src.source for src in SOURCES if src.split == "test" for _ in range(src.grid[0] * src.grid[1])]
     crops = sorted(hr.glob("*.png"))
     assert len(crops) == len(names), (len(crops), len(names))
     return pd.Series(names, index=[p.stem for p in crops])

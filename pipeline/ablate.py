@@ -117,7 +117,7 @@ def run_grid(cfg: Config) -> pd.DataFrame:
         rows.append({
             "models": label, "tta": settings.tta, "tile": tile,
             "stride": settings.stride if tile and tile != AUTO else 0,
-            "windows": window_text(settings), "tile_blend": "-" if whole else settings.tile_blend,
+            "windows": settings.window_text() or "-", "tile_blend": "-" if whole else settings.tile_blend,
             "precision": timing.precision, "merge": settings.merge,
             "psnr": float(np.mean([s["psnr"] for s in scores])), "ssim": float(np.mean([s["ssim"] for s in scores])),
             "sec_per_image": timing.seconds / max(timing.images, 1),
@@ -128,14 +128,6 @@ def run_grid(cfg: Config) -> pd.DataFrame:
     gains = [paired_gain(p, per_image[ref[0]], seed=cfg.seed) if len(ref) else (np.nan,) * 3 for p in per_image]
     table[["gain_db", "gain_lo", "gain_hi"]] = np.array(gains, dtype=np.float64).reshape(-1, 3)  # one row per setting
     return table[COLUMNS]
-
-
-def window_text(settings: Settings) -> str:
-    """The ``windows`` column: ``"0+64/32"`` (``"0+64/32@1,2"`` weighted) for a window set, else ``"-"``."""
-    if not settings.windows:
-        return "-"
-    weights = "@" + ",".join(f"{w:g}" for w in settings.window_weights) if settings.window_weights else ""
-    return "+".join(settings.windows) + weights
 
 
 def plot(table: pd.DataFrame, path: Path, title: str) -> None:

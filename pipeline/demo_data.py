@@ -46,6 +46,11 @@ class Source:
     grid: tuple[int, int]  # crops per axis (rows, columns), spread evenly over the photo
     split: str  # "train" or "test"
 
+    @property
+    def source(self) -> str:
+        """The scene it shows, the unit of every split (a stereo pair's two photos are one scene)."""
+        return Path(self.name).stem.removesuffix("_left").removesuffix("_right")
+
 
 SOURCES = (
     Source("retina.jpg", "skimage", (2, 2), "train"),
@@ -125,7 +130,7 @@ def build(out: Path, seed: int, sources: tuple[Source, ...] = SOURCES, size: int
         photo = _fit(read_uint8(path), size)
         for hr in _crops(photo, src.grid, rng, size):
             lr = _downscale(hr)
-            source = Path(src.name).stem.removesuffix("_left").removesuffix("_right")
+            source = src.source
             if src.split == "train":
                 img_id = f"{len(train_rows):04d}"
                 _write(out / "train" / "hr" / f"{img_id}.png", encode_png(hr))

@@ -83,12 +83,16 @@ class Settings(SectionView):
         """Short text for tables: ``tta8 tile128/64 mean pad0 margin0 auto`` (``tta8 median ...``; windows
         ``tta8 windows0+64/32 ...``, weighted ``windows0+64/32@1,2 ...``; ``tileauto``)."""
         if self.windows:
-            weights = "@" + ",".join(f"{w:g}" for w in self.window_weights) if self.window_weights else ""
-            tiles = f"windows{'+'.join(self.windows)}{weights}"
+            tiles = f"windows{self.window_text()}"
         else:
             tiles = "whole" if self.tile == 0 else "tileauto" if self.tile == AUTO else f"tile{self.tile}/{self.stride}"
         merge = "" if self.merge == "mean" else f" {self.merge}"
         return f"tta{self.tta}{merge} {tiles} {self.tile_blend} pad{self.pad} margin{self.margin} {self.precision}"
+
+    def window_text(self) -> str:
+        """``infer.windows`` as one word: ``0+64/32`` (``0+64/32@1,2`` weighted); '' without windows."""
+        weights = "@" + ",".join(f"{w:g}" for w in self.window_weights) if self.window_weights else ""
+        return "+".join(self.windows) + weights if self.windows else ""
 
     def window_list(self) -> list[Window]:
         """The windows every image runs through (``infer.windows``, else the one of tile / stride)."""

@@ -70,10 +70,6 @@ def plan(cfg: Config) -> list[Phase]:
     return phases
 
 
-def phased(cfg: Config) -> bool:
-    return bool(cfg.train.phases)
-
-
 class PhaseTracker:
     """Where a run stands among its phases: the phase in force, where it began (step, training seconds),
     its loader and order, and the learning rates of every optimizer (the generator's counted from that step)."""
