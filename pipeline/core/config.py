@@ -144,9 +144,12 @@ class TrainConfig:
         "useful average; false = ema_decay from the first step, so a fine-tune's EMA starts at the loaded weights "
         "and leaves them slowly")
     precision: Precision = opt(
-        "auto", "autocast dtype; auto = on CUDA bf16 when a step holds >= 131072 LR pixels per GPU "
-        "(batch x LR sample side^2, e.g. 16 x 128^2), else fp32 with TF32 (small steps are launch-bound); on a CPU "
-        "bf16 only with native bf16 (AMX / AVX-512 BF16), else fp32; fp32 when train.deterministic")
+        "auto", "autocast dtype; auto = bf16 only where it is fast on the device and this kind of run (image or "
+        "volume, PSNR or GAN loss) was measured stable in it, else fp32; the run's first line says which and why. "
+        "Fast: on CUDA from 131072 LR pixels per GPU per step (batch x LR sample side^2, e.g. 16 x 128^2; smaller "
+        "steps are launch-bound: fp32 with TF32), on a CPU with native bf16 (AMX / AVX-512 BF16; the environment "
+        "variable SR_BF16=force or forbid takes the CPU as one with or without). Measured stable: PSNR runs of "
+        "image networks; GAN and volume runs train in fp32. fp32 when train.deterministic")
     compile: CompileMode = opt(
         "auto", "torch.compile the training step for its fixed patch shape; reduce-overhead adds CUDA graphs; "
         "auto = reduce-overhead on CUDA when, at the first log point, >= ~7.2 min of training are left (by "

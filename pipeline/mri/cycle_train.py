@@ -108,6 +108,7 @@ def cycle_task(cfg: Config, d: Dist) -> TrainTask:
     return TrainTask(generator=model, arch=name, kwargs=volume_model_kwargs(name), loader=loader, batches=batches,
                      to_device=to_device, validation=validation, discriminator=discriminator,
                      sample_pixels=(c.hr_size // SCALE) ** 2, objective=cycle_objective,
+                     objective_label="cycle",
                      description=f"{len(slices.lr)} LR / {len(slices.hr)} HR unpaired slice crops of {c.hr_size} px")
 
 

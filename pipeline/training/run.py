@@ -30,12 +30,12 @@ from pipeline.core.errors import Interrupted, UserError
 from pipeline.core.files import clean_stale
 from pipeline.core.layout import RunLayout
 from pipeline.core.locks import run_lock
-from pipeline.core.runtime import enable_tf32, peak_memory, precision_name, seed_everything, train_autocast_dtype
+from pipeline.core.runtime import Precision, RunKind, enable_tf32, peak_memory, seed_everything, train_precision
 from pipeline.models.checkpoint import CheckpointError, load_checkpoint
 from pipeline.models.table import autocast_cap, count_parameters
 from pipeline.training import phases, run_folder
 from pipeline.training.loop import Trainer
-from pipeline.training.objectives import Objective, build_objective, check_objective
+from pipeline.training.objectives import Objective, build_objective, check_objective, objective_name
 from pipeline.training.task import TrainTask
 from pipeline.training.updates import SCHEDULE_FREE, GeneratorUpdates
 
@@ -121,9 +121,11 @@ def run(cfg: Config, make_task: Callable[[Config, Dist], TrainTask]) -> None:
         first = phases.plan(cfg)[0]  # the run starts with the settings of its first phase (train.* without phases)
         task = make_task(first.cfg, d)
         start = first.cfg.train
-        dtype = train_autocast_dtype(d.device, t.precision, start.batch_size // d.world * task.sample_pixels,
-                                     t.deterministic)
-        dtype = autocast_cap([task.generator], dtype, d.device)  # fp16-unsafe architectures stay in bf16/fp32
+        chosen = train_precision(d.device, t.precision, run_kind(cfg, task),
+                                 start.batch_size // d.world * task.sample_pixels, t.deterministic)
+        dtype = autocast_cap([task.generator], chosen.dtype, d.device)  # fp16-unsafe architectures stay in bf16/fp32
+        if dtype != chosen.dtype:
+            chosen = Precision(dtype, f"{chosen.why}; {task.arch} is not safe in {chosen.name}")
         limits = [n for n in (t.max_steps, t.max_epochs * task.batches.steps_per_epoch) if n > 0]
         total_steps = min(limits) if limits else 0
         objective = build_objective(first.cfg, task, d, dtype, first.steps or total_steps)
@@ -142,7 +144,7 @@ def run(cfg: Config, make_task: Callable[[Config, Dist], TrainTask]) -> None:
                 task.save_card(run_dir.model_card)
             for folder in (run_dir.dir, run_dir.history_dir):
                 clean_stale(folder)  # temporary checkpoint files of a killed earlier session
-        trainer.say(_start_line(cfg, trainer, dtype)
+        trainer.say(_start_line(cfg, trainer, chosen)
                     + (f"; resuming {run_dir.last} at step {trainer.step}" if state else "")
                     + (f"\n{task.note}" if task.note else ""))
         with peak_memory(d.device) as memory:
@@ -159,14 +161,21 @@ def run(cfg: Config, make_task: Callable[[Config, Dist], TrainTask]) -> None:
             lock.release()
 
 
-def _start_line(cfg: Config, trainer: Trainer, dtype: torch.dtype | None) -> str:
+def run_kind(cfg: Config, task: TrainTask) -> RunKind:
+    """What the run is for the precision rule: 3-D convolutions in the generator make it a volume run."""
+    volume = any(isinstance(m, torch.nn.Conv3d) for m in task.generator.modules())
+    objective = task.objective_label if task.objective is not None else objective_name(cfg)
+    return RunKind("volume" if volume else "image", objective, cfg.gan.loss if objective == "gan" else "")
+
+
+def _start_line(cfg: Config, trainer: Trainer, chosen: Precision) -> str:
     t, objective, task, d = trainer.train, trainer.objective, trainer.task, trainer.d
-    fp32 = "fp32 (TF32)" if d.device.type == "cuda" else "fp32"
+    tf32 = " (TF32)" if d.device.type == "cuda" and chosen.dtype is None else ""
     update = "fused" if trainer.optimizer.defaults.get("fused") else "foreach"
     group = f" (DDP, {dist.get_backend()})" if d.distributed else ""
     what = f"train {task.arch} ({count_parameters(task.generator) / 1e6:.3f}M parameters){objective.describe()}"
     compile_ = t.compile if objective.compiles else f"off ({objective.name.upper()} steps run eager)"
-    return (f"{what} on {d.device} x{d.world}{group}, {precision_name(dtype) if dtype else fp32}, {update} "
+    return (f"{what} on {d.device} x{d.world}{group}, {chosen.name}{tf32} ({chosen.why}), {update} "
             f"{t.optimizer}, compile {compile_}, "
             f"{task.description}, {task.batches.steps_per_epoch} steps/epoch, global batch {t.batch_size}"
             + (f"; {len(trainer.phases.all)} phases ({', '.join(p.name for p in trainer.phases.all)})"
