@@ -218,6 +218,8 @@ def _run(cfg: Config, d: Dist, items: list[tuple[str, Path]], hr_paths: dict[str
         per = [f"{w['window']}{' (' + '+'.join(w['tiles']) + ')' if w['window'] == 'auto' else ''} "
                f"{w['seconds_total'] / max(summary['images'], 1):.3f}" for w in summary["windows"]]
         print(f"seconds per image by window: {', '.join(per)}")
+        for why in sorted({why for w in summary["windows"] for why in w.get("auto", [])}):
+            print(f"auto: {why}")
     if summary["fp32_fallbacks"]:
         print(f"rerun in fp32 after NaN/Inf: {', '.join(summary['fp32_fallbacks'])}")
     if not scores:
