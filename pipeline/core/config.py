@@ -79,7 +79,8 @@ class PatchifyConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = opt("edsr-tiny", "architecture from the model table (see `train --help`); model.arch, when set, replaces it")
+    name: str = opt(
+        "edsr-tiny", "architecture from the model table (see `train --help`); model.arch, when set, replaces it")
     pretrained: str = opt(
         "", "weights file to start from (.pth/.pt/.safetensors, any layout); a file that is not model.name "
         "is detected (architecture + hyper-parameters) and used instead, recorded in models/<run>/model.yaml")
