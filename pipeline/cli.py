@@ -32,7 +32,9 @@ VOLUMES_FLAG = {"--volumes": ("mri.dir", "folder of HR volumes (mri_splits.csv, 
 def _model_names() -> str:
     from pipeline.models.table import MODELS
 
-    return "models: " + ", ".join(sorted(MODELS))
+    return ("models: " + ", ".join(sorted(MODELS)) + "\nany other network from its authors' architecture file: "
+            "model.arch=FILE.py:Class (with model.arch_kwargs, arch_range, arch_key, arch_multiple); a Python file "
+            "runs only when model.arch names it")
 
 
 def _volume_model_names() -> str:
@@ -81,7 +83,8 @@ STAGES: dict[str, Stage] = {
         ("data", "model", "infer", "blend", "paths"),
         {**DATA_FLAG, "--input": ("infer.input", "folder of LR images"),
          "--output": ("infer.output", "folder for the SR PNGs"),
-         "--weights": ("model.weights", "a published or exported weights file to run as is (detected)")},
+         "--weights": ("model.weights", "a published or exported weights file to run as is (detected, or "
+                                        "model.arch's network)")},
         _model_names),
     "submit": Stage(
         "pipeline.submit", "write and validate submit/<run or blend.name>/submission.zip (or --check a zip)",
@@ -133,7 +136,8 @@ STAGES: dict[str, Stage] = {
     "export": Stage(
         "pipeline.export", "write models/<run>/<checkpoint>.onnx (checked with ONNX Runtime) or .safetensors",
         ("model", "export", "paths"),
-        {"--weights": ("model.weights", "export this weights file instead of the run's checkpoint")}),
+        {"--weights": ("model.weights", "export this weights file instead of the run's checkpoint (detected, or "
+                                         "model.arch's network)")}, _model_names),
 }
 
 

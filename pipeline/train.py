@@ -1,13 +1,14 @@
 """Train stage: data/<set>/patches -> models/<run>/ (checkpoints, log.jsonl, curves.png, tb/).
 
 The image task of the training package (``pipeline.training``): the model table's ``model.name``
-(or the weights file in ``model.pretrained``, its architecture detected when it is not
-model.name), trained on the patches of every fold but ``data.val_fold`` (random crops and the 8
-dihedral transforms, ``pipeline.training.patch_data``), and validated with the contest metric on
-that fold's whole images against MATLAB bicubic (``pipeline.training.validation``). What a step
-optimises is the run's objective (``pipeline.training.objectives``): ``psnr`` (loss =
-train.loss_l1 * L1 + train.loss_mse * MSE on [0,1] pixels, plus loss.* terms when weighted) or,
-with gan.discriminator set, ``gan`` (adversarial fine-tuning of a PSNR run). Everything else
+or the network of an authors' file (``model.arch``), or the weights file in ``model.pretrained``
+(its architecture detected when it is not model.name or model.arch), trained on the patches of
+every fold but ``data.val_fold`` (random crops and the 8 dihedral transforms,
+``pipeline.training.patch_data``), and validated with the contest metric on that fold's whole
+images against MATLAB bicubic (``pipeline.training.validation``). What a step optimises is the
+run's objective (``pipeline.training.objectives``): ``psnr`` (loss = train.loss_l1 * L1 +
+train.loss_mse * MSE on [0,1] pixels, plus loss.* terms when weighted) or, with gan.discriminator
+set, ``gan`` (adversarial fine-tuning of a PSNR run). Everything else
 (the loop, checkpoints and exact resume, EMA, DDP under torchrun, compile) is
 ``pipeline.training.run``'s, shared with the volume trainers.
 """
@@ -25,6 +26,7 @@ from pipeline.core.config import Config
 from pipeline.core.distributed import Dist
 from pipeline.core.errors import UserError
 from pipeline.core.layout import DataLayout
+from pipeline.models import arch_file
 from pipeline.models.checkpoint import load_weights_file, save_model_card
 from pipeline.models.discriminators import build_discriminator, check_discriminator, discriminator_kwargs
 from pipeline.models.table import build_model, card_of, check_scale, count_parameters
@@ -36,13 +38,15 @@ from pipeline.training.validation import ImageValidation
 
 
 def build_trainable(cfg: Config) -> nn.Module:
-    """The table's model, or the one in ``model.pretrained`` (detected when it is not model.name)."""
+    """The table's model, model.arch's network, or either with the weights of ``model.pretrained`` (a file that is
+    not model.name is detected)."""
+    spec = arch_file.spec_of(cfg.model)
     if cfg.model.pretrained:
-        return load_weights_file(cfg.model.pretrained, cfg.model.name)
-    model = build_model(cfg.model.name)
+        return load_weights_file(cfg.model.pretrained, cfg.model.name, arch=spec)
+    model = arch_file.build(spec, *arch_file.read_source(spec.path)) if spec else build_model(cfg.model.name)
     if count_parameters(model) == 0:
-        raise UserError(f"model.name={cfg.model.name} has no parameters to train; it is a baseline: "
-                        f"use it directly, e.g. `infer model.name={cfg.model.name}`")
+        what = f"model.arch={cfg.model.arch}" if spec else f"model.name={cfg.model.name}"
+        raise UserError(f"{what} has no parameters to train; it is a baseline: use it directly, e.g. `infer {what}`")
     return model
 
 

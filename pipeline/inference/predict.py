@@ -56,6 +56,7 @@ from pipeline.inference.windows import (
     model_unit,
     window_set,
 )
+from pipeline.models import arch_file
 from pipeline.models.checkpoint import CheckpointError, load_weights_file, model_from_checkpoint
 from pipeline.models.table import Bicubic, autocast_cap, build_model, card_of, check_scale
 
@@ -381,7 +382,7 @@ def weights_file_models(path: str | Path, cfg: Config) -> tuple[list[nn.Module],
     the one model in it, and a description for tables. What was detected is printed."""
     if cfg.model.weights and (cfg.infer.runs or cfg.infer.last_k):
         raise CheckpointError(f"model.weights={path} runs that file alone; drop infer.runs / infer.last_k")
-    model = load_weights_file(path, cfg.model.name, cfg.infer.ema)
+    model = load_weights_file(path, cfg.model.name, cfg.infer.ema, arch_file.spec_of(cfg.model))
     card = card_of(model)
     if card.note:
         print(card.note)
@@ -391,7 +392,7 @@ def weights_file_models(path: str | Path, cfg: Config) -> tuple[list[nn.Module],
 def load_models(cfg: Config) -> tuple[list[nn.Module], str]:
     """Models to average and a description for tables: bicubic, bare pretrained weights, or checkpoints."""
     check_scale(cfg.data.scale)
-    if cfg.model.weights:  # infer --weights FILE: that file alone, architecture detected
+    if cfg.model.weights:  # infer --weights FILE: that file alone, architecture detected (or model.arch's)
         return weights_file_models(cfg.model.weights, cfg)
     if cfg.model.name == "bicubic":
         return [build_model("bicubic")], "bicubic"

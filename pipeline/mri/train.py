@@ -80,6 +80,9 @@ class VolumeValidation:
 def _generator(cfg: Config, device: torch.device) -> tuple[nn.Module, str, dict[str, Any], str]:
     """(generator, table name, full kwargs, a note) of ``mri_train.model`` or the checkpoint ``model.pretrained``."""
     name = cfg.mri_train.model
+    if cfg.model.arch:
+        raise UserError(f"model.arch={cfg.model.arch}: an architecture file is for 2-D image networks (train, "
+                        "infer, export); mri-train trains mri_train.model")
     spec = spec_of(name)
     if spec.role != "generator" or spec.dims != 3 or spec.scale != (1, 1, 1):
         raise UserError(f"mri_train.model={name} is a {spec.role} ({spec.dims}-D); mri-train trains same-grid 3-D "

@@ -31,6 +31,7 @@ from pipeline.core.files import clean_stale
 from pipeline.core.layout import RunLayout
 from pipeline.core.locks import run_lock
 from pipeline.core.runtime import Precision, RunKind, enable_tf32, peak_memory, seed_everything, train_precision
+from pipeline.models.arch_file import check_resumable
 from pipeline.models.checkpoint import CheckpointError, load_checkpoint
 from pipeline.models.table import autocast_cap, count_parameters
 from pipeline.training import phases, run_folder
@@ -62,18 +63,22 @@ def _moved_aside_advice(path: Path, problem: str) -> CheckpointError:
                            "run is moved aside, not deleted)")
 
 
-def _resume_from(cfg: Config, d: Dist, run: RunLayout, arch: str, objective: Objective) -> tuple[dict | None, float]:
+def _resume_from(cfg: Config, d: Dist, run: RunLayout, task: TrainTask, objective: Objective,
+                 ) -> tuple[dict | None, float]:
     """(state of last.pth when resuming, else None; score of the best.pth already on disk, else -inf).
 
-    ``arch`` is what this start builds (the table name, or ``spandrel:<ArchId>`` for a detected file).
+    ``task.arch`` is what this start builds (the table name, ``spandrel:<ArchId>`` for a detected file,
+    ``file:<path>:<Class>`` for an architecture file, which must also be unchanged: ``task.kwargs`` has its hash).
     Trained weights are never deleted: ``train.resume=never`` over a run that has any moves the old
     folder aside (rank 0, saying where) before starting. All checks happen before anything moves.
     """
+    arch = task.arch
     if cfg.train.resume == "force" and not run.last.is_file():
         raise UserError(f"train.resume=force but {run.last} does not exist")
     state = None
     if cfg.train.resume != "never" and run.last.is_file():
         state = load_checkpoint(run.last, map_location=d.device)
+        check_resumable(state, run.last, arch, task.kwargs)
         if state.get("arch") != arch:
             raise _moved_aside_advice(run.last, f"a {state.get('arch')} run, but this start builds {arch}")
         if state.get("objective", "psnr") != objective.name:
@@ -87,6 +92,7 @@ def _resume_from(cfg: Config, d: Dist, run: RunLayout, arch: str, objective: Obj
             print(f"train.resume=never: the earlier run {run.dir} was moved to {moved}", flush=True)
     elif run.best.is_file():
         best = load_checkpoint(run.best)
+        check_resumable(best, run.best, arch, task.kwargs)
         if best.get("arch") != arch:
             raise _moved_aside_advice(run.best, f"weights of a {best.get('arch')} run, but this start builds {arch}")
         if best.get("best_by", "psnr") != objective.best_by:
@@ -131,7 +137,7 @@ def run(cfg: Config, make_task: Callable[[Config, Dist], TrainTask]) -> None:
         objective = build_objective(first.cfg, task, d, dtype, first.steps or total_steps)
         _check_run(cfg, task, objective)
         updates = GeneratorUpdates.build(start, task.generator, d.device, dtype, objective.schedule)
-        state, best_floor = _resume_from(cfg, d, run_dir, task.arch, objective)
+        state, best_floor = _resume_from(cfg, d, run_dir, task, objective)
         torch.manual_seed(cfg.seed + d.rank)  # ranks draw different drop-path masks
 
         trainer = Trainer(cfg=cfg, d=d, run=run_dir, task=task, objective=objective, updates=updates, dtype=dtype,
