@@ -37,12 +37,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import pandas as pd
-
 from pipeline.core.errors import DataError, UserError
 from pipeline.core.images import images_by_stem
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # pandas is imported where a table is read: stages check their folders before that
+    import pandas as pd
+
     from pipeline.core.config import Config
 
 ID_RULE = "letters, digits, '_', '.', '-'; starting with a letter, digit or '_'; at most 128 characters"
@@ -102,6 +102,8 @@ def read_table(path: Path, columns: tuple[str, ...], make: str) -> pd.DataFrame:
     """
     if not path.is_file():
         raise DataError(f"{path}: not found; {make}")
+    import pandas as pd
+
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as exc:
@@ -193,6 +195,8 @@ class DataLayout:
 
     def extra_table(self) -> pd.DataFrame:
         """img_id, source, lr_path, hr_path of the extra training pairs (empty without extra.csv)."""
+        import pandas as pd
+
         if not self.extra_csv.is_file():
             return pd.DataFrame(columns=list(EXTRA_COLUMNS))
         where = str(self.extra_csv)
@@ -222,6 +226,8 @@ class DataLayout:
         own source).
         """
         self.check_exists()
+        import pandas as pd
+
         if self.train_csv.is_file():
             where = self.train_csv
             df = read_table(where, TRAIN_COLUMNS, "expected the contest's train.csv")
@@ -259,6 +265,8 @@ class DataLayout:
     def test_table(self) -> pd.DataFrame:
         """img_id, lr_path of every test image (empty when the dataset has no test set)."""
         self.check_exists()
+        import pandas as pd
+
         if self.test_csv.is_file():
             where = self.test_csv
             df = read_table(where, TEST_COLUMNS, "expected the contest's test.csv").rename(
