@@ -95,13 +95,18 @@ class Pair:
     hr_path: Path
 
 
+def need_file(path: Path, make: str) -> None:
+    """A DataError naming ``path`` and how to get it (``make``) when it is not a file."""
+    if not path.is_file():
+        raise DataError(f"{path}: not found; {make}")
+
+
 def read_table(path: Path, columns: tuple[str, ...], make: str) -> pd.DataFrame:
     """A CSV written by a stage or the contest, with its columns checked; ``make`` says how to get it.
 
     Every cell is text ('0007' is a file name, not the number 7) and blanks stay '' (not NaN).
     """
-    if not path.is_file():
-        raise DataError(f"{path}: not found; {make}")
+    need_file(path, make)
     import pandas as pd
 
     try:
@@ -158,10 +163,16 @@ class PatchLayout:
         """One per finished image: its manifest rows and the signature of its source files."""
         return self.dir / "done" / f"{img_id}.json"
 
+    def _make(self) -> str:
+        return f"run `python -m pipeline patchify --data {self.dir.parent}`"
+
+    def need_manifest(self) -> None:
+        """The error ``training_pairs`` gives without a manifest, without reading anything (train checks it first)."""
+        need_file(self.manifest, self._make())
+
     def training_pairs(self, val_fold: int) -> list[Pair]:
         """The manifest's patches outside the validation fold, in manifest order."""
-        make = f"run `python -m pipeline patchify --data {self.dir.parent}`"
-        table = read_table(self.manifest, MANIFEST_COLUMNS, make)
+        table = read_table(self.manifest, MANIFEST_COLUMNS, self._make())
         folds = _int_column(table, "fold", self.manifest)
         rows = table[folds != val_fold]
         if rows.empty:
@@ -302,9 +313,16 @@ class DataLayout:
             raise DataError(f"{path}: not a valid zip file ({exc})") from None
         return [check_id(posixpath.splitext(posixpath.basename(n))[0], str(path)) for n in names]
 
+    def _make_splits(self) -> str:
+        return f"run `python -m pipeline prepare --data {self.root}` first"
+
+    def need_splits(self) -> None:
+        """The error ``splits`` gives without splits.csv, without reading anything (for checks before torch loads)."""
+        need_file(self.splits_csv, self._make_splits())
+
     def splits(self) -> pd.DataFrame:
         """splits.csv (written by prepare), ids and paths checked, fold as int."""
-        table = read_table(self.splits_csv, SPLIT_COLUMNS, f"run `python -m pipeline prepare --data {self.root}` first")
+        table = read_table(self.splits_csv, SPLIT_COLUMNS, self._make_splits())
         table["fold"] = _int_column(table, "fold", self.splits_csv)
         where = str(self.splits_csv)
         for i in table["img_id"]:
