@@ -236,6 +236,8 @@ def _run(cfg: Config, d: Dist, items: list[tuple[str, Path]], hr_paths: dict[str
         print(f"rerun in fp32 after NaN/Inf: {', '.join(summary['fp32_fallbacks'])}")
     if not scores:
         return None
+    import pandas as pd
+
     df = pd.DataFrame(scores)
     resolved = dataclasses.replace(settings, precision=summary["precision"])  # 'auto' -> what ran
     row = {"timestamp": dt.datetime.now().isoformat(timespec="seconds"), "run": output_name(cfg),
