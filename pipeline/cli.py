@@ -41,9 +41,9 @@ def _model_names() -> str:
 
 
 def _volume_model_names() -> str:
-    from pipeline.mri.names import VOLUME_MODEL_NAMES
+    from pipeline.mri.names import BASELINES, VOLUME_MODEL_NAMES
 
-    return "volume models: " + ", ".join(sorted(VOLUME_MODEL_NAMES)) + "; baselines: nearest, trilinear, tricubic"
+    return f"volume models: {', '.join(sorted(VOLUME_MODEL_NAMES))}; baselines: {', '.join(BASELINES)}"
 
 
 def _train_names() -> str:

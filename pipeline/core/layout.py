@@ -433,6 +433,14 @@ class VolumeLayout:
     lr_dir = property(lambda self: self.root / "lr")  # LR volumes made by mri-prepare, one per item
     lr_record = property(lambda self: self.lr_dir / "degradation.yaml")  # the mri settings that made them
 
+    def need_splits(self) -> None:
+        """``mri_splits.csv``, or an error saying how to make it (checked before a stage loads torch)."""
+        need_file(self.splits_csv, "split the folder first (pipeline.mri.splits.write_splits)")
+
+    def need_record(self) -> None:
+        """``lr/degradation.yaml``, or an error saying how to make it (checked before a stage loads torch)."""
+        need_file(self.lr_record, f"run `python -m pipeline mri-prepare --volumes {self.root}` first")
+
     def sr_dir(self, name: str) -> Path:
         """``sr/<name>``: mri-infer's volumes of one run or baseline (a whole folder, swapped in complete)."""
         return self.root / "sr" / check_run(name)
