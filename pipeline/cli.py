@@ -8,8 +8,9 @@ each stage records the paths too.
 ``--help`` and every settings error answer before anything heavy loads: this module imports only
 the standard library and the light core (``config``: yaml; ``errors``, ``files``, ``workers``), the
 tables' ``--help`` lists come from name tuples (``pipeline.models.names``, ``pipeline.mri.names``),
-and a stage module imports torch, OpenCV or pandas only in the functions that compute, after its
-own checks of its settings and folders. ``tests/test_cli.py`` checks this through ``sys.modules``.
+and every stage that reads a dataset or a volume folder imports torch, OpenCV or pandas only in
+the functions that compute, after its own checks of its settings and folders (``export`` loads its
+weights with torch to check them). ``tests/test_cli.py`` checks this through ``sys.modules``.
 """
 
 from __future__ import annotations
