@@ -16,30 +16,29 @@ set, ``gan`` (adversarial fine-tuning of a PSNR run). Everything else
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
-from torch.utils.data import DataLoader
+from typing import TYPE_CHECKING, Any
 
 from pipeline.core.config import Config
-from pipeline.core.distributed import Dist
 from pipeline.core.errors import UserError
 from pipeline.core.layout import DataLayout
-from pipeline.models import arch_file
-from pipeline.models.checkpoint import load_weights_file, save_model_card
-from pipeline.models.discriminators import build_discriminator, check_discriminator, discriminator_kwargs
-from pipeline.models.table import build_model, card_of, check_scale, count_parameters
-from pipeline.training.loader import EpochBatches, run_loader
-from pipeline.training.patch_data import PairAugment, PatchDataset, read_pair
-from pipeline.training.run import run
-from pipeline.training.task import TrainTask
-from pipeline.training.validation import ImageValidation
+
+if TYPE_CHECKING:  # torch and the training package load in the functions that build the task, after main's check
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader
+
+    from pipeline.core.distributed import Dist
+    from pipeline.training.loader import EpochBatches
+    from pipeline.training.task import TrainTask
 
 
 def build_trainable(cfg: Config) -> nn.Module:
     """The table's model, model.arch's network, or either with the weights of ``model.pretrained`` (a file that is
     not model.name is detected)."""
+    from pipeline.models import arch_file
+    from pipeline.models.checkpoint import load_weights_file
+    from pipeline.models.table import build_model, count_parameters
+
     spec = arch_file.spec_of(cfg.model)
     if cfg.model.pretrained:
         return load_weights_file(cfg.model.pretrained, cfg.model.name, arch=spec)
@@ -53,6 +52,9 @@ def build_trainable(cfg: Config) -> nn.Module:
 def _loader(cfg: Config, d: Dist, stream: int = 0) -> tuple[DataLoader, EpochBatches, int]:
     """The training loader, its epoch order, and the LR side of a training sample (crop or patch);
     ``stream``: the phase of train.phases (whose crop and batch ``cfg`` holds)."""
+    from pipeline.training.loader import run_loader
+    from pipeline.training.patch_data import PairAugment, PatchDataset, read_pair
+
     t = cfg.train
     pairs = DataLayout(Path(cfg.data.dir)).patches.training_pairs(cfg.data.val_fold)
     side = min(read_pair(pairs[0], cfg.data.scale)[0].shape[:2])
@@ -67,6 +69,14 @@ def _loader(cfg: Config, d: Dist, stream: int = 0) -> tuple[DataLoader, EpochBat
 def image_task(cfg: Config, d: Dist) -> TrainTask:
     """The 2-D image task: the model table's ``model.name``, the patches of ``data.dir``, contest PSNR
     (and LPIPS with evaluate.lpips_weights) on the held-out fold's whole images against bicubic."""
+    import torch
+
+    from pipeline.models.checkpoint import save_model_card
+    from pipeline.models.discriminators import build_discriminator, check_discriminator, discriminator_kwargs
+    from pipeline.models.table import card_of, check_scale
+    from pipeline.training.task import TrainTask
+    from pipeline.training.validation import ImageValidation
+
     t = cfg.train
     check_scale(cfg.data.scale)
     model = build_trainable(cfg).to(d.device)
@@ -102,4 +112,7 @@ def image_task(cfg: Config, d: Dist) -> TrainTask:
 
 def main(cfg: Config) -> None:
     """Train ``model.name`` on the patches of ``data.dir``; outputs in ``paths.models/run``."""
+    DataLayout(Path(cfg.data.dir)).patches.need_manifest()  # a wrong --data is reported before torch loads
+    from pipeline.training.run import run
+
     run(cfg, image_task)
