@@ -19,6 +19,7 @@ from pipeline.cli import main as cli
 from pipeline.core.config import load_config
 from pipeline.core.errors import UserError
 from pipeline.training.augment import BatchAugment
+from pipeline.training.loop import Trainer
 from pipeline.training.losses import GeneratorLoss, build_generator_loss
 from pipeline.training.objectives import PixelObjective
 from pipeline.training.phases import plan
@@ -140,12 +141,34 @@ def test_a_finite_blowup_stops_the_run_and_keeps_the_weights_from_before(
     assert cli(train_args(data, tmp_path, "blown", "train.max_steps=40")) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert len(err) == 1 and err[0].startswith("error: training blew up at step 15: loss/total "), err
-    assert "train.blowup=10" in err[0] and "last.pth: step 10" in err[0], err
+    assert "train.blowup=10" in err[0] and "for 5 log point(s)" in err[0] and "last.pth: step 10" in err[0], err
     last, best = load(tmp_path / "blown" / "last.pth"), load(tmp_path / "blown" / "best.pth")
     assert last["step"] == 10 and best["step"] <= 10  # saved before the blow-up, not after it
     calls.clear()
     assert cli(train_args(data, tmp_path, "unchecked", "train.max_steps=20", "train.blowup=0")) == 0  # 0 = off
     assert load(tmp_path / "unchecked" / "last.pth")["step"] == 20
+
+
+def test_a_spike_that_comes_back_is_survived_and_saves_wait_while_it_lasts(
+        data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Steps 11-20 at 1000x the loss (two log points above train.blowup), then the real loss again: the run
+    goes on to its step limit and says so; the save at step 15 waited, the one at step 20 too (still in the spike)."""
+    original, calls = GeneratorLoss.forward, []
+
+    def spiked(self: GeneratorLoss, *args: object, **kwargs: object) -> dict[str, torch.Tensor]:
+        losses = original(self, *args, **kwargs)
+        calls.append(1)
+        return {key: value * 1000 for key, value in losses.items()} if 10 < len(calls) <= 20 else losses
+
+    monkeypatch.setattr(GeneratorLoss, "forward", spiked)
+    saved: list[int] = []
+    save = Trainer.save
+    monkeypatch.setattr(Trainer, "save", lambda self, **kw: (saved.append(self.step), save(self, **kw))[1])
+    assert cli(train_args(data, tmp_path, "spiked", "train.max_steps=40", "train.blowup_points=3")) == 0
+    out = capsys.readouterr().out
+    assert "step 15: a loss spike (" in out and "came back below 10x within 2 log point(s)" in out, out
+    assert load(tmp_path / "spiked" / "last.pth")["step"] == 40
+    assert 15 not in saved and 20 not in saved and {10, 25, 30} <= set(saved)
 
 
 def test_a_phase_of_another_loss_mix_measures_blowups_afresh() -> None:
@@ -156,7 +179,8 @@ def test_a_phase_of_another_loss_mix_measures_blowups_afresh() -> None:
     assert objective.diverged({"loss/total": 0.05}, 5) is None
     assert objective.diverged({"loss/total": 0.4}, 10) is None  # 8x the lowest: within train.blowup
     objective.enter_phase(l1, cpu)  # the same mix: the lowest stays
-    assert "blew up at step 15: loss/total 0.6 is 12x" in (objective.diverged({"loss/total": 0.6}, 15) or "")
+    assert "blew up at step 15: loss/total stayed above 10x the lowest so far (0.05) for 1 log point(s) (now 0.6, 12x" \
+        in (objective.diverged({"loss/total": 0.6}, 15) or "")
     objective.enter_phase(l2, cpu)  # MSE: another scale
     assert objective.diverged({"loss/total": 0.004}, 20) is None
     objective.enter_phase(l1, cpu)

@@ -148,6 +148,9 @@ class TrainConfig:
         "validated and saved; PSNR runs only")
     learning_rate: float = opt(2e-4, "peak learning rate", ge=0)
     weight_decay: float = opt(0.0, "weight decay", ge=0)
+    adam_beta2: float = opt(
+        0.999, "Adam / AdamW's second-moment decay; 0.99 follows a change of gradient scale ~10x sooner (fewer "
+        "loss spikes at high learning rates)", ge=0, le=0.9999)
     scheduler: Scheduler = opt(
         "cosine", "'step' halves every step_epochs epochs, 'cosine' decays after warmup")
     step_epochs: int = opt(3, "StepLR period in epochs", ge=1)
@@ -158,10 +161,16 @@ class TrainConfig:
     loss_mse: float = opt(1.0, "weight of the MSE loss", ge=0)
     grad_clip: float = opt(0.0, "clip the gradient norm to this; 0 = off", ge=0)
     blowup: float = opt(
-        10.0, "stop the run as diverged when a log point's mean loss exceeds this many times the lowest one "
-        "so far with the same mix of loss terms (a phase of another mix starts afresh): a finite blow-up that "
-        "no NaN check sees (Adam at too high a rate: measured 0.07 -> 783 within 20 steps); last.pth and "
-        "best.pth keep the weights from before it; PSNR runs only; 0 = off", ge=0)
+        10.0, "a log point's mean loss above this many times the lowest one so far (with the same mix of loss "
+        "terms: a phase of another mix starts afresh) is a spike; a run whose loss stays above it for "
+        "train.blowup_points log points has diverged and stops (Adam at too high a rate: measured 0.07 -> 783 "
+        "within 20 steps, never back); last.pth and best.pth keep the weights from before the spike; PSNR runs "
+        "only; 0 = off", ge=0)
+    blowup_points: int = opt(
+        5, "log points the loss must stay above train.blowup x its lowest before the run counts as diverged; a "
+        "spike that comes back sooner is survived (measured: 0.049 -> 5.9 for one log point, back under 0.06 "
+        "within 220 steps, and the run went on to its normal PSNR); periodic saves wait while a spike lasts",
+        ge=1)
     ema_decay: float = opt(0.999, "EMA decay of the weights; 0 = no EMA", ge=0, le=0.99999)
     ema_warmup: bool = opt(
         True, "EMA decay warms up (1 - (1+step)^-2/3, capped at ema_decay) so short runs from scratch get a "

@@ -396,6 +396,9 @@ class Trainer:
         if broken:
             self._diverged(f"{broken[0]} is {losses[broken[0]]} at step {self.step}")
         collapse = self.objective.diverged(losses, self.step)
+        note = self.objective.take_note()
+        if note:
+            self.say(note)
         if collapse:
             kept = f"step {self._saved_step}" if self._saved_step >= 0 else "nothing saved"
             raise TrainingDiverged(f"{collapse}; {self.run.last}: {kept}; best.pth and history/ keep earlier weights")
@@ -410,7 +413,9 @@ class Trainer:
             metrics = validation(model, self.dtype)
             psnr = metrics["psnr"]
             self.last_psnr, self.val_step = psnr, self.step
-            improved = self.best.offer(metrics, self.step, self.model_checkpoint, write=self.main)
+            # during a loss spike best.pth waits too: the weights from before it stay the run's best
+            improved = self.objective.healthy and self.best.offer(metrics, self.step, self.model_checkpoint,
+                                                                   write=self.main)
         self.raw.train()
         seconds = time.perf_counter() - start
         self.bad_validations = 0 if improved else self.bad_validations + 1

@@ -73,6 +73,7 @@ class Objective:
     compiles = False  # train.compile may compile the generator's forward and backward
     phased = False  # train.phases may change its loss mix and learning rate between stretches of the run
     best_by = "psnr"  # what best.pth keeps: psnr, lpips or last (gan.best)
+    note = ""  # what ``diverged`` found worth saying without stopping; the Trainer says it once (take_note)
 
     def __init__(self, loss: GeneratorLoss, schedule: Schedule) -> None:
         self.loss = loss
@@ -112,6 +113,11 @@ class Objective:
         """False while a divergence is suspected: periodic saves wait, so last.pth stays from before it."""
         return True
 
+    def take_note(self) -> str:
+        """What the last ``diverged`` call found worth saying without stopping ('' = nothing), once."""
+        note, self.note = self.note, ""
+        return note
+
     def enter_phase(self, cfg: Config, device: torch.device) -> None:
         """A new phase of train.phases begins with the settings ``cfg`` (only when ``phased``)."""
 
@@ -131,25 +137,43 @@ class PixelObjective(Objective):
     compiles = True
     phased = True
 
-    def __init__(self, loss: GeneratorLoss, schedule: Schedule, blowup: float) -> None:
+    def __init__(self, loss: GeneratorLoss, schedule: Schedule, blowup: float, points: int = 1) -> None:
         super().__init__(loss, schedule)
-        self.blowup = blowup  # train.blowup
+        self.blowup, self.points = blowup, points  # train.blowup, train.blowup_points
         self.lowest = math.inf  # the lowest log-point loss of this session with this loss mix
+        self.spike: list[tuple[int, float]] = []  # (step, loss) of the log points of a spike in progress
 
     def enter_phase(self, cfg: Config, device: torch.device) -> None:
         if loss_mix(cfg) != self.loss.mix:
             self.lowest = math.inf  # another mix of terms (an L2 phase): another scale of loss
+            self.spike = []
         self.loss = build_generator_loss(cfg).to(device)  # the phase's mix (an L2 phase: loss_l1=0, loss_mse=1)
 
     def diverged(self, values: dict[str, float], step: int) -> str | None:
-        """A finite blow-up: the log point's mean loss is train.blowup times the lowest one so far."""
+        """A finite blow-up: the log point's mean loss has stayed above train.blowup times the lowest one so
+        far for train.blowup_points log points. A spike that comes back sooner is survived (``note``)."""
         total = values["loss/total"]
         if self.blowup and total > self.blowup * self.lowest:
-            return (f"training blew up at step {step}: loss/total {total:.4g} is {total / self.lowest:.0f}x the "
-                    f"lowest so far ({self.lowest:.4g}, train.blowup={self.blowup:g}): lower train.learning_rate "
+            self.spike.append((step, total))
+            if len(self.spike) < self.points:
+                return None
+            first, times = self.spike[0][0], total / self.lowest
+            return (f"training blew up at step {first}: loss/total stayed above {self.blowup:g}x the lowest so far "
+                    f"({self.lowest:.4g}) for {len(self.spike)} log point(s) (now {total:.4g}, {times:.0f}x; "
+                    f"train.blowup={self.blowup:g}, train.blowup_points={self.points}): lower train.learning_rate "
                     "or set train.grad_clip")
+        if self.spike:
+            peak = max(loss for _, loss in self.spike)
+            self.note = (f"step {self.spike[0][0]}: a loss spike ({peak:.4g}, {peak / self.lowest:.0f}x the lowest "
+                         f"so far) came back below {self.blowup:g}x within {len(self.spike)} log point(s); training "
+                         "goes on (train.blowup_points)")
+            self.spike = []
         self.lowest = min(self.lowest, total)
         return None
+
+    @property
+    def healthy(self) -> bool:
+        return not self.spike
 
     def step(self, tr: StepContext, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:
         tr.compiler.begin_step()
@@ -352,7 +376,8 @@ class GanObjective(Objective):
 
 def _psnr(cfg: Config, task: TrainTask, d: Dist, dtype: torch.dtype | None, total_steps: int) -> Objective:
     return PixelObjective(build_generator_loss(cfg).to(d.device),
-                          Schedule.of(cfg.train, task.batches.steps_per_epoch, total_steps), cfg.train.blowup)
+                          Schedule.of(cfg.train, task.batches.steps_per_epoch, total_steps), cfg.train.blowup,
+                          cfg.train.blowup_points)
 
 
 def _gan(cfg: Config, task: TrainTask, d: Dist, dtype: torch.dtype | None, total_steps: int) -> Objective:

@@ -45,7 +45,8 @@ def build_optimizer(t: TrainConfig, model: nn.Module, device: torch.device,
         return schedulefree.AdamWScheduleFree(model.parameters(), lr=rate, weight_decay=t.weight_decay,
                                               warmup_steps=t.warmup_steps, foreach=True)
     optimizer_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[t.optimizer]
-    return optimizer_cls(model.parameters(), lr=rate, weight_decay=t.weight_decay, **optimizer_flags(device))
+    return optimizer_cls(model.parameters(), lr=rate, weight_decay=t.weight_decay, betas=(0.9, t.adam_beta2),
+                         **optimizer_flags(device))
 
 
 def schedule_free(optimizer: torch.optim.Optimizer) -> bool:
