@@ -98,4 +98,4 @@ def image_task(cfg: Config, d: Dist) -> TrainTask:
 
 def main(cfg: Config) -> None:
     """Train ``model.name`` on the patches of ``data.dir``; outputs in ``paths.models/run``."""
-    run(cfg, image_task)
+    run(cfg, image_task, data_root=cfg.data.dir)

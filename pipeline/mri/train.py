@@ -138,4 +138,4 @@ def volume_task(cfg: Config, d: Dist) -> TrainTask:
 
 def main(cfg: Config) -> None:
     """Train ``mri_train.model`` on the volumes of ``mri.dir``; outputs in ``paths.models/run``."""
-    run(cfg, volume_task)
+    run(cfg, volume_task, data_root=cfg.mri.dir)  # mri-prepare rewrites lr/ and mri_splits.csv: not meanwhile

@@ -29,7 +29,7 @@ from pipeline.core.distributed import Dist, barrier, init_distributed, shutdown
 from pipeline.core.errors import Interrupted, UserError
 from pipeline.core.files import clean_stale
 from pipeline.core.layout import RunLayout
-from pipeline.core.locks import run_lock
+from pipeline.core.locks import FolderLock, data_lock, run_lock
 from pipeline.core.runtime import enable_tf32, peak_memory, precision_name, seed_everything, train_autocast_dtype
 from pipeline.models.checkpoint import CheckpointError, load_checkpoint
 from pipeline.models.table import autocast_cap, count_parameters
@@ -97,17 +97,22 @@ def _resume_from(cfg: Config, d: Dist, run: RunLayout, arch: str, objective: Obj
     return state, floor
 
 
-def run(cfg: Config, make_task: Callable[[Config, Dist], TrainTask]) -> None:
-    """Train the task ``make_task(cfg, dist)`` builds with the objective of ``cfg``; outputs in ``paths.models/run``."""
+def run(cfg: Config, make_task: Callable[[Config, Dist], TrainTask], data_root: str | Path | None = None) -> None:
+    """Train the task ``make_task(cfg, dist)`` builds with the objective of ``cfg``; outputs in ``paths.models/run``.
+    ``data_root``: the data folder the task reads, held with a shared lock so that no stage rewrites it meanwhile."""
     t = cfg.train
     _check(cfg)
     d = init_distributed(t.deterministic)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
-    lock = None
+    locks: list[FolderLock] = []
     try:
         run_dir = RunLayout(Path(cfg.paths.models), cfg.run)
-        # One process owns the run folder for the whole session (rank 0 writes for all ranks).
-        lock = run_lock(run_dir.models_root, run_dir.run).acquire() if d.main else None
+        if d.main:
+            # One process owns the run folder for the whole session (rank 0 writes for all ranks), and reads
+            # the data folder under a shared lock: a patchify would rewrite the patches under the loader.
+            locks.append(run_lock(run_dir.models_root, run_dir.run).acquire())
+            if data_root is not None:
+                locks.append(data_lock(data_root, "train", shared=True).acquire())
         if d.device.type == "cuda":
             enable_tf32()  # fp32 steps (precision auto on small steps, or fp32) run on the tensor cores
         if t.deterministic:
@@ -155,7 +160,7 @@ def run(cfg: Config, make_task: Callable[[Config, Dist], TrainTask]) -> None:
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
         shutdown(d)
-        if lock is not None:
+        for lock in reversed(locks):
             lock.release()
 
 
