@@ -32,7 +32,7 @@ from pipeline.core.layout import DataLayout, OutputLayout
 from pipeline.core.metrics import paired_gain, score_pair
 from pipeline.core.runtime import pick_device, precision_name
 from pipeline.inference.predict import Settings, inference_dtype, load_models, predict_images
-from pipeline.inference.windows import AUTO, parse_window
+from pipeline.inference.windows import AUTO, normalised, parse_window
 
 COLUMNS = ["models", "tta", "tile", "stride", "windows", "tile_blend", "precision", "merge", "psnr", "ssim",
            "sec_per_image", "gain_db", "gain_lo", "gain_hi", "default"]
@@ -53,7 +53,7 @@ def _windows_key(s: Settings) -> tuple:
     """What the windows of ``s`` compute: their (tile, stride) pairs and normalised weights."""
     cuts = tuple((0, 0) if w.whole else (w.tile, w.stride) for w in s.window_list())
     weights = s.weights()
-    return cuts, tuple(w / sum(weights) for w in weights) if len(cuts) > 1 else ()
+    return cuts, tuple(normalised(weights)) if len(cuts) > 1 else ()
 
 
 def settings_grid(cfg: Config, models: Sequence[nn.Module], device: torch.device) -> list[Settings]:
