@@ -41,20 +41,54 @@ from pipeline.training.updates import SCHEDULE_FREE, GeneratorUpdates
 
 
 def _check(cfg: Config) -> None:
-    # (numeric bounds are checked when the config loads: pipeline.core.config.opt)
-    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+    """The settings as a whole, before any folder is locked or read (numeric bounds are checked when the
+    config loads: pipeline.core.config.opt)."""
+    t = cfg.train
+    if t.precision == "fp16" and not torch.cuda.is_available():
         raise UserError("train.precision=fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
+    if 0 < t.blowup <= 1:  # a factor over the lowest loss: at <= 1 any log point above the lowest stops the run
+        raise UserError(f"train.blowup={t.blowup:g} would stop a healthy run at its first loss above the lowest "
+                        "so far: use a factor > 1 (default 10), or 0 to turn the check off")
+    phases.plan(cfg)  # every phase's names and lengths
     check_objective(cfg)
 
 
 def _check_run(cfg: Config, task: TrainTask, objective: Objective) -> None:
-    """Settings the task or its objective cannot follow (known once both are built)."""
+    """Settings the task or its objective cannot follow (known once both are built), every phase's
+    against the data (its crop, its batch) before the first step."""
     if cfg.train.phases and not (objective.phased and task.loader_for is not None):
         raise UserError(f"train.phases: the {objective.name} objective of this task runs one phase; leave "
                         "train.phases empty")
     if cfg.train.optimizer == SCHEDULE_FREE and objective.name != "psnr":
         raise UserError(f"train.optimizer={SCHEDULE_FREE} is for PSNR runs (the {objective.name} objective has "
                         "optimizers of its own); use adam or adamw")
+    for phase in phases.plan(cfg)[1:]:  # (the first phase's loader is the task's own)
+        assert task.loader_for is not None
+        try:
+            task.loader_for(phase.cfg, phase.index)  # its checks only: the loader starts no worker until iterated
+        except UserError as exc:
+            raise UserError(f"train.phases[{phase.index}] ({phase.name}): {exc}") from None
+
+
+def _pretrained_of(state: dict) -> str:
+    """The model.pretrained a last.pth's run started from ('' = none, or not recorded)."""
+    config = state.get("config")
+    model = config.get("model") if isinstance(config, dict) else None
+    pretrained = model.get("pretrained") if isinstance(model, dict) else None
+    return pretrained if isinstance(pretrained, str) else ""
+
+
+def _optimizer_of(state: dict) -> str | None:
+    """The train.optimizer a last.pth was saved by: its config's (else told by schedule-free's own state)."""
+    config = state.get("config")
+    train = config.get("train") if isinstance(config, dict) else None
+    if isinstance(train, dict) and isinstance(train.get("optimizer"), str):
+        return train["optimizer"]
+    saved = state.get("optimizer")
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if isinstance(groups, list) and groups and isinstance(groups[0], dict):
+        return SCHEDULE_FREE if "train_mode" in groups[0] else None
+    return None
 
 
 def _moved_aside_advice(path: Path, problem: str) -> CheckpointError:
@@ -75,11 +109,23 @@ def _resume_from(cfg: Config, d: Dist, run: RunLayout, arch: str, objective: Obj
     if cfg.train.resume != "never" and run.last.is_file():
         state = load_checkpoint(run.last, map_location=d.device)
         if state.get("arch") != arch:
+            started = _pretrained_of(state)
+            if started and started != cfg.model.pretrained:  # a fine-tune resumed without its model.pretrained
+                raise CheckpointError(f"{run.last}: a {state.get('arch')} run started from model.pretrained="
+                                      f"{started}, but this start builds {arch}: resume it with model.pretrained="
+                                      f"{started} (its last.pth stands in for that file when it is gone)")
             raise _moved_aside_advice(run.last, f"a {state.get('arch')} run, but this start builds {arch}")
         if state.get("objective", "psnr") != objective.name:
             raise _moved_aside_advice(run.last, f"the state of a {state.get('objective', 'psnr')} run, but this is a "
                                                 f"{objective.name} run (a GAN fine-tune of a PSNR run starts a new run "
                                                 f"with model.pretrained={run.best})")
+        saved = _optimizer_of(state)
+        if saved is not None and saved != cfg.train.optimizer:
+            raise CheckpointError(
+                f"{run.last}: saved by train.optimizer={saved}, but this start uses train.optimizer="
+                f"{cfg.train.optimizer}: one optimizer's state does not carry over to another. Resume with "
+                f"train.optimizer={saved}, or start afresh from its weights: another run name with "
+                f"model.pretrained={run.last} (or train.resume=never, which moves this run aside)")
     floor = -math.inf
     if cfg.train.resume == "never":
         if d.rank == 0 and run.dir.exists() and run.has_weights():
