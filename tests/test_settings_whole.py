@@ -16,6 +16,7 @@ from spandrel.architectures.SPAN import SPAN
 from test_safety import _dataset, _one_line, _save_nano, _smooth, _train, _tree, trainable  # noqa: F401 (fixture)
 
 from pipeline.cli import main as cli
+from pipeline.core.errors import UserError
 from pipeline.core.images import read_uint8, write_png
 from pipeline.models.table import build_model
 
@@ -227,3 +228,35 @@ def test_nan_inside_a_phase_names_the_phase_rate_and_best_pth(trainable: Path, t
     assert f"{models / 'r' / 'best.pth'} the best validated weights" in line and "nothing was saved" not in line
 
 
+# -- messages of other stages --------------------------------------------------------------------------------------
+
+
+def test_evaluate_vs_names_one_image_and_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    hr = _smooth(32, 32, 0)
+    write_png(tmp_path / "hr" / "a.png", hr)
+    write_png(tmp_path / "sr" / "a.png", np.clip(hr.astype(int) + 3, 0, 255).astype(np.uint8))
+    write_png(tmp_path / "vs" / "a.png", np.clip(hr.astype(int) + 9, 0, 255).astype(np.uint8))
+    args = ["evaluate", "--sr", str(tmp_path / "sr"), "--hr", str(tmp_path / "hr")]
+    assert cli([*args, "--vs", str(tmp_path / "vs")]) == 0
+    gain = [line for line in capsys.readouterr().out.splitlines() if line.startswith("gain of ")]
+    assert len(gain) == 1 and "one image gives no interval" in gain[0] and "95% CI" not in gain[0]
+    assert cli([*args, "--vs", str(tmp_path / "vs" / "a.png")]) == 2
+    assert f"{tmp_path / 'vs' / 'a.png'}: is a file, not a folder of images" in _one_line(capsys)
+
+
+def test_a_pretrained_file_that_is_a_device_says_so(trainable: Path, tmp_path: Path,  # noqa: F811
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    assert _train(trainable, tmp_path / "models", "model.pretrained=/dev/null") == 2
+    assert "/dev/null: not a regular file (a device, a pipe or a socket)" in _one_line(capsys)
+
+
+def test_blend_weights_must_be_numbers_not_booleans(tmp_path: Path) -> None:
+    from pipeline.inference.blend import read_blend
+
+    path = tmp_path / "blend.yaml"
+    path.write_text("members: [a, b]\nweights: [true, false]\n")
+    with pytest.raises(UserError, match=r"blend.yaml: weights must be numbers \(got \[True, False\]\)"):
+        read_blend(path, "x")
+    path.write_text("members: [a, b]\nweights: [0.25, 0.75]\n")
+    assert read_blend(path, "x").weights == (0.25, 0.75)
+    assert math.isclose(sum(read_blend(path, "x").weights), 1)
