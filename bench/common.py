@@ -39,7 +39,7 @@ def cpu_model() -> str:
 
 def machine(device: torch.device) -> str:
     """One line: device, CPU model and cores, native bf16 or not, torch version, commit."""
-    from pipeline.core.runtime import cpu_has_fast_bf16
+    from pipeline.core.runtime import BF16_ENV, cpu_bf16
 
     commit = "?"
     try:
@@ -48,7 +48,10 @@ def machine(device: torch.device) -> str:
     except (OSError, subprocess.CalledProcessError):
         pass
     gpu = f"{torch.cuda.get_device_name(device)}, " if device.type == "cuda" else ""
-    bf16 = "native bf16 (AMX/AVX-512 BF16)" if cpu_has_fast_bf16() else "no AMX / no AVX-512 BF16"
+    bf16 = {"amx": "native bf16 (AMX)", "avx512_bf16": "native bf16 (AVX-512 BF16, no AMX)",
+            "emulated": "no native bf16 (no AMX / AVX-512 BF16)"}[cpu_bf16()]
+    if os.environ.get(BF16_ENV):
+        bf16 += f" ({BF16_ENV}={os.environ[BF16_ENV]})"
     return (f"{gpu}{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, {bf16}; "
             f"torch {torch.__version__}; commit {commit}; load {os.getloadavg()[0]:.2f}")
 

@@ -18,11 +18,9 @@ import dataclasses
 import itertools
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
-import torch
-from torch import nn
 from tqdm import tqdm
 
 from pipeline.core.config import Config, save_config, with_overrides
@@ -30,9 +28,13 @@ from pipeline.core.files import atomic_write
 from pipeline.core.images import read_float, read_uint8, to_uint8
 from pipeline.core.layout import DataLayout, OutputLayout
 from pipeline.core.metrics import paired_gain, score_pair
-from pipeline.core.runtime import pick_device, precision_name
-from pipeline.inference.predict import Settings, inference_dtype, load_models, predict_images
-from pipeline.inference.windows import AUTO, normalised, parse_window
+
+if TYPE_CHECKING:  # torch, pandas and the inference package load in the functions that compute
+    import pandas as pd
+    import torch
+    from torch import nn
+
+    from pipeline.inference.predict import Settings
 
 COLUMNS = ["models", "tta", "tile", "stride", "windows", "tile_blend", "precision", "merge", "psnr", "ssim",
            "sec_per_image", "gain_db", "gain_lo", "gain_hi", "default"]
@@ -40,17 +42,23 @@ COLUMNS = ["models", "tta", "tile", "stride", "windows", "tile_blend", "precisio
 
 def parse_tile(spec: str) -> tuple[int | str, int]:
     """``"128/64"`` -> (128, 64); ``"0"`` -> whole image (0, 0); ``"auto"`` -> ("auto", 0)."""
+    from pipeline.inference.windows import parse_window
+
     window = parse_window(spec, "ablate.tiles")
     return window.tile, window.stride
 
 
 def parse_window_set(entry: str) -> tuple[str, ...]:
     """``"0+64/32"`` -> ("0", "64/32"): an ``infer.windows`` value, each window checked."""
+    from pipeline.inference.windows import parse_window
+
     return tuple(parse_window(w, f"ablate.windows entry {entry!r}").spec for w in str(entry).split("+"))
 
 
 def _windows_key(s: Settings) -> tuple:
     """What the windows of ``s`` compute: their (tile, stride) pairs and normalised weights."""
+    from pipeline.inference.windows import normalised
+
     cuts = tuple((0, 0) if w.whole else (w.tile, w.stride) for w in s.window_list())
     weights = s.weights()
     return cuts, tuple(normalised(weights)) if len(cuts) > 1 else ()
@@ -59,6 +67,9 @@ def _windows_key(s: Settings) -> tuple:
 def settings_grid(cfg: Config, models: Sequence[nn.Module], device: torch.device) -> list[Settings]:
     """The distinct settings to run for ``models`` on ``device``, the configured default first (two
     precisions that resolve to one dtype for these models run once)."""
+    from pipeline.core.runtime import precision_name
+    from pipeline.inference.predict import Settings, inference_dtype
+
     base = Settings.from_config(cfg.infer)
     grid = [base]
     tilings = [{"tile": t, "stride": s or base.stride, "windows": (), "window_weights": ()}
@@ -94,7 +105,13 @@ def model_sets(cfg: Config) -> list[tuple[str, Config]]:
 
 def run_grid(cfg: Config) -> pd.DataFrame:
     """Score every (model set, setting) on the validation fold; one row each."""
-    pairs = DataLayout(Path(cfg.data.dir)).validation_pairs(cfg.data.val_fold)
+    pairs = DataLayout(Path(cfg.data.dir)).validation_pairs(cfg.data.val_fold)  # before torch loads
+    import pandas as pd
+
+    from pipeline.core.runtime import pick_device
+    from pipeline.inference.predict import Settings, load_models, predict_images
+    from pipeline.inference.windows import AUTO
+
     lr_images = [read_float(p.lr_path) for p in pairs]
     hr_images = [read_uint8(p.hr_path) for p in pairs]
     names = [p.name for p in pairs]

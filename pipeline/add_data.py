@@ -24,9 +24,7 @@ from __future__ import annotations
 import zlib
 from pathlib import Path
 
-import cv2
 import numpy as np
-import pandas as pd
 from tqdm import tqdm
 
 from pipeline.core.config import AddDataConfig, Config, save_config
@@ -42,6 +40,8 @@ STAMP = "add-data.yaml"  # the resolved settings, written into every set this st
 
 def degrade(hr: np.ndarray, scale: int, opts: AddDataConfig, seed: int) -> np.ndarray:
     """(H,W,3) uint8 HR -> (H/scale,W/scale,3) uint8 LR: [blur], bicubic x1/scale, [noise], [JPEG]; rounded once."""
+    import cv2
+
     from pipeline.core.compat import add_gaussian_noise, add_jpg_compression, bivariate_Gaussian, imresize
 
     x = hr.astype(np.float64) / 255.0
@@ -87,6 +87,8 @@ def _add_set(cfg: Config, data: DataLayout) -> None:
     source = Path(opts.source)
     name = check_id(opts.name or source.resolve().name, "add_data.name", "set name")
     photos = images_by_stem(source, "HR photo")
+    import pandas as pd  # once the settings and folders are checked
+
     ids = {stem: check_id(f"{name}_{stem}", str(source)) for stem in photos}
     others = data.extra_table()
     others = others[others["source"] != f"extra/{name}"]

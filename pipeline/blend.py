@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import yaml
 from tqdm import tqdm
 
@@ -31,22 +30,20 @@ from pipeline.core.files import atomic_write
 from pipeline.core.images import read_ahead, read_uint8
 from pipeline.core.layout import DataLayout, OutputLayout, RunLayout
 from pipeline.core.metrics import gain_text, paired_gain
-from pipeline.core.runtime import pick_device
-from pipeline.inference.blend import (
-    METHODS,
-    FoldArrays,
-    FoldStats,
-    cross_fitted_psnr,
-    fit,
-    iter_members,
-    member_config,
-    parse_members,
-)
-from pipeline.inference.predict import Settings, Timing, check_settings, load_models
+
+if TYPE_CHECKING:  # torch, pandas and the inference package load in the functions that compute, after main's checks
+    import pandas as pd
+
+    from pipeline.inference.blend import FoldArrays, FoldStats
+    from pipeline.inference.predict import Settings
 
 
 def collect(cfg: Config, specs: list[str], models: list[list[Any]], settings: Settings) -> FoldStats:
     """Run every member on each validation image once and keep the image's statistics."""
+    from pipeline.core.runtime import pick_device
+    from pipeline.inference.blend import FoldStats, iter_members
+    from pipeline.inference.predict import Timing
+
     pairs = DataLayout(Path(cfg.data.dir)).validation_pairs(cfg.data.val_fold)
     if len(pairs) < 2:
         raise UserError(f"data.val_fold={cfg.data.val_fold} holds {len(pairs)} image; a blend is judged by "
@@ -70,6 +67,11 @@ def _gain(a: np.ndarray, b: np.ndarray, seed: int) -> dict[str, float]:
 
 def report(stats: FoldArrays, cfg: Config) -> tuple[dict[str, Any], pd.DataFrame]:
     """blend.yaml's content and the per-image table, from the fold's statistics."""
+    import pandas as pd
+
+    from pipeline.inference.blend import METHODS, cross_fitted_psnr, fit
+    from pipeline.inference.predict import Settings
+
     b = cfg.blend
     fits: dict[str, Any] = {}
     per_image = pd.DataFrame({"img_id": stats.names})
@@ -127,6 +129,8 @@ def report(stats: FoldArrays, cfg: Config) -> tuple[dict[str, Any], pd.DataFrame
 
 
 def print_report(content: dict[str, Any], per_image: pd.DataFrame, cfg: Config, out: OutputLayout) -> None:
+    from pipeline.inference.blend import METHODS
+
     v = content["validation"]
     best = v["best_member"]
     rows = [(spec, per_image[spec]) for spec in content["members"]]
@@ -158,6 +162,10 @@ def main(cfg: Config) -> None:
     if RunLayout(Path(cfg.paths.models), name).has_weights():
         raise UserError(f"blend.name={name} is a training run's name ({Path(cfg.paths.models) / name}); its "
                         "predictions would share submit/<name>/: choose another name")
+    DataLayout(Path(cfg.data.dir)).need_splits()  # a wrong --data is reported before torch loads
+    from pipeline.inference.blend import member_config, parse_members
+    from pipeline.inference.predict import Settings, check_settings, load_models
+
     members = parse_members(cfg.blend.members)
     settings = Settings.from_config(cfg.infer)
     check_settings(settings)

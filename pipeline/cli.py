@@ -1,9 +1,16 @@
 """``python -m pipeline <stage> [--config FILE] [flags] [key=value ...]``.
 
 The stage table below is the whole interface: each stage names its module (imported only when
-the stage runs, so ``--help`` stays fast), the config sections its ``--help`` lists, and the path
-flags it accepts. A flag is only a spelling of a config key (``--data DIR`` = ``data.dir=DIR``),
-so the resolved config saved by each stage records the paths too.
+the stage runs), the config sections its ``--help`` lists, and the path flags it accepts. A flag is
+only a spelling of a config key (``--data DIR`` = ``data.dir=DIR``), so the resolved config saved by
+each stage records the paths too.
+
+``--help`` and every settings error answer before anything heavy loads: this module imports only
+the standard library and the light core (``config``: yaml; ``errors``, ``files``, ``workers``), the
+tables' ``--help`` lists come from name tuples (``pipeline.models.names``, ``pipeline.mri.names``),
+and every stage that reads a dataset or a volume folder imports torch, OpenCV or pandas only in
+the functions that compute, after its own checks of its settings and folders (``export`` loads its
+weights with torch to check them). ``tests/test_cli.py`` checks this through ``sys.modules``.
 """
 
 from __future__ import annotations
@@ -21,7 +28,6 @@ from pathlib import Path
 from pipeline.core.config import describe, load_config
 from pipeline.core.errors import Interrupted, UserError
 from pipeline.core.files import free_text
-from pipeline.core.images import set_max_pixels
 from pipeline.core.workers import check_worker_counts
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,21 +36,23 @@ VOLUMES_FLAG = {"--volumes": ("mri.dir", "folder of HR volumes (mri_splits.csv, 
 
 
 def _model_names() -> str:
-    from pipeline.models.table import MODELS
+    from pipeline.models.names import MODEL_NAMES
 
-    return "models: " + ", ".join(sorted(MODELS))
+    return ("models: " + ", ".join(sorted(MODEL_NAMES)) + "\nany other network from its authors' architecture "
+            "file: model.arch=FILE.py:Class (with model.arch_kwargs, arch_range, arch_key, arch_multiple); a Python "
+            "file runs only when model.arch names it")
 
 
 def _volume_model_names() -> str:
-    from pipeline.mri.models import VOLUME_MODELS
+    from pipeline.mri.names import BASELINES, VOLUME_MODEL_NAMES
 
-    return "volume models: " + ", ".join(sorted(VOLUME_MODELS)) + "; baselines: nearest, trilinear, tricubic"
+    return f"volume models: {', '.join(sorted(VOLUME_MODEL_NAMES))}; baselines: {', '.join(BASELINES)}"
 
 
 def _train_names() -> str:
-    from pipeline.models.discriminators import DISCRIMINATORS
+    from pipeline.models.names import DISCRIMINATOR_NAMES
 
-    return f"{_model_names()}\ndiscriminators (gan.discriminator): {', '.join(sorted(DISCRIMINATORS))}"
+    return f"{_model_names()}\ndiscriminators (gan.discriminator): {', '.join(sorted(DISCRIMINATOR_NAMES))}"
 
 
 @dataclass(frozen=True)
@@ -81,7 +89,8 @@ STAGES: dict[str, Stage] = {
         ("data", "model", "infer", "blend", "paths"),
         {**DATA_FLAG, "--input": ("infer.input", "folder of LR images"),
          "--output": ("infer.output", "folder for the SR PNGs"),
-         "--weights": ("model.weights", "a published or exported weights file to run as is (detected)")},
+         "--weights": ("model.weights", "a published or exported weights file to run as is (detected, or "
+                                        "model.arch's network)")},
         _model_names),
     "submit": Stage(
         "pipeline.submit", "write and validate submit/<run or blend.name>/submission.zip (or --check a zip)",
@@ -133,7 +142,8 @@ STAGES: dict[str, Stage] = {
     "export": Stage(
         "pipeline.export", "write models/<run>/<checkpoint>.onnx (checked with ONNX Runtime) or .safetensors",
         ("model", "export", "paths"),
-        {"--weights": ("model.weights", "export this weights file instead of the run's checkpoint")}),
+        {"--weights": ("model.weights", "export this weights file instead of the run's checkpoint (detected, or "
+                                         "model.arch's network)")}, _model_names),
 }
 
 
@@ -147,13 +157,25 @@ def _parser(name: str, stage: Stage) -> argparse.ArgumentParser:
     if stage.extra_help:
         epilog += f"\n\n{stage.extra_help()}"
     p = argparse.ArgumentParser(
-        prog=f"python -m pipeline {name}", description=stage.summary, epilog=epilog,
+        prog=f"python -m pipeline {name}", description=_block_text(stage.summary), epilog=_block_text(epilog),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="FILE", help="YAML file of settings (then flags, then key=value)")
     for flag, (key, text) in stage.flags.items():
-        p.add_argument(flag, metavar=key.split(".")[-1].upper(), help=f"{text} (= {key})")
+        p.add_argument(flag, metavar=key.split(".")[-1].upper(), help=_help_text(f"{text} (= {key})"))
     p.add_argument("overrides", nargs="*", metavar="key=value", help="settings, e.g. train.learning_rate=1e-4")
     return p
+
+
+def _help_text(text: str) -> str:
+    """``text`` as an argument's help: argparse %-formats those (``%(default)s``), so every % is
+    doubled and a help such as "95% interval" prints as written instead of raising."""
+    return text.replace("%", "%%")
+
+
+def _block_text(text: str) -> str:
+    """``text`` as a description or epilog (the settings table): argparse %-formats those only when
+    they hold ``%(prog)``, and then every % must be doubled as in ``_help_text``."""
+    return _help_text(text) if "%(prog)" in text else text
 
 
 def _top_help() -> str:
@@ -182,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         config_file = str(REPO / stage.default_config)
     try:
         cfg = load_config(config_file, [*args.overrides, *flags])
+        from pipeline.core.images import set_max_pixels  # numpy and PIL: after the settings are known good
+
         set_max_pixels(cfg.data.max_pixels)
         check_worker_counts(cfg)
         module = importlib.import_module(stage.module)

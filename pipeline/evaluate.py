@@ -19,15 +19,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from pipeline.core.config import Config
 from pipeline.core.errors import UserError
 from pipeline.core.files import atomic_write
 from pipeline.core.images import images_by_stem, read_uint8
 from pipeline.core.metrics import gain_text, paired_gain, score_pair, score_psnr, summary_line
-from pipeline.models.perceptual import ImageQuality
+
+if TYPE_CHECKING:  # pandas and torch (ImageQuality) load once the settings and folders are checked
+    import pandas as pd
+
+    from pipeline.models.perceptual import ImageQuality
 
 COLUMNS = ["name", "psnr", "ssim", "nrmse", "sharpness", "lpips"]
 
@@ -49,6 +52,10 @@ def match_folders(sr_dir: str | Path, hr_dir: str | Path) -> list[tuple[str, Pat
 def evaluate_pairs(pairs: Iterable[tuple[str, Path, Path]], protocol: str = "competition", scale: int = 4,
                    quality: ImageQuality | None = None) -> pd.DataFrame:
     """One row per (name, SR path, HR path): name, psnr, ssim, nrmse, sharpness, lpips."""
+    import pandas as pd
+
+    from pipeline.models.perceptual import ImageQuality
+
     quality = quality or ImageQuality()
     rows = []
     for name, sr_path, hr_path in pairs:
@@ -69,6 +76,8 @@ def evaluate_folders(sr_dir: str | Path, hr_dir: str | Path, protocol: str = "co
 def psnr_of_folder(sr_dir: str | Path, hr_dir: str | Path, protocol: str = "competition",
                    scale: int = 4) -> pd.Series:
     """stem -> PSNR of every prediction in ``sr_dir`` (PSNR only: the reference side of ``--vs``)."""
+    import pandas as pd
+
     scores = {}
     for name, sr_path, hr_path in match_folders(sr_dir, hr_dir):
         sr, hr = read_uint8(sr_path), read_uint8(hr_path)
@@ -81,6 +90,8 @@ def psnr_of_folder(sr_dir: str | Path, hr_dir: str | Path, protocol: str = "comp
 
 def mean_row(table: pd.DataFrame) -> list[object]:
     """The table's last row: the mean of every numeric column; a text column (a missing metric) keeps its text."""
+    import pandas as pd
+
     return ["mean", *(table[c].mean() if pd.api.types.is_numeric_dtype(table[c]) else table[c].iloc[0]
                       for c in table.columns[1:])]
 
@@ -89,7 +100,12 @@ def main(cfg: Config) -> None:
     ev = cfg.evaluate
     if not ev.sr or not ev.hr:
         raise UserError("evaluate needs --sr DIR (predictions) and --hr DIR (ground truth)")
-    table = evaluate_folders(ev.sr, ev.hr, ev.protocol, cfg.data.scale, ImageQuality(ev.lpips_weights, ev.lpips_net))
+    pairs = match_folders(ev.sr, ev.hr)
+    if ev.vs:
+        match_folders(ev.vs, ev.hr)  # every folder is checked before torch loads (ImageQuality) and work starts
+    from pipeline.models.perceptual import ImageQuality
+
+    table = evaluate_pairs(pairs, ev.protocol, cfg.data.scale, ImageQuality(ev.lpips_weights, ev.lpips_net))
     other = psnr_of_folder(ev.vs, ev.hr, ev.protocol, cfg.data.scale) if ev.vs else None  # checked before writing
     if ev.csv:
         with atomic_write(ev.csv) as tmp:

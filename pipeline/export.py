@@ -34,6 +34,7 @@ from pipeline.core.errors import UserError
 from pipeline.core.files import atomic_write, disk_full, write_error
 from pipeline.core.images import read_float
 from pipeline.core.layout import RunLayout
+from pipeline.models import arch_file
 from pipeline.models.checkpoint import load_checkpoint, load_weights_file, model_from_checkpoint, save_safetensors
 from pipeline.models.table import SCALE, Bicubic, card_of
 
@@ -46,7 +47,7 @@ def _model(cfg: Config) -> tuple[nn.Module, Path, str]:
     """The model to export, the path without suffix it goes to, and what it came from."""
     run = RunLayout(Path(cfg.paths.models), cfg.run)
     if cfg.model.weights:
-        model = load_weights_file(cfg.model.weights, cfg.model.name, cfg.export.ema)
+        model = load_weights_file(cfg.model.weights, cfg.model.name, cfg.export.ema, arch_file.spec_of(cfg.model))
         return model.eval(), run.dir / Path(cfg.model.weights).stem, cfg.model.weights
     path = run.checkpoint(cfg.export.checkpoint)
     if not path.is_file():

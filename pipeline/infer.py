@@ -37,29 +37,30 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 from tqdm import tqdm
 
 from pipeline.core.config import Config, save_config
-from pipeline.core.distributed import Dist, barrier, broadcast, gather, init_distributed, shutdown
 from pipeline.core.errors import UserError
 from pipeline.core.files import atomic_write, staged_dir
 from pipeline.core.images import PngWriter, images_by_stem, read_ahead, read_uint8, to_uint8
 from pipeline.core.layout import COMPLETE_MARK, LEADERBOARD_COLUMNS, DataLayout, OutputLayout, output_name
 from pipeline.core.locks import file_lock
 from pipeline.core.metrics import gain_text, paired_gain, score_pair
-from pipeline.core.runtime import peak_memory
-from pipeline.inference.blend import blend_predictions
-from pipeline.inference.predict import Settings, Timing, check_settings, iter_predict, load_models
-from pipeline.inference.reference import bicubic_psnr, exact_bicubic
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch, pandas and the inference package load in the functions that compute (_work first)
+    import pandas as pd
     import torch
+
+    from pipeline.core.distributed import Dist
+    from pipeline.inference.predict import Settings
 
 LEADERBOARD_WAIT = 60.0  # seconds another infer may hold leaderboard.csv (it rewrites a small CSV)
 
 
 def settings_for(cfg: Config) -> Settings:
+    from pipeline.inference.predict import Settings
+    from pipeline.inference.reference import exact_bicubic
+
     settings = Settings.from_config(cfg.infer)
     if cfg.model.name == "bicubic" and not cfg.blend.name:
         settings = exact_bicubic(settings)
@@ -70,6 +71,8 @@ def append_leaderboard(path: Path, row: dict) -> None:
     """Add one row to the leaderboard CSV (rewritten atomically); older files gain the new columns, empty.
     Every run's infer appends to the one file: the read and the rewrite hold its lock, so two runs
     finishing together both keep their row."""
+    import pandas as pd
+
     with file_lock(path, "infer", wait=LEADERBOARD_WAIT):
         table = pd.DataFrame([row], columns=list(LEADERBOARD_COLUMNS))
         if path.is_file():
@@ -84,6 +87,8 @@ def with_reference(cfg: Config, row: dict[str, Any], scores: pd.DataFrame, items
                    hr_paths: dict[str, Path], device: torch.device, settings: Settings) -> dict[str, Any]:
     """The row with its gain over bicubic on the same images (paired bootstrap 95% interval), after its
     per-image scores (and bicubic's) are written to ``submit/leaderboard/<time>-<name>.csv``."""
+    from pipeline.inference.reference import bicubic_psnr
+
     out = OutputLayout(Path(cfg.paths.submit), output_name(cfg))
     reference = bicubic_psnr(items, hr_paths, out, device, settings)
     per_image = scores[["img_id", "psnr", "ssim"]].assign(bicubic_psnr=scores["img_id"].map(reference).to_numpy())
@@ -146,6 +151,10 @@ def merge_timings(parts: list[dict[str, Any]]) -> dict[str, Any]:
 def _predict(cfg: Config, d: Dist, items: list[tuple[str, Path]], hr_paths: dict[str, Path], stage: Path,
              settings: Settings) -> tuple[dict[str, Any], list[dict[str, Any]], str]:
     """This rank's share of the images into ``stage``; its timing summary, scores and model description."""
+    from pipeline.core.runtime import peak_memory
+    from pipeline.inference.blend import blend_predictions
+    from pipeline.inference.predict import Timing, iter_predict, load_models
+
     mine = items[d.rank::d.world]
     timing = Timing(device=str(d.device), precision="")
     scores = []
@@ -171,7 +180,10 @@ def _predict(cfg: Config, d: Dist, items: list[tuple[str, Path]], hr_paths: dict
 
 
 def main(cfg: Config) -> None:
-    items, hr_paths, out_dir = _work(cfg)
+    items, hr_paths, out_dir = _work(cfg)  # the folders, before torch loads
+    from pipeline.core.distributed import barrier, init_distributed, shutdown
+    from pipeline.inference.predict import check_settings
+
     settings = settings_for(cfg)
     check_settings(settings)  # before any folder or model is touched
     d = init_distributed()
@@ -197,6 +209,8 @@ def _run(cfg: Config, d: Dist, items: list[tuple[str, Path]], hr_paths: dict[str
          stage: Path | None, settings: Settings) -> tuple[dict[str, Any], pd.DataFrame] | None:
     """Predict into ``stage``; on rank 0 write its timing and config and return the leaderboard row and
     the per-image scores (None without scores, and on the other ranks)."""
+    from pipeline.core.distributed import broadcast, gather
+
     stage = Path(broadcast(d, str(stage)))  # rank 0 made it; every rank writes its images into it
     summary, scores, model_desc = _predict(cfg, d, items, hr_paths, stage, settings)
     parts = gather(d, (summary, scores))
@@ -219,10 +233,14 @@ def _run(cfg: Config, d: Dist, items: list[tuple[str, Path]], hr_paths: dict[str
         per = [f"{w['window']}{' (' + '+'.join(w['tiles']) + ')' if w['window'] == 'auto' else ''} "
                f"{w['seconds_total'] / max(summary['images'], 1):.3f}" for w in summary["windows"]]
         print(f"seconds per image by window: {', '.join(per)}")
+        for why in sorted({why for w in summary["windows"] for why in w.get("auto", [])}):
+            print(f"auto: {why}")
     if summary["fp32_fallbacks"]:
         print(f"rerun in fp32 after NaN/Inf: {', '.join(summary['fp32_fallbacks'])}")
     if not scores:
         return None
+    import pandas as pd
+
     df = pd.DataFrame(scores)
     resolved = dataclasses.replace(settings, precision=summary["precision"])  # 'auto' -> what ran
     row = {"timestamp": dt.datetime.now().isoformat(timespec="seconds"), "run": output_name(cfg),

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import yaml
 from patchify import patchify
 from tqdm import tqdm
@@ -210,6 +209,8 @@ def _patchify(cfg: Config, data: DataLayout) -> None:
         else:
             results = [_patch_image(job) for job in tqdm(todo, desc="patchify", unit="img")]
         rows.update({job[2]: result for job, result in zip(todo, results)})
+
+    import pandas as pd  # here: the settings and the dataset's folder and splits are checked before it loads
 
     manifest = pd.DataFrame([row for i in splits["img_id"] for row in rows[i]], columns=list(MANIFEST_COLUMNS))
     with atomic_write(patches.manifest) as tmp:

@@ -18,8 +18,8 @@ with fold -1: training only, never a validation fold.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 from tqdm import tqdm
 
 from pipeline.core.config import Config, save_config
@@ -30,6 +30,9 @@ from pipeline.core.images import ImageError, image_size
 from pipeline.core.layout import EXTRA_FOLD, SPLIT_COLUMNS, DataLayout
 from pipeline.core.locks import data_lock
 from pipeline.core.workers import process_pool
+
+if TYPE_CHECKING:  # pandas loads once the settings and the folder are checked
+    import pandas as pd
 
 
 def _size_or_error(path: Path) -> tuple[int, int] | str:
@@ -104,6 +107,8 @@ def _prepare(cfg: Config, data: DataLayout) -> None:
     root = data.root
     if not 0 <= cfg.data.val_fold < cfg.data.folds:
         raise DataError(f"data.val_fold={cfg.data.val_fold} is outside 0..{cfg.data.folds - 1}")
+    import pandas as pd
+
     train = data.train_table()
     test = data.test_table()
     for table, col in ((train, "lr_path"), (train, "hr_path"), (test, "lr_path")):

@@ -43,9 +43,7 @@ from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
 
-import cv2
 import numpy as np
-import pandas as pd
 
 from pipeline.core.config import Config, DataConfig
 from pipeline.core.errors import UserError
@@ -92,6 +90,8 @@ def check_png(data: bytes, where: str, size: tuple[int, int] | None = None) -> N
         check_pixels(width, height, where)  # before decoding: the header may claim anything
     except ImageError as exc:
         raise SubmissionError(str(exc)) from None
+    import cv2  # here, not at the top: submit's settings and folders are checked before OpenCV loads
+
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if img is None or img.shape != (height, width, 3):
         raise SubmissionError(f"{where}: PNG data does not decode to {width}x{height} RGB (corrupt?)")
@@ -283,6 +283,8 @@ def write_submission(files: dict[str, Path], out: Path, expected: dict[str, tupl
                 for img_id, p in files.items():
                     zf.writestr(f"{img_id}.png", p.read_bytes())
         else:
+            import pandas as pd
+
             rows = [(i, base64.b64encode(p.read_bytes()).decode("ascii")) for i, p in files.items()]
             buf = io.StringIO()
             pd.DataFrame(rows, columns=list(CSV_COLUMNS)).to_csv(buf, index=False)

@@ -1,13 +1,14 @@
 """Train stage: data/<set>/patches -> models/<run>/ (checkpoints, log.jsonl, curves.png, tb/).
 
 The image task of the training package (``pipeline.training``): the model table's ``model.name``
-(or the weights file in ``model.pretrained``, its architecture detected when it is not
-model.name), trained on the patches of every fold but ``data.val_fold`` (random crops and the 8
-dihedral transforms, ``pipeline.training.patch_data``), and validated with the contest metric on
-that fold's whole images against MATLAB bicubic (``pipeline.training.validation``). What a step
-optimises is the run's objective (``pipeline.training.objectives``): ``psnr`` (loss =
-train.loss_l1 * L1 + train.loss_mse * MSE on [0,1] pixels, plus loss.* terms when weighted) or,
-with gan.discriminator set, ``gan`` (adversarial fine-tuning of a PSNR run). Everything else
+or the network of an authors' file (``model.arch``), or the weights file in ``model.pretrained``
+(its architecture detected when it is not model.name or model.arch), trained on the patches of
+every fold but ``data.val_fold`` (random crops and the 8 dihedral transforms,
+``pipeline.training.patch_data``), and validated with the contest metric on that fold's whole
+images against MATLAB bicubic (``pipeline.training.validation``). What a step optimises is the
+run's objective (``pipeline.training.objectives``): ``psnr`` (loss = train.loss_l1 * L1 +
+train.loss_mse * MSE on [0,1] pixels, plus loss.* terms when weighted) or, with gan.discriminator
+set, ``gan`` (adversarial fine-tuning of a PSNR run). Everything else
 (the loop, checkpoints and exact resume, EMA, DDP under torchrun, compile) is
 ``pipeline.training.run``'s, shared with the volume trainers.
 """
@@ -15,50 +16,56 @@ with gan.discriminator set, ``gan`` (adversarial fine-tuning of a PSNR run). Eve
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
-from torch.utils.data import DataLoader
+from typing import TYPE_CHECKING, Any
 
 from pipeline.core.config import Config
-from pipeline.core.distributed import Dist
 from pipeline.core.errors import UserError
 from pipeline.core.layout import DataLayout, RunLayout
-from pipeline.models.archs import MIN_SIDE, smallest_side
-from pipeline.models.checkpoint import load_weights_file, save_model_card
-from pipeline.models.discriminators import build_discriminator, check_discriminator, discriminator_kwargs
-from pipeline.models.table import ModelCard, build_model, card_of, check_scale, count_parameters
-from pipeline.training.loader import EpochBatches, run_loader
-from pipeline.training.patch_data import PairAugment, PatchDataset, read_pair
-from pipeline.training.run import run
-from pipeline.training.task import TrainTask
-from pipeline.training.validation import ImageValidation
+
+if TYPE_CHECKING:  # torch and the training package load in the functions that build the task, after main's check
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader
+
+    from pipeline.core.distributed import Dist
+    from pipeline.training.loader import EpochBatches
+    from pipeline.training.task import TrainTask
 
 
 def build_trainable(cfg: Config) -> nn.Module:
-    """The table's model, or the one in ``model.pretrained`` (detected when it is not model.name); a resumed
-    run whose model.pretrained file is gone is rebuilt from its own last.pth (which holds arch and weights)."""
+    """The table's model, model.arch's network, or either with the weights of ``model.pretrained`` (a file that is
+    not model.name is detected); a resumed run whose model.pretrained file is gone is rebuilt from its own
+    last.pth (which holds arch and weights)."""
+    from pipeline.models import arch_file
+    from pipeline.models.checkpoint import load_weights_file
+    from pipeline.models.table import ModelCard, build_model, card_of, count_parameters
+
+    spec = arch_file.spec_of(cfg.model)
     if cfg.model.pretrained:
         last = RunLayout(Path(cfg.paths.models), cfg.run).last
         if not Path(cfg.model.pretrained).exists() and cfg.train.resume != "never" and last.is_file():
-            model = load_weights_file(last, ema=False)  # its weights are replaced by last.pth's state anyway
+            model = load_weights_file(last, ema=False, arch=spec)  # its weights are replaced by last.pth's state
             card = card_of(model)
             model.card = ModelCard(card.arch, card.kwargs, card.precisions,
                                    f"model.pretrained={cfg.model.pretrained} is gone: {card.arch} rebuilt from "
                                    f"{last}, which this start resumes", card.detected)
             return model
-        return load_weights_file(cfg.model.pretrained, cfg.model.name)
-    model = build_model(cfg.model.name)
+        return load_weights_file(cfg.model.pretrained, cfg.model.name, arch=spec)
+    model = arch_file.build(spec, *arch_file.read_source(spec.path)) if spec else build_model(cfg.model.name)
     if count_parameters(model) == 0:
-        raise UserError(f"model.name={cfg.model.name} has no parameters to train; it is a baseline: "
-                        f"use it directly, e.g. `infer model.name={cfg.model.name}`")
+        what = f"model.arch={cfg.model.arch}" if spec else f"model.name={cfg.model.name}"
+        raise UserError(f"{what} has no parameters to train; it is a baseline: use it directly, e.g. `infer {what}`")
     return model
 
 
 def _loader(cfg: Config, d: Dist, model: nn.Module, stream: int = 0) -> tuple[DataLoader, EpochBatches, int]:
     """The training loader, its epoch order, and the LR side of a training sample (crop or patch);
     ``stream``: the phase of train.phases (whose crop and batch ``cfg`` holds)."""
+    from pipeline.models.archs import MIN_SIDE, smallest_side
+    from pipeline.models.table import card_of
+    from pipeline.training.loader import run_loader
+    from pipeline.training.patch_data import PairAugment, PatchDataset, read_pair
+
     t = cfg.train
     pairs = DataLayout(Path(cfg.data.dir)).patches.training_pairs(cfg.data.val_fold)
     side = min(read_pair(pairs[0], cfg.data.scale)[0].shape[:2])
@@ -81,6 +88,14 @@ def _loader(cfg: Config, d: Dist, model: nn.Module, stream: int = 0) -> tuple[Da
 def image_task(cfg: Config, d: Dist) -> TrainTask:
     """The 2-D image task: the model table's ``model.name``, the patches of ``data.dir``, contest PSNR
     (and LPIPS with evaluate.lpips_weights) on the held-out fold's whole images against bicubic."""
+    import torch
+
+    from pipeline.models.checkpoint import save_model_card
+    from pipeline.models.discriminators import build_discriminator, check_discriminator, discriminator_kwargs
+    from pipeline.models.table import card_of, check_scale
+    from pipeline.training.task import TrainTask
+    from pipeline.training.validation import ImageValidation
+
     t = cfg.train
     check_scale(cfg.data.scale)
     model = build_trainable(cfg).to(d.device)
@@ -116,4 +131,7 @@ def image_task(cfg: Config, d: Dist) -> TrainTask:
 
 def main(cfg: Config) -> None:
     """Train ``model.name`` on the patches of ``data.dir``; outputs in ``paths.models/run``."""
+    DataLayout(Path(cfg.data.dir)).patches.need_manifest()  # a wrong --data is reported before torch loads
+    from pipeline.training.run import run
+
     run(cfg, image_task, data_root=cfg.data.dir)

@@ -69,3 +69,10 @@ def test_good_setups_pass_and_overrides_are_checked() -> None:
     assert discriminator_kwargs("unet-sn", num_feat=32) == {"num_feat": 32, "skip_connection": True}
     with pytest.raises(UserError, match="no argument"):
         build_discriminator("unet-sn", num_feats=3)
+
+
+def test_help_lists_the_table() -> None:
+    """``train --help`` lists discriminators from a name tuple that needs no torch: the table's names, in order."""
+    from pipeline.models.names import DISCRIMINATOR_NAMES
+
+    assert DISCRIMINATOR_NAMES == tuple(DISCRIMINATORS)

@@ -192,3 +192,27 @@ def test_median_by_hand_and_across_models() -> None:
     torch.testing.assert_close(ours, torch.from_numpy(expected), atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="merge"):
         average_models(models, x, 8, merge="max")
+
+
+@pytest.mark.parametrize("merge", ["mean", "median"])
+@pytest.mark.parametrize("shape", [(1, 3, 6, 6), (3, 3, 5, 7)])  # one square image; three non-square tiles
+def test_ways_split_over_calls_merge_to_the_same_output(merge: str, shape: tuple[int, ...]) -> None:
+    """per_call caps the images of one call (a whole image's 8 ways as 8 calls): equal calls, one shape each,
+    and the merged result of every split is the one-call result (up to the conv's own batch rounding)."""
+    torch.manual_seed(0)
+    model, x = Skewed().eval(), torch.rand(*shape)
+    calls: list[tuple[int, ...]] = []
+
+    def fn(batch: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(batch.shape))
+        return model(batch)
+
+    with torch.no_grad():
+        one = self_ensemble(fn, x, 8, merge)
+        for per_call in (1, 2, 3, 5):
+            calls.clear()
+            split = self_ensemble(fn, x, 8, merge, per_call=per_call)
+            torch.testing.assert_close(split, one, rtol=0, atol=1e-6)
+            assert all(c[0] <= per_call for c in calls) and sum(c[0] for c in calls) == 8 * shape[0]
+            groups = 1 if shape[-1] == shape[-2] else 2  # a non-square input: kept and transposed shapes
+            assert len(set(calls)) == groups  # equal calls within a shape: a compiled model sees one batch size

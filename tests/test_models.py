@@ -211,3 +211,10 @@ def test_unknown_model_names_the_choices() -> None:
         build_model("edsr-tinyy")
     with pytest.raises(UserError, match="no argument"):
         build_model("edsr-tiny", num_feats=3)
+
+
+def test_help_lists_the_table() -> None:
+    """``--help`` lists models from a name tuple that needs no torch: it is the table's names, in order."""
+    from pipeline.models.names import MODEL_NAMES
+
+    assert MODEL_NAMES == tuple(MODELS)

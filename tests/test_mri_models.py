@@ -137,3 +137,10 @@ def test_total_variation_by_hand() -> None:
     y[0, 0, 0, 0] = 1.0
     # vertical diffs: |0-1| and 0 -> mean 0.5; horizontal: same -> 0.5
     assert total_variation(y).item() == pytest.approx(1.0)
+
+
+def test_help_lists_the_table() -> None:
+    """The mri stages' ``--help`` lists models from a name tuple that needs no torch: the table's names, in order."""
+    from pipeline.mri.names import VOLUME_MODEL_NAMES
+
+    assert VOLUME_MODEL_NAMES == tuple(VOLUME_MODELS)

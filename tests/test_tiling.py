@@ -8,13 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.inference.memory import CPU_PIXELS, CUDA_MEMORY_CAP, CUDA_PIXELS, TileMemoryError
 from pipeline.inference.tiling import (
-    CPU_PIXELS,
-    CUDA_MEMORY_CAP,
-    CUDA_PIXELS,
     HANN_FLOOR,
     TileError,
-    TileMemoryError,
     auto_batch,
     batch_bound,
     merge_plan,

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.inference.tiling import TileMemoryError, merge_plan, run_tiles, tile_corners, tile_forward, tile_geometry
+from pipeline.inference.memory import TileMemoryError
+from pipeline.inference.tiling import merge_plan, run_tiles, tile_corners, tile_forward, tile_geometry
 from pipeline.mri.models import build_volume_model
 
 pytestmark = pytest.mark.usefixtures("fast_cpu")  # many small 3-D convolutions of new shapes

@@ -5,6 +5,7 @@ whole image when it fits and otherwise a tile of the model's window, and ablate 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from pipeline.core.compat import imresize
 from pipeline.core.config import load_config
 from pipeline.core.errors import UserError
 from pipeline.core.images import to_uint8, write_png
+from pipeline.inference.memory import images_per_call, probe_tile_memory
 from pipeline.inference.predict import Settings, check_settings, predict_images
 from pipeline.inference.windows import auto_tile, merge_windows, model_unit, parse_window
 from pipeline.models.archs import Padded
@@ -27,6 +29,7 @@ from pipeline.models.checkpoint import load_weights_file
 from pipeline.models.table import build_model
 
 CPU = torch.device("cpu")
+GIB = 2**30
 CRAFT = ROOT.parent / "shared" / "weights" / "craft_x4_ntire2024_team34.pth"  # the shared folder beside the checkout
 
 
@@ -145,16 +148,38 @@ def test_model_unit_is_the_window_and_size_multiple() -> None:
     assert model_unit([build_model("drct-nano"), build_model("edsr-nano")]) == (16, 0)  # DRCT: multiple of 16
 
 
-def test_auto_picks_the_whole_image_when_it_fits_on_the_cpu(nano: nn.Module) -> None:
-    def never(*_args: object) -> tuple[int, int]:
-        raise AssertionError("the CPU rule must not probe")
+def fake_probe(bytes_per_pixel: int, free: int, ways: int = 8) -> Callable[..., tuple[int, int]]:
+    """Stands for the memory measurement: a call's peak is ``bytes_per_pixel`` per LR pixel of its images
+    (the probe tile x the ``ways`` one call carries), and the device has ``free`` bytes."""
+    def probe(fn: object, channels: int, shape: tuple[int, ...], device: torch.device) -> tuple[int, int]:
+        area = shape[0] * shape[1]
+        return bytes_per_pixel * area * min(ways, images_per_call(area, device)), free
+    return probe
 
-    assert auto_tile(nano, (128, 128), 8, CPU, 8, probe=never) == (0, 0)  # the demo's 128^2 LR x 8 ways
-    assert auto_tile(nano, (512, 512), 8, CPU, 8, probe=never) == (176, 88)  # a contest image: 181 -> 176
+
+def test_auto_picks_the_whole_image_when_it_fits_on_the_cpu(nano: nn.Module) -> None:
+    # CRAFT-like in bf16: ~3 KiB per LR pixel of a call; 20 GiB of RAM available, half of it the budget.
+    probe = fake_probe(3 * 2**10, 20 * GIB)
+    demo = auto_tile(nano, (128, 128), 8, CPU, 8, probe=probe)
+    assert demo.cut == (0, 0) and "whole image: 128x128 LR x 8 way(s), 2 per call" in demo.why
+    # a contest image x 8 ways runs whole, one way per call (~0.75 GiB), where 8 in one call took ~6 GB
+    contest = auto_tile(nano, (512, 512), 8, CPU, 8, probe=probe)
+    assert contest.cut == (0, 0) and "1 per call needs ~0.8 GiB (RAM available: 20.0 GiB" in contest.why
+    # 1 GiB available: a 512 MiB budget holds 174762 pixels of a call: 416^2, a multiple of 8
+    small = auto_tile(nano, (512, 512), 8, CPU, 8, probe=fake_probe(3 * 2**10, GIB))
+    assert small.cut == (416, 208) and "would need ~0.8 GiB" in small.why
+    # the real measurement, on the demo's size: whole wherever a few hundred MiB are free
     (whole,), _ = predict_images([nano], LRS[:1], _with(BASE, tile=0))
     (auto,), timing = predict_images([nano], LRS[:1], _with(BASE, tile="auto"))
     np.testing.assert_array_equal(auto, whole)
     assert timing.summary()["windows"][0]["tiles"] == ["whole"]
+    assert timing.summary()["windows"][0]["auto"][0].startswith("whole image: ")
+
+
+def test_the_real_probe_measures_the_cpu_forward(nano: nn.Module) -> None:
+    peak, free = probe_tile_memory(lambda x: nano(x.expand(8, -1, -1, -1).contiguous()), 3, (64, 64), CPU)
+    assert peak > 8 * 64 * 64 * 48 * 4  # at least the 8 outputs of 256^2 x 3 fp32
+    assert free > 0
 
 
 def test_auto_on_a_small_budget_takes_tiles_of_the_window(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -163,26 +188,27 @@ def test_auto_on_a_small_budget_takes_tiles_of_the_window(monkeypatch: pytest.Mo
     lr = _photo(40, 56)
     settings = Settings(tta=1, tile="auto", precision="fp32", tile_blend="hann")
     (whole,), _ = predict_images([model], [lr], settings)
-    monkeypatch.setattr(windows, "CPU_WHOLE_PIXELS", 36 * 36)
+    monkeypatch.setattr(windows, "probe_tile_memory", fake_probe(2**10, 2 * 36 * 36 * 2**10, ways=1))  # 36^2 px fit
     (tiled,), timing = predict_images([model], [lr], settings)
     assert timing.summary()["windows"][0]["tiles"] == ["32/16"]  # isqrt(36^2) = 36 -> 32, a multiple of 16
     assert np.abs(tiled - whole).max() > 0  # it did cut the image
-    monkeypatch.setattr(windows, "CPU_WHOLE_PIXELS", 4)
-    assert auto_tile(model, (40, 56), 1, CPU, *model_unit([model])) == (16, 8)  # never below one unit
+    tiny = auto_tile(model, (40, 56), 1, CPU, *model_unit([model]), probe=fake_probe(2**10, 8 * 2**10, ways=1))
+    assert tiny.cut == (16, 8)  # never below one unit
 
 
 def test_auto_on_cuda_weighs_the_probed_memory() -> None:
-    """A fake probe stands for the CUDA measurement: (peak bytes of one probe tile x ways, free bytes)."""
-    gib, cuda, seen = 2**30, torch.device("cuda"), []
+    """8 KiB per LR pixel of a call (1 GiB for a 128^2 tile x 8 ways); the budget is the 8 GiB cap."""
+    cuda, seen = torch.device("cuda"), []
 
     def probe(fn: object, channels: int, shape: tuple[int, ...], device: torch.device) -> tuple[int, int]:
-        seen.append(shape)  # 1 GiB per 128^2 tile; the budget is the 8 GiB cap: 8 x 128^2 LR pixels fit
-        return gib * shape[0] * shape[1] // 128**2, 80 * gib
+        seen.append(shape)
+        return fake_probe(8 * 2**10, 80 * GIB)(fn, channels, shape, device)
 
-    assert auto_tile(nn.Identity(), (256, 256), 8, cuda, 16, probe=probe) == (0, 0)  # 256^2 = 4 x 128^2: whole
-    assert auto_tile(nn.Identity(), (512, 512), 8, cuda, 16, probe=probe) == (352, 176)  # isqrt(131072) = 362
-    assert auto_tile(nn.Identity(), (60, 500), 8, cuda, 16, probe=probe) == (0, 0)
-    assert seen == [(128, 128), (128, 128), (48, 48)]  # the probe tile: 128, or the image's side in units
+    assert auto_tile(nn.Identity(), (256, 256), 8, cuda, 16, probe=probe).cut == (0, 0)  # 8 ways in one call: 4 GiB
+    assert auto_tile(nn.Identity(), (512, 512), 8, cuda, 16, probe=probe).cut == (0, 0)  # 2 ways per call: 4 GiB
+    assert auto_tile(nn.Identity(), (1536, 1536), 8, cuda, 16, probe=probe).cut == (1024, 512)  # 18 GiB whole
+    assert auto_tile(nn.Identity(), (60, 500), 8, cuda, 16, probe=probe).cut == (0, 0)
+    assert seen == [(128, 128), (128, 128), (128, 128), (48, 48)]  # the probe tile: 128, or the image's side
 
 
 def test_ablate_grid_runs_each_window_set() -> None:
@@ -209,7 +235,8 @@ def test_auto_on_a_published_windowed_network(monkeypatch: pytest.MonkeyPatch, f
     lr = _photo(32, 48)
     settings = Settings(tta=1, tile="auto", precision="fp32")
     (whole,), _ = predict_images([model], [lr], settings)
-    monkeypatch.setattr(windows, "CPU_WHOLE_PIXELS", 32 * 32)  # 32 x 48 no longer fits
+    # a budget of 32 x 32 pixels: 32 x 48 no longer fits
+    monkeypatch.setattr(windows, "probe_tile_memory", fake_probe(2**10, 2 * 32 * 32 * 2**10, ways=1))
     (tiled,), timing = predict_images([model], [lr], settings)
     assert timing.summary()["windows"][0]["tiles"] == ["32/16"]
     mse = float(((to_uint8(tiled).astype(float) - to_uint8(whole)) ** 2).mean())

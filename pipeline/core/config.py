@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import re
 import reprlib
@@ -39,6 +40,9 @@ def opt(default: Any, help: str, *, ge: float | None = None, gt: float | None = 
     return field(default=default, metadata={"help": help, "bounds": bounds})
 
 
+# Text settings with a format of their own, checked when set (pipeline.core.config._TEXT_CHECKS).
+ArchText = typing.NewType("ArchText", str)  # '' or 'FILE.py:Class' (model.arch)
+KwargsText = typing.NewType("KwargsText", str)  # a mapping of plain values held as JSON text: configs stay immutable
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 CompileMode = Literal["auto", "off", "default", "reduce-overhead"]  # torch.compile modes, or auto / off
 MAX_PAD = 512  # infer.pad: LR pixels of reflection per side; more only costs memory
@@ -78,12 +82,32 @@ class PatchifyConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = opt("edsr-tiny", "architecture from the model table (see `train --help`)")
+    name: str = opt(
+        "edsr-tiny", "architecture from the model table (see `train --help`); model.arch, when set, replaces it")
     pretrained: str = opt(
         "", "weights file to start from (.pth/.pt/.safetensors, any layout); a file that is not model.name "
         "is detected (architecture + hyper-parameters) and used instead, recorded in models/<run>/model.yaml")
     weights: str = opt(
-        "", "weights file infer/export run as is (--weights), architecture detected; replaces the run's checkpoint")
+        "", "weights file infer/export run as is (--weights), architecture detected (or model.arch's); replaces the "
+        "run's checkpoint")
+    arch: ArchText = opt(
+        "", "a network from its authors' architecture file, FILE.py:Class (e.g. models/team23_safmnpp.py:SAFMNPP), "
+        "used instead of model.name with model.pretrained / --weights (or trained from scratch); the pipeline runs a "
+        "Python file only when this setting names it; a run records the file's path and sha256, and a later stage "
+        "refuses the file once it changed")
+    arch_kwargs: KwargsText = opt(
+        "", "model.arch's constructor arguments, a mapping of plain values: model.arch_kwargs='{dim: 36, n_blocks: "
+        "6}' (in YAML: arch_kwargs: {dim: 36, n_blocks: 6}); empty = none")
+    arch_range: Literal[1, 255] = opt(
+        1, "the input range model.arch's network was trained on: 1 = RGB in [0,1]; 255 = RGB in [0,255] (the "
+        "pipeline, which works in [0,1], scales its input by 255 and its output back)")
+    arch_key: str = opt(
+        "auto", "the entry of the weights file holding model.arch's state dict: a key (params_ema, params, "
+        "state_dict ...) or 'file' (the file itself); auto = the file when it holds tensors only, else params_ema "
+        "(params first with infer.ema=false), params, state_dict, model; a 'module.' prefix is stripped")
+    arch_multiple: int = opt(
+        1, "model.arch's input is padded (bottom/right, reflection) to a multiple of this and its output cropped "
+        "back, for a class that needs divisible sizes", ge=1, le=1024)
 
 
 Scheduler = Literal["step", "cosine", "constant"]
@@ -150,9 +174,12 @@ class TrainConfig:
         "useful average; false = ema_decay from the first step, so a fine-tune's EMA starts at the loaded weights "
         "and leaves them slowly")
     precision: Precision = opt(
-        "auto", "autocast dtype; auto = on CUDA bf16 when a step holds >= 131072 LR pixels per GPU "
-        "(batch x LR sample side^2, e.g. 16 x 128^2), else fp32 with TF32 (small steps are launch-bound); on a CPU "
-        "bf16 only with native bf16 (AMX / AVX-512 BF16), else fp32; fp32 when train.deterministic")
+        "auto", "autocast dtype; auto = bf16 only where it is fast on the device and this kind of run (image or "
+        "volume, PSNR or GAN loss) was measured stable in it, else fp32; the run's first line says which and why. "
+        "Fast: on CUDA from 131072 LR pixels per GPU per step (batch x LR sample side^2, e.g. 16 x 128^2; smaller "
+        "steps are launch-bound: fp32 with TF32), on a CPU with native bf16 (AMX / AVX-512 BF16; the environment "
+        "variable SR_BF16=force or forbid takes the CPU as one with or without). Measured stable: PSNR runs of "
+        "image networks; GAN and volume runs train in fp32. fp32 when train.deterministic")
     compile: CompileMode = opt(
         "auto", "torch.compile the training step for its fixed patch shape; reduce-overhead adds CUDA graphs; "
         "auto = reduce-overhead on CUDA when, at the first log point, >= ~7.2 min of training are left (by "
@@ -546,8 +573,72 @@ FLOAT32_MAX = 3.4028234e38  # settings reach torch as float32
 INT64_MAX = 2**63 - 1  # and integers numpy / torch as int64
 
 
+def split_arch(text: str) -> tuple[str, str]:
+    """``'path/to/file.py:Class'`` -> ``('path/to/file.py', 'Class')`` (the last ':' splits, so a path may hold one)."""
+    path, sep, name = text.rpartition(":")
+    if not sep or not path.strip() or not name.isidentifier():
+        raise ConfigError(f"model.arch={_short(text)} must be FILE.py:Class (a Python file, a colon, the class name)")
+    if not path.endswith(".py"):
+        raise ConfigError(f"model.arch={_short(text)}: {path!r} is not a Python file (.py)")
+    return path, name
+
+
+def _arch_text(value: Any, key: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected FILE.py:Class, got {_short(value)}")
+    if value:
+        split_arch(value)
+    return value
+
+
+def _plain_value(value: Any, key: str, depth: int = 0) -> Any:
+    """A constructor argument as plain data (numbers, strings, booleans, null, lists and mappings of them)."""
+    if depth > 8:
+        raise ConfigError(f"{key}: nested more than 8 levels deep")
+    if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 1e-3 as a string
+    if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+        raise ConfigError(f"{key}={value} is not a finite number")
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain_value(v, f"{key}[{i}]", depth + 1) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{key}: mapping keys must be names, got {_short(list(value))}")
+        return {k: _plain_value(v, f"{key}.{k}", depth + 1) for k, v in value.items()}
+    raise ConfigError(f"{key}: {_short(value)} is not a number, string, boolean, list or mapping")
+
+
+def _kwargs_text(value: Any, key: str) -> str:
+    """A mapping (or its YAML / JSON text) -> canonical JSON text; '' for none."""
+    if isinstance(value, str):
+        try:
+            value = load_yaml(value) if value.strip() else None
+        except (yaml.YAMLError, YamlTooLarge) as exc:
+            raise ConfigError(f"{key}: cannot parse {_short(value)}: {' '.join(str(exc).split())[:200]}") from None
+    if value is None or value == {}:
+        return ""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping such as {{dim: 36, n_blocks: 6}}, got {_short(value)}")
+    bad = [k for k in value if not (isinstance(k, str) and k.isidentifier())]
+    if bad:
+        raise ConfigError(f"{key}: {_short(bad[0])} is not an argument name")
+    return json.dumps(_plain_value(value, key), sort_keys=True)
+
+
+def kwargs_of(text: str) -> dict[str, Any]:
+    """The mapping a ``KwargsText`` setting holds."""
+    return json.loads(text) if text else {}
+
+
+_TEXT_CHECKS = {ArchText: _arch_text, KwargsText: _kwargs_text}
+
+
 def _check(value: Any, tp: Any, key: str) -> Any:
     """Return ``value`` converted to ``tp`` (int -> float, list -> tuple) or raise ConfigError."""
+    if tp in _TEXT_CHECKS:
+        return _TEXT_CHECKS[tp](value, key)
     origin = typing.get_origin(tp)
     if origin is Literal:
         choices = typing.get_args(tp)

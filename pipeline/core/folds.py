@@ -5,10 +5,14 @@ A group never straddles two folds, so validation never sees a photo or a subject
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pandas as pd
 
 from pipeline.core.errors import DataError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def assign_folds(train: pd.DataFrame, folds: int, seed: int) -> pd.Series:

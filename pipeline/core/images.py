@@ -24,7 +24,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-import cv2
 import numpy as np
 from PIL import Image
 
@@ -95,6 +94,8 @@ def _decode(path: Path) -> np.ndarray:
     size = _header_size(data)
     if size is not None:
         check_pixels(*size, path)
+    import cv2  # here, not at the top: stages check folders with this module before they compute
+
     try:
         img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     except cv2.error as exc:
@@ -152,6 +153,8 @@ def encode_png(img: np.ndarray, path: str | Path = "<memory>") -> bytes:
     """(H,W,3) uint8 RGB -> PNG bytes."""
     if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
         raise ImageError(f"{path}: expected (H,W,3) uint8, got {img.shape} {img.dtype}")
+    import cv2  # as in _decode
+
     ok, buf = cv2.imencode(".png", np.ascontiguousarray(img[:, :, ::-1]))
     if not ok:
         raise ImageError(f"{path}: PNG encoding failed")

@@ -37,12 +37,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import pandas as pd
-
 from pipeline.core.errors import DataError, UserError
 from pipeline.core.images import images_by_stem
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # pandas is imported where a table is read: stages check their folders before that
+    import pandas as pd
+
     from pipeline.core.config import Config
 
 ID_RULE = "letters, digits, '_', '.', '-'; starting with a letter, digit or '_'; at most 128 characters"
@@ -95,13 +95,20 @@ class Pair:
     hr_path: Path
 
 
+def need_file(path: Path, make: str) -> None:
+    """A DataError naming ``path`` and how to get it (``make``) when it is not a file."""
+    if not path.is_file():
+        raise DataError(f"{path}: not found; {make}")
+
+
 def read_table(path: Path, columns: tuple[str, ...], make: str) -> pd.DataFrame:
     """A CSV written by a stage or the contest, with its columns checked; ``make`` says how to get it.
 
     Every cell is text ('0007' is a file name, not the number 7) and blanks stay '' (not NaN).
     """
-    if not path.is_file():
-        raise DataError(f"{path}: not found; {make}")
+    need_file(path, make)
+    import pandas as pd
+
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as exc:
@@ -156,10 +163,16 @@ class PatchLayout:
         """One per finished image: its manifest rows and the signature of its source files."""
         return self.dir / "done" / f"{img_id}.json"
 
+    def _make(self) -> str:
+        return f"run `python -m pipeline patchify --data {self.dir.parent}`"
+
+    def need_manifest(self) -> None:
+        """The error ``training_pairs`` gives without a manifest, without reading anything (train checks it first)."""
+        need_file(self.manifest, self._make())
+
     def training_pairs(self, val_fold: int) -> list[Pair]:
         """The manifest's patches outside the validation fold, in manifest order."""
-        make = f"run `python -m pipeline patchify --data {self.dir.parent}`"
-        table = read_table(self.manifest, MANIFEST_COLUMNS, make)
+        table = read_table(self.manifest, MANIFEST_COLUMNS, self._make())
         folds = _int_column(table, "fold", self.manifest)
         rows = table[folds != val_fold]
         if rows.empty:
@@ -193,6 +206,8 @@ class DataLayout:
 
     def extra_table(self) -> pd.DataFrame:
         """img_id, source, lr_path, hr_path of the extra training pairs (empty without extra.csv)."""
+        import pandas as pd
+
         if not self.extra_csv.is_file():
             return pd.DataFrame(columns=list(EXTRA_COLUMNS))
         where = str(self.extra_csv)
@@ -222,6 +237,8 @@ class DataLayout:
         own source).
         """
         self.check_exists()
+        import pandas as pd
+
         if self.train_csv.is_file():
             where = self.train_csv
             df = read_table(where, TRAIN_COLUMNS, "expected the contest's train.csv")
@@ -259,6 +276,8 @@ class DataLayout:
     def test_table(self) -> pd.DataFrame:
         """img_id, lr_path of every test image (empty when the dataset has no test set)."""
         self.check_exists()
+        import pandas as pd
+
         if self.test_csv.is_file():
             where = self.test_csv
             df = read_table(where, TEST_COLUMNS, "expected the contest's test.csv").rename(
@@ -294,9 +313,16 @@ class DataLayout:
             raise DataError(f"{path}: not a valid zip file ({exc})") from None
         return [check_id(posixpath.splitext(posixpath.basename(n))[0], str(path)) for n in names]
 
+    def _make_splits(self) -> str:
+        return f"run `python -m pipeline prepare --data {self.root}` first"
+
+    def need_splits(self) -> None:
+        """The error ``splits`` gives without splits.csv, without reading anything (for checks before torch loads)."""
+        need_file(self.splits_csv, self._make_splits())
+
     def splits(self) -> pd.DataFrame:
         """splits.csv (written by prepare), ids and paths checked, fold as int."""
-        table = read_table(self.splits_csv, SPLIT_COLUMNS, f"run `python -m pipeline prepare --data {self.root}` first")
+        table = read_table(self.splits_csv, SPLIT_COLUMNS, self._make_splits())
         table["fold"] = _int_column(table, "fold", self.splits_csv)
         where = str(self.splits_csv)
         for i in table["img_id"]:
@@ -406,6 +432,14 @@ class VolumeLayout:
     subjects_csv = property(lambda self: self.root / "subjects.csv")  # optional: file -> subject
     lr_dir = property(lambda self: self.root / "lr")  # LR volumes made by mri-prepare, one per item
     lr_record = property(lambda self: self.lr_dir / "degradation.yaml")  # the mri settings that made them
+
+    def need_splits(self) -> None:
+        """``mri_splits.csv``, or an error saying how to make it (checked before a stage loads torch)."""
+        need_file(self.splits_csv, "split the folder first (pipeline.mri.splits.write_splits)")
+
+    def need_record(self) -> None:
+        """``lr/degradation.yaml``, or an error saying how to make it (checked before a stage loads torch)."""
+        need_file(self.lr_record, f"run `python -m pipeline mri-prepare --volumes {self.root}` first")
 
     def sr_dir(self, name: str) -> Path:
         """``sr/<name>``: mri-infer's volumes of one run or baseline (a whole folder, swapped in complete)."""

@@ -27,12 +27,12 @@ import math
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from pipeline.core.errors import UserError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch only for contest_psnr's tensors, which it handles through their methods
     import pandas as pd
+    import torch
     from numpy.typing import ArrayLike
 
 PROTOCOLS = ("competition", "paper")

@@ -21,22 +21,91 @@ def pick_device() -> torch.device:
     return torch.device("cpu")
 
 
-@functools.cache
-def cpu_has_fast_bf16() -> bool:
-    """True when the CPU computes bf16 natively (AMX or AVX-512 BF16).
+# -- precision: what `auto` means, measured per device and kind of run ---------------------------------
+# SR_BF16=force treats the CPU as one with native bf16, SR_BF16=forbid as one without: what `auto` resolves
+# to on the CPU then depends on the policy alone, not on the machine (CI runs the suite both ways).
+BF16_ENV = "SR_BF16"
 
-    Without these, oneDNN emulates bf16 and autocast is far slower than fp32 (measured on an
-    AVX2-only EPYC: 10x slower even with channels_last), so 'auto' must not pick it there.
-    """
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        return frozenset(Path("/proc/cpuinfo").read_text().split())
     except OSError:
-        return False
-    return any(f in flags.split() for f in ("amx_bf16", "avx512_bf16"))
+        return frozenset()
+
+
+def cpu_bf16() -> str:
+    """How this CPU computes bf16: ``amx`` (AMX tiles), ``avx512_bf16`` (AVX-512 BF16 dot products, no AMX)
+    or ``emulated`` (oneDNN converts to fp32: measured 10x slower than fp32 on an AVX2-only EPYC).
+
+    ``SR_BF16=force`` reads as ``avx512_bf16`` where the CPU has no native bf16 (the arithmetic stays
+    the CPU's), ``SR_BF16=forbid`` as ``emulated``.
+    """
+    setting = os.environ.get(BF16_ENV, "").strip().lower()
+    if setting not in ("", "force", "forbid"):
+        from pipeline.core.errors import UserError
+
+        raise UserError(f"{BF16_ENV}={setting!r}: use force, forbid or leave it unset")
+    flags = _cpu_flags()
+    native = "amx" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else "emulated"
+    if setting == "forbid":
+        return "emulated"
+    return "avx512_bf16" if setting == "force" and native == "emulated" else native
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU computes bf16 natively (or ``SR_BF16=force`` says to take it so)."""
+    return cpu_bf16() != "emulated"
+
+
+def device_kind(device: torch.device) -> str:
+    """The device as the precision policy tells devices apart: ``cuda``, or ``cpu-`` + ``cpu_bf16()``."""
+    return "cuda" if device.type == "cuda" else f"cpu-{cpu_bf16()}"
+
+
+@dataclass(frozen=True)
+class RunKind:
+    """A training run as far as its arithmetic goes: what a sample is and what the step optimises."""
+
+    samples: str = "image"  # image (2-D convolutions) or volume (3-D)
+    objective: str = "psnr"  # psnr, gan (gan.discriminator) or cycle (the slices' cycle GAN)
+    gan_loss: str = ""  # gan.loss of a GAN run: wgan-gp adds a gradient penalty (a second backward)
+
+    @property
+    def key(self) -> str:
+        return " ".join(p for p in (self.samples, self.objective, self.gan_loss) if p)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The autocast dtype a setting resolved to (None = fp32) and why, for the run's first line."""
+
+    dtype: torch.dtype | None
+    why: str
+
+    @property
+    def name(self) -> str:
+        return precision_name(self.dtype)
+
+
+# Where `auto` trains in bf16: (device kind, RunKind.key) -> the measurement that showed it stable.
+# Anything not listed trains in fp32 under `auto`: bf16 is a measured choice, never an assumption.
+BF16_STABLE: dict[tuple[str, str], str] = {
+    ("cuda", "image psnr"): "RRDB / EDSR / SwinIR steps measured on an H100 (shared/measurements/h100-2026-11-23)",
+    ("cpu-amx", "image psnr"): "edsr-tiny and CRAFT runs on a Xeon with AMX (BENCHMARKS.md, section 12)",
+    ("cpu-avx512_bf16", "image psnr"): "edsr-tiny and CRAFT recipes over 5 seeds on an EPYC with AVX-512 BF16, "
+                                       "no divergence (BENCHMARKS.md, recipes)",
+}
+# Kinds measured unstable in bf16: why `auto` keeps them in fp32 (the reason the first line gives).
+BF16_UNSTABLE: dict[tuple[str, str], str] = {
+    ("cpu-avx512_bf16", "volume"): "oneDNN's bf16 weight gradient of a 3-D convolution over a 2-voxel side "
+                                   "returns garbage and NaN at random on this CPU (the 3-D critic's last layers)",
+}
 
 
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    """The autocast dtype for a precision setting, or None for plain fp32.
+    """The autocast dtype of a precision setting for inference, or None for plain fp32.
 
     ``auto``: bf16 on CUDA GPUs that support it (fp16 on older ones), bf16 on CPUs with native
     bf16, fp32 elsewhere. Explicit ``bf16``/``fp16`` are honoured (fp16 on CPU is refused).
@@ -70,23 +139,42 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
 BF16_MIN_LR_PIXELS = 2**17
 
 
-def train_autocast_dtype(device: torch.device, precision: str, lr_pixels_per_step: int,
-                         deterministic: bool = False) -> torch.dtype | None:
-    """The training autocast dtype: ``autocast_dtype``, except ``auto`` on CUDA follows the step size
-    and ``auto`` in a deterministic run is fp32.
+def train_precision(device: torch.device, precision: str, kind: RunKind, lr_pixels_per_step: int,
+                    deterministic: bool = False) -> Precision:
+    """The training precision of a setting, and why.
 
-    ``auto`` on CUDA: bf16 (fp16 where bf16 is unsupported) when one step carries at least
-    ``BF16_MIN_LR_PIXELS`` LR pixels per GPU, fp32 with TF32 below (there bf16 only adds casts to a
-    launch-bound step). On CPUs as ``autocast_dtype``: bf16 only with native bf16 instructions.
-    ``deterministic``: fp32 whatever the device. A deterministic run promises the same weights from
-    the same command (killed and resumed, or split over torchrun's processes, or compiled) up to
-    fp32 rounding; bf16 rounds each product to 8 bits of mantissa, so a different summation order
-    (DDP's split batch, a fused kernel) moves weights by ~1e-3 where fp32 moves them by ~1e-7, and
-    whether ``auto`` meant bf16 would depend on the CPU's instruction set. An explicit ``bf16`` is honoured.
+    Explicit ``fp32`` / ``bf16`` / ``fp16`` are honoured. ``auto`` is bf16 only where bf16 is fast on the
+    device (native on the CPU; on CUDA from ``BF16_MIN_LR_PIXELS`` LR pixels per GPU per step, below which
+    a step is launch-bound) and the kind of run was measured stable in it (``BF16_STABLE``); else fp32.
+    ``deterministic``: fp32. A deterministic run promises the same weights from the same command (killed
+    and resumed, split over torchrun's processes, compiled) up to fp32 rounding; bf16 rounds each product
+    to 8 bits of mantissa, so another summation order moves weights by ~1e-3 where fp32 moves them by ~1e-7.
     """
-    if precision == "auto" and (deterministic or (device.type == "cuda" and lr_pixels_per_step < BF16_MIN_LR_PIXELS)):
-        return None
-    return autocast_dtype(device, precision)
+    if precision != "auto":
+        dtype = autocast_dtype(device, precision)
+        return Precision(dtype, f"train.precision={precision}")
+    where = device_kind(device)
+    if deterministic:
+        return Precision(None, "auto: a deterministic run")
+    if where == "cpu-emulated":
+        return Precision(None, "auto: this CPU has no native bf16 (oneDNN emulates it, ~10x slower than fp32)")
+    unstable = next((why for (w, k), why in BF16_UNSTABLE.items() if w == where and kind.key.startswith(k)), None)
+    if unstable:
+        return Precision(None, f"auto: {unstable}")
+    shown = BF16_STABLE.get((where, kind.key))
+    if shown is None:
+        return Precision(None, f"auto: bf16 is not measured stable for {kind.key} runs on {where}")
+    if device.type == "cuda" and lr_pixels_per_step < BF16_MIN_LR_PIXELS:
+        return Precision(None, f"auto: {lr_pixels_per_step} LR pixels per step (< {BF16_MIN_LR_PIXELS}) are "
+                               "launch-bound on a GPU, where fp32 (TF32) is faster")
+    dtype = autocast_dtype(device, "auto")
+    return Precision(dtype, f"auto: {kind.key} runs measured stable in bf16 on {where}: {shown}")
+
+
+def train_autocast_dtype(device: torch.device, precision: str, lr_pixels_per_step: int,
+                         deterministic: bool = False, kind: RunKind = RunKind()) -> torch.dtype | None:
+    """``train_precision``'s dtype alone."""
+    return train_precision(device, precision, kind, lr_pixels_per_step, deterministic).dtype
 
 
 def enable_tf32() -> None:

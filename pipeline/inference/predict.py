@@ -43,6 +43,7 @@ from pipeline.core.runtime import (
     precision_name,
 )
 from pipeline.inference.ensemble import MERGES, average_models
+from pipeline.inference.memory import images_per_call
 from pipeline.inference.tiling import Forward, TileError, run_tiles
 from pipeline.inference.windows import (
     AUTO,
@@ -55,6 +56,7 @@ from pipeline.inference.windows import (
     model_unit,
     window_set,
 )
+from pipeline.models import arch_file
 from pipeline.models.checkpoint import CheckpointError, load_weights_file, model_from_checkpoint
 from pipeline.models.table import Bicubic, autocast_cap, build_model, card_of, check_scale
 
@@ -147,10 +149,12 @@ class WindowTiming:
     seconds: float = 0.0
     tiles: int = 0  # tile forwards: LR tiles x ensemble ways x models
     resolved: set[str] = field(default_factory=set)  # "whole" or "TILE/STRIDE", per image size
+    why: set[str] = field(default_factory=set)  # auto: what it chose and why, per image size
 
     def summary(self) -> dict[str, Any]:
         return {"window": self.window, "weight": self.weight, "seconds_total": round(self.seconds, 4),
-                "tile_forwards": self.tiles, "tiles": sorted(self.resolved)}
+                "tile_forwards": self.tiles, "tiles": sorted(self.resolved),
+                **({"auto": sorted(self.why)} if self.why else {})}
 
 
 def check_settings(settings: Settings) -> None:
@@ -219,7 +223,9 @@ def _forward(models: Sequence[nn.Module], settings: Settings, device: torch.devi
                 return out.clone() if graphs and out is raw else out
         return run
     fns = [wrap(m) for m in models]
-    return lambda x: average_models(fns, x, settings.tta, settings.merge)
+    # (N,3,h,w) tiles x tta ways in calls of at most ``images_per_call`` images (the measured pixels per call)
+    return lambda x: average_models(fns, x, settings.tta, settings.merge, images_per_call(x.shape[-2] * x.shape[-1],
+                                                                                           device))
 
 
 def _to_tensor(img: np.ndarray, device: torch.device, name: str) -> torch.Tensor:
@@ -297,6 +303,8 @@ def iter_predict(models: Sequence[nn.Module], items: Iterable[tuple[str, np.ndar
             record.seconds += seconds
             record.tiles += tiles * forwards
             record.resolved.add("whole" if cut[0] == 0 else f"{cut[0]}/{cut[1]}")
+            if record.window == AUTO:
+                record.why.add(plan.why(lr))
         yield name, out
 
 
@@ -374,7 +382,7 @@ def weights_file_models(path: str | Path, cfg: Config) -> tuple[list[nn.Module],
     the one model in it, and a description for tables. What was detected is printed."""
     if cfg.model.weights and (cfg.infer.runs or cfg.infer.last_k):
         raise CheckpointError(f"model.weights={path} runs that file alone; drop infer.runs / infer.last_k")
-    model = load_weights_file(path, cfg.model.name, cfg.infer.ema)
+    model = load_weights_file(path, cfg.model.name, cfg.infer.ema, arch_file.spec_of(cfg.model))
     card = card_of(model)
     if card.note:
         print(card.note)
@@ -384,7 +392,7 @@ def weights_file_models(path: str | Path, cfg: Config) -> tuple[list[nn.Module],
 def load_models(cfg: Config) -> tuple[list[nn.Module], str]:
     """Models to average and a description for tables: bicubic, bare pretrained weights, or checkpoints."""
     check_scale(cfg.data.scale)
-    if cfg.model.weights:  # infer --weights FILE: that file alone, architecture detected
+    if cfg.model.weights:  # infer --weights FILE: that file alone, architecture detected (or model.arch's)
         return weights_file_models(cfg.model.weights, cfg)
     if cfg.model.name == "bicubic":
         return [build_model("bicubic")], "bicubic"

@@ -46,7 +46,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pipeline.core.errors import UserError
+from pipeline.inference.memory import (
+    CPU_PIXELS,
+    CUDA_PIXELS,
+    Probe,
+    TileMemoryError,
+    is_oom,
+    memory_budget,
+    probe_tile_memory,
+)
 
 Forward = Callable[[torch.Tensor], torch.Tensor]  # (N,C,*s) -> (N,C,*(scale*s)), 2 or 3 spatial axes
 Size = int | tuple[int, ...]  # one value for every spatial axis, or one per axis
@@ -54,31 +62,10 @@ Size = int | tuple[int, ...]  # one value for every spatial axis, or one per axi
 BLENDS = ("mean", "hann")
 HANN_FLOOR = 0.02  # weight at a tile's outermost pixel, relative to its centre
 CPU_BATCH = 4  # tiles per call when the caller gives no batch and no auto_batch
-# LR pixels per forward on the CPU (tiles x ensemble ways x tile area). bench/infer_speed.py on a
-# 2-core AVX2 EPYC (BENCHMARKS.md): 49 tiles of 32^2 without ensemble ran 2.7x faster in batches
-# of 32 than of 4; with 8 ways, more than ~32k pixels per call was no faster overall (+-30% by
-# model) and took 3x the memory. A 128^2 tile x 8 ways is 131k pixels: one tile per call.
-CPU_PIXELS = 32 * 32 * 32
-# LR pixels per forward on CUDA. One H100, RRDB, 512 LR, 49 tiles of 128^2 x 8 ways, bf16 eager
-# (shared/measurements/h100-2026-11-23/rrdb_infer_levers.txt): 1 tile per forward (131k px)
-# 2.29 s/image at 1.3 GiB, 4 tiles (524k px) 2.05 s at 4.5 GiB, the best eager point measured.
-# The previous rule (fill 60% of free memory) chose ~70 GB batches that were slower than 1 tile
-# for every model (EDSR 2.87 s vs 0.41 s, infer_speed_cuda.csv): past a few hundred thousand
-# pixels the card is already busy and a larger batch only adds memory traffic.
-CUDA_PIXELS = 4 * 8 * 128 * 128
-# Memory cap on CUDA: the batch times the measured peak of one tile (ensemble included) must stay
-# within min(CUDA_MEMORY_CAP, CUDA_FREE_SHARE x free memory). 8 GiB is issue 8's ceiling for the
-# contest geometry and leaves a 24 GB card room; the share keeps a busy or small card safe.
-CUDA_MEMORY_CAP = 8 * 2**30
-CUDA_FREE_SHARE = 0.5
 
 
 class TileError(RuntimeError):
     """A tile's forward pass failed; the message says which tile of which input size."""
-
-
-class TileMemoryError(UserError):
-    """A single tile does not fit in memory: the user must lower the tile size."""
 
 
 @dataclass(frozen=True)
@@ -195,14 +182,6 @@ def _reflect_pad(x: torch.Tensor, pad: tuple[int, ...]) -> torch.Tensor:
         return x
     mode = "reflect" if all(p < n for p, n in zip(pad, x.shape[2:])) else "replicate"
     return F.pad(x, [p for p in reversed(pad) for _ in (0, 1)], mode=mode)  # F.pad lists the last axis first
-
-
-def is_oom(exc: BaseException) -> bool:
-    """True for CUDA's OutOfMemoryError and the CPU allocator's failure."""
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 def _free_cache(device: torch.device) -> None:
@@ -371,33 +350,6 @@ def batch_bound(tiles: int, ways: int, tile_shape: tuple[int, ...], pixels: int,
     by_pixels = pixels // (max(1, ways) * math.prod(tile_shape))
     by_memory = budget_bytes // per_tile_bytes if per_tile_bytes > 0 else by_pixels
     return max(1, min(tiles, by_pixels, by_memory))
-
-
-def memory_budget(free_bytes: int) -> int:
-    """Bytes a tile batch may take on CUDA: ``CUDA_MEMORY_CAP``, or less on a small or busy card."""
-    return int(min(CUDA_MEMORY_CAP, CUDA_FREE_SHARE * free_bytes))
-
-
-Probe = Callable[[Forward, int, tuple[int, ...], torch.device], tuple[int, int]]
-
-
-def probe_tile_memory(fn: Forward, channels: int, tile_shape: tuple[int, ...], device: torch.device,
-                      ) -> tuple[int, int]:
-    """(peak bytes of one tile through ``fn``, ensemble included; free bytes) measured on a CUDA device."""
-    torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    try:
-        fn(torch.zeros(1, channels, *tile_shape, device=device))
-    except Exception as exc:
-        if is_oom(exc):
-            raise TileMemoryError(f"out of memory on a single {'x'.join(map(str, tile_shape))} tile on {device}; "
-                                  f"lower {TILE_SETTING[len(tile_shape)]} or use a smaller model") from exc
-        raise
-    torch.cuda.synchronize(device)
-    per_tile = max(1, torch.cuda.max_memory_allocated(device) - base)
-    return per_tile, torch.cuda.mem_get_info(device)[0]
 
 
 def auto_batch(fn: Forward, channels: int, tile_shape: tuple[int, ...], device: torch.device, limit: int,

@@ -10,13 +10,14 @@ after another: memory holds one window's work plus the running sum (the median k
 window's SR image). One window returns its SR untouched, so ``infer.windows=[128/64]`` is
 ``infer.tile=128 infer.stride=64`` bit for bit.
 
-``auto`` (``infer.tile=auto`` or a window) resolves per padded image size: the whole image when
-one forward of it x the ensemble's ways fits the memory budget, else the largest square tile
-that fits, a multiple of every model's window / size unit (``archs.Padded``: what the model
-takes without padding inside) and of ``TILE_ALIGN``, with stride tile/2. The budget is the one
-``tiling.auto_batch`` uses: on CUDA ``memory_budget`` of the free memory, against the peak of one
-probe tile through the ensemble (memory taken as proportional to pixels: convolutions and
-window attention are local); on the CPU a fixed ``CPU_WHOLE_PIXELS``.
+``auto`` (``infer.tile=auto`` or a window) resolves per padded image size, by memory: a probe
+tile runs through the ensemble and its measured peak (``memory.probe_tile_memory``: the CUDA
+allocator's, or the CPU process's resident peak), taken as proportional to pixels, prices the
+whole image with the ensemble's ways in calls of ``memory.images_per_call``; the whole image when
+that fits ``memory.memory_budget`` (a share of free VRAM, or of available RAM), else the largest
+square tile that fits, a multiple of every model's window / size unit (``archs.Padded``: what the
+model takes without padding inside) and of ``TILE_ALIGN``, with stride tile/2. ``AutoCut.why``
+says which and why (infer prints it).
 
 ``WindowPlan`` is what ``predict.iter_predict`` asks per image: the (tile, stride) of each window,
 auto resolved once per image size, and the tile batch of each geometry.
@@ -33,27 +34,16 @@ from torch import nn
 
 from pipeline.core.errors import UserError
 from pipeline.inference.ensemble import median
-from pipeline.inference.tiling import (
-    Forward,
-    Probe,
-    auto_batch,
-    effective_tile,
-    memory_budget,
-    probe_tile_memory,
-    tile_grid,
-)
+from pipeline.inference.memory import Probe, images_per_call, memory_budget, probe_tile_memory
+from pipeline.inference.tiling import Forward, auto_batch, effective_tile, tile_grid
 from pipeline.models.archs import Padded
 
 AUTO = "auto"
 Cut = tuple[int, int]  # a resolved window: (tile, stride) in LR pixels, (0, 0) = the whole image
 TILE_ALIGN = 8  # auto tiles are multiples of 8 at least: tile/2 strides stay whole, cuDNN's preferred shapes
-# The CPU budget of one forward in LR pixels x ensemble ways: 4 GiB at 16 KiB per pixel-way. Peak
-# resident memory measured on a 2-core AVX2 CPU, fp32, one forward of a square image through the
-# self-ensemble: CRAFT x4 11.0-12.6 KiB per LR pixel-way (64^2 and 128^2, 2 and 8 ways), RRDB 14.7,
-# edsr-tiny 5.8. A 128^2 image x 8 ways (the demo's, 1.5 GB for CRAFT) runs whole; a 512^2 contest
-# image x 8 ways (~25 GB) is cut into 176-px tiles.
-CPU_WHOLE_PIXELS = 4 * 2**30 // (16 * 2**10)
-PROBE_SIDE = 128  # CUDA: the probe tile's side (at most the image's): infer.tile's default, what auto_batch probes
+# The probe tile's side (at most the image's): on CUDA infer.tile's default, what auto_batch probes; on the
+# CPU 64, whose 8 ways are one call of CPU_PIXELS (~1 s for CRAFT) and big enough to dwarf fixed buffers.
+PROBE_SIDE = {"cuda": 128, "cpu": 64}
 
 
 @dataclass(frozen=True)
@@ -131,23 +121,47 @@ def _at_least(side: int, unit: int, minimum: int) -> int:
     return max(side // unit * unit, -(-max(minimum, 1) // unit) * unit)
 
 
+@dataclass(frozen=True)
+class AutoCut:
+    """What ``auto`` chose for one padded image size: (tile, stride), (0, 0) = the whole image, and why."""
+
+    tile: int
+    stride: int
+    why: str
+
+    @property
+    def cut(self) -> Cut:
+        return self.tile, self.stride
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
 def auto_tile(fn: Forward, padded: tuple[int, int], ways: int, device: torch.device, unit: int, minimum: int = 0,
-              probe: Probe = probe_tile_memory) -> tuple[int, int]:
-    """(tile, stride) of ``auto`` on a padded ``padded`` (h, w) image through ``fn`` (a ``ways``-fold
-    ensemble): (0, 0) = whole image when it fits the budget, else the largest tile that does (module
-    docstring), never larger than the image's shorter side allows."""
+              probe: Probe | None = None) -> AutoCut:
+    """``auto`` on a padded ``padded`` (h, w) image through ``fn`` (a ``ways``-fold ensemble, calls of
+    ``images_per_call``): the whole image when its calls fit the memory budget, else the largest tile that
+    does (module docstring), never larger than the image's shorter side allows."""
     hp, wp = padded
-    if device.type == "cuda":
-        side = _at_least(min(hp, wp, PROBE_SIDE), unit, minimum)
-        per_tile, free = probe(fn, 3, (side, side), device)
-        capacity = memory_budget(free) * side * side // max(per_tile, 1)  # LR pixels one forward may hold
-    else:
-        capacity = CPU_WHOLE_PIXELS // max(1, ways)
-    if hp * wp <= capacity:
-        return 0, 0
-    side = min(math.isqrt(capacity), min(hp, wp))
-    side = _at_least(side, unit, minimum)
-    return side, side // 2
+    side = _at_least(min(hp, wp, PROBE_SIDE["cuda" if device.type == "cuda" else "cpu"]), unit, minimum)
+    peak, free = (probe or probe_tile_memory)(fn, 3, (side, side), device)
+    per_pixel = peak / (min(ways, images_per_call(side * side, device)) * side * side)  # bytes per LR pixel of a call
+    budget = memory_budget(free, device)
+    where = f"{'VRAM free' if device.type == 'cuda' else 'RAM available'}: {_gib(free)}, budget {_gib(budget)}"
+
+    def need(h: int, w: int) -> float:  # peak bytes of one call over an h x w input
+        return per_pixel * h * w * min(ways, images_per_call(h * w, device))
+
+    calls = f"{ways} way(s), {min(ways, images_per_call(hp * wp, device))} per call"
+    whole = need(hp, wp)
+    if whole <= budget:
+        return AutoCut(0, 0, f"whole image: {wp}x{hp} LR x {calls} needs ~{_gib(whole)} ({where})")
+    tile = _at_least(min(math.isqrt(int(budget / per_pixel)), hp, wp), unit, minimum)
+    while tile > max(unit, minimum) and need(tile, tile) > budget:
+        tile = _at_least(tile - unit, unit, minimum)
+    return AutoCut(tile, tile // 2, f"{tile}/{tile // 2} tiles: the whole {wp}x{hp} LR image x {calls} would need "
+                                    f"~{_gib(whole)}, a {tile}^2 tile ~{_gib(need(tile, tile))} ({where})")
 
 
 def cut_geometry(tile: int, stride: int, pad: int, lr: torch.Tensor) -> tuple[int, tuple[int, int]]:
@@ -168,18 +182,24 @@ class WindowPlan:
                  ways: int, pad: int, margin: int, batch: int) -> None:
         self.windows, self.unit, self.fn, self.device = list(windows), unit, fn, device
         self.ways, self.pad, self.margin, self.batch = ways, pad, margin, batch
-        self.autos: dict[tuple[int, int], Cut] = {}
+        self.autos: dict[tuple[int, int], AutoCut] = {}
         self.batches: dict[Cut, int] = {}
 
     def _auto(self, padded: tuple[int, int]) -> Cut:
         if padded not in self.autos:
-            tile, stride = auto_tile(self.fn, padded, self.ways, self.device, *self.unit)
+            chosen = auto_tile(self.fn, padded, self.ways, self.device, *self.unit)
+            tile, stride = chosen.cut
             if tile and 2 * self.margin > tile - stride:
                 raise UserError(f"infer.margin={self.margin} leaves pixels uncovered on the {tile}/{stride} tiles "
                                 f"'{AUTO}' chose for a {padded[1]}x{padded[0]} padded image: 2 x margin must be "
                                 "<= tile - stride")
-            self.autos[padded] = (tile, stride)
-        return self.autos[padded]
+            self.autos[padded] = chosen
+        return self.autos[padded].cut
+
+    def why(self, lr: torch.Tensor) -> str:
+        """What ``auto`` chose for ``lr``'s size and why ('' when no window is auto or it is not resolved)."""
+        chosen = self.autos.get((lr.shape[-2] + 2 * self.pad, lr.shape[-1] + 2 * self.pad))
+        return chosen.why if chosen else ""
 
     def __call__(self, lr: torch.Tensor) -> list[Cut]:
         """The (tile, stride) of every window on ``lr`` (3,H,W), in window order."""

@@ -26,6 +26,7 @@ blamed on the learning rate or an image.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import zipfile
@@ -42,7 +43,7 @@ from torch import nn
 
 from pipeline.core.errors import CheckpointError
 from pipeline.core.files import atomic_write
-from pipeline.models import zoo
+from pipeline.models import arch_file, zoo
 from pipeline.models.table import MODELS, ModelCard, build_model, card_of, count_parameters, model_kwargs
 from pipeline.models.zoo import SPANDREL_PREFIX, plain
 
@@ -259,6 +260,11 @@ def _rebuild(state: dict[str, Any], path: str | Path, prefer: str) -> nn.Module:
     """The model one of our checkpoints describes, with its weights (arguments checked first)."""
     arch, kwargs = state["arch"], state.get("kwargs", {})
     weights = state_dict_from(state, path, prefer)
+    if arch_file.is_file_arch(arch):  # the recorded file, refused before it runs if it changed
+        spec, recorded = arch_file.spec_of_record(arch, kwargs, path)
+        model = arch_file.build(spec, *arch_file.check_unchanged(spec.path, recorded, path))
+        _load_into(model, weights, path, f"{spec.cls} of {spec.path}")
+        return model
     if isinstance(arch, str) and arch.startswith(SPANDREL_PREFIX):
         arch_id = arch.removeprefix(SPANDREL_PREFIX)
         if arch_id not in MAIN_REGISTRY or not isinstance(kwargs, dict):
@@ -314,20 +320,35 @@ def _table_entry(found: zoo.Detected) -> str | None:
     return None
 
 
-def load_weights_file(path: str | Path, name: str = "", ema: bool = True) -> nn.Module:
+def load_weights_file(path: str | Path, name: str = "", ema: bool = True,
+                      arch: arch_file.ArchSpec | None = None) -> nn.Module:
     """Any weights file -> a model holding its weights, with a card saying what it is and how it was found.
 
-    Our checkpoints rebuild themselves (``model.name`` is then ignored, said in the card's note);
-    a file that fits table model ``name`` loads into it as is; anything else is detected by
-    spandrel (refused unless x4 RGB super-resolution) and built as the matching table entry when
-    one has exactly its hyper-parameters, else as ``spandrel:<ArchId>``.
+    Our checkpoints rebuild themselves (``model.name`` is then ignored, said in the card's note),
+    one of an architecture file only when ``arch`` (model.arch) names that file. With ``arch``, any
+    other file's state dict (``arch_file.state_dict_of``) loads into its network. Else a file that
+    fits table model ``name`` loads into it as is, and anything else is detected by spandrel
+    (refused unless x4 RGB super-resolution) and built as the matching table entry when one has
+    exactly its hyper-parameters, else as ``spandrel:<ArchId>``.
     """
     state = load_checkpoint(path)
     prefer = weights_key(ema)
+    if "arch" in state and arch_file.is_file_arch(state["arch"]) and (arch is None or arch.arch != state["arch"]):
+        recorded = str(state["arch"]).removeprefix(arch_file.ARCH_PREFIX)
+        raise CheckpointError(f"{path}: weights of the network in {recorded}; a Python file runs only when "
+                              f"model.arch names it: model.arch={recorded}" + (f" (not {arch.path}:{arch.cls})"
+                                                                               if arch else ""))
+    if arch is not None and not arch_file.is_file_arch(state.get("arch")):
+        model = arch_file.build(arch, *arch_file.read_source(arch.path))
+        tensors, where = arch_file.state_dict_of(state, path, arch.key, ema)
+        _load_into(model, tensors, path, f"{arch.cls} of {arch.path}")
+        card = card_of(model)
+        model.card = dataclasses.replace(card, note=f"{card.note}; weights: {where} of {path}")
+        return model
     if "arch" in state:
         model = _rebuild(state, path, prefer)
         card = card_of(model)
-        if name and name != card.arch:
+        if name and name != card.arch and arch is None:
             model.card = ModelCard(card.arch, card.kwargs, card.precisions,
                                    f"{path} is a {card.arch} checkpoint: using it, not model.name={name}",
                                    card.detected)

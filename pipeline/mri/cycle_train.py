@@ -21,27 +21,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
 
 from pipeline.core.config import Config, with_overrides
-from pipeline.core.distributed import Dist
 from pipeline.core.errors import UserError
-from pipeline.mri.cycle import SCALE, cycle_objective
-from pipeline.mri.data import SeededSamples
-from pipeline.mri.metrics import psnr
-from pipeline.mri.models import build_volume_model, volume_model_kwargs
-from pipeline.mri.predict import spec_of
-from pipeline.mri.slices import kspace_downsample, slice_crops, unpaired_slices
-from pipeline.mri.splits import read_splits
-from pipeline.mri.volumes import read_volume
-from pipeline.training.loader import run_loader
-from pipeline.training.run import run
-from pipeline.training.task import TrainTask
+from pipeline.core.layout import VolumeLayout
+
+if TYPE_CHECKING:  # torch and the volume modules load in the functions that build the task, after main's checks
+    import torch
+    from torch import nn
+
+    from pipeline.core.distributed import Dist
+    from pipeline.training.task import TrainTask
 
 
 @dataclass
@@ -58,21 +51,32 @@ class SliceValidation:
     def size(self) -> int:
         return len(self.hr)
 
-    @torch.inference_mode()
     def _score(self, fn: Any) -> dict[str, float]:
-        sr = torch.cat([fn(self.lr[i:i + self.batch].to(self.device)).float().cpu()
-                        for i in range(0, len(self.lr), self.batch)])  # (N,1,h,w) -> (N,1,4h,4w)
-        return {"psnr": psnr(sr[:, 0].numpy().astype(np.float64), self.hr)}
+        import torch
+
+        from pipeline.mri.metrics import psnr
+
+        with torch.inference_mode():
+            sr = torch.cat([fn(self.lr[i:i + self.batch].to(self.device)).float().cpu()
+                            for i in range(0, len(self.lr), self.batch)])  # (N,1,h,w) -> (N,1,4h,4w)
+            return {"psnr": psnr(sr[:, 0].numpy().astype(np.float64), self.hr)}
 
     def __call__(self, model: nn.Module, dtype: torch.dtype | None) -> dict[str, float]:
         return self._score(model)  # fp32: the slices are small
 
     def baseline(self) -> dict[str, float]:
+        import torch.nn.functional as F
+
+        from pipeline.mri.cycle import SCALE
+
         return self._score(lambda x: F.interpolate(x, scale_factor=SCALE, mode="bicubic", align_corners=False))
 
 
 def _hr_volumes(cfg: Config, held_out: bool) -> list[tuple[str, Any]]:
     """(subject, HR Volume) of the validation fold (``held_out``) or of every other item."""
+    from pipeline.mri.splits import read_splits
+    from pipeline.mri.volumes import read_volume
+
     root = Path(cfg.mri.dir)
     table = read_splits(root)
     table = table[(table["fold"] == cfg.mri.val_fold) == held_out].sort_values("item")
@@ -85,6 +89,16 @@ def _hr_volumes(cfg: Config, held_out: bool) -> list[tuple[str, Any]]:
 
 def cycle_task(cfg: Config, d: Dist) -> TrainTask:
     """The SRResCycGAN slice task (module docstring) for ``pipeline.train.run``."""
+    import torch
+
+    from pipeline.mri.cycle import SCALE, cycle_objective
+    from pipeline.mri.data import SeededSamples
+    from pipeline.mri.models import build_volume_model, volume_model_kwargs
+    from pipeline.mri.predict import spec_of
+    from pipeline.mri.slices import kspace_downsample, slice_crops, unpaired_slices
+    from pipeline.training.loader import run_loader
+    from pipeline.training.task import TrainTask
+
     c, axis = cfg.mri_cycle_train, cfg.mri_infer.slice_axis
     name = c.model
     if spec_of(name).role != "cycle":
@@ -108,6 +122,7 @@ def cycle_task(cfg: Config, d: Dist) -> TrainTask:
     return TrainTask(generator=model, arch=name, kwargs=volume_model_kwargs(name), loader=loader, batches=batches,
                      to_device=to_device, validation=validation, discriminator=discriminator,
                      sample_pixels=(c.hr_size // SCALE) ** 2, objective=cycle_objective,
+                     objective_label="cycle",
                      description=f"{len(slices.lr)} LR / {len(slices.hr)} HR unpaired slice crops of {c.hr_size} px")
 
 
@@ -115,6 +130,9 @@ def main(cfg: Config) -> None:
     """Train ``mri_cycle_train.model`` on unpaired slices of ``mri.dir``; outputs in ``paths.models/run``."""
     if cfg.gan.discriminator:
         raise UserError("mri-cycle-train uses SRResCycGAN's own discriminators; leave gan.discriminator empty")
+    VolumeLayout(Path(cfg.mri.dir)).need_splits()  # before torch loads
+    from pipeline.training.run import run
+
     # The generators start at mri_cycle_train.learning_rate; the objective's schedule (cycle.cycle_schedule: halved
     # every mri_cycle_train.halve_every steps) drives both optimizers, so the saved config says train.scheduler=step.
     run(with_overrides(cfg, **{"train.learning_rate": cfg.mri_cycle_train.learning_rate, "train.scheduler": "step"}),

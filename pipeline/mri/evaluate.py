@@ -13,33 +13,42 @@ method and item, then one mean per method; written to ``--csv`` (default
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from pipeline.core.config import Config, MriConfig
 from pipeline.core.errors import UserError
 from pipeline.core.files import atomic_write
 from pipeline.core.layout import VolumeLayout
 from pipeline.core.metrics import summary_line
-from pipeline.mri.data import hr_reference
-from pipeline.mri.lrset import read_record
-from pipeline.mri.metrics import foreground_mask, score_volume
-from pipeline.mri.predict import grid_factors, interpolate
-from pipeline.mri.splits import read_splits
-from pipeline.mri.volumes import Volume, list_volumes, read_volume, to_stored, volume_stem
+
+if TYPE_CHECKING:  # torch, pandas and the volume modules load in the functions that compute, after main's check
+    import pandas as pd
+
+    from pipeline.mri.volumes import Volume
 
 COLUMNS = ["method", "item", "psnr", "ssim", "nrmse"]
 
 
 def as_written(data: np.ndarray, like: Volume) -> np.ndarray:
     """``data`` rounded and clipped to ``like``'s stored dtype and back: what a written volume holds."""
+    from pipeline.mri.volumes import to_stored
+
     return to_stored(data, like.dtype, like.slope, like.inter).astype(np.float64) * like.slope + like.inter
 
 
 def score_items(root: Path, sr_files: dict[str, Path], method: str, baselines: tuple[str, ...], mri: MriConfig,
                 ) -> pd.DataFrame:
     """Rows (method, item, psnr, ssim, nrmse) of every SR volume and of the baselines on the same items."""
+    import pandas as pd
+
+    from pipeline.mri.data import hr_reference
+    from pipeline.mri.metrics import foreground_mask, score_volume
+    from pipeline.mri.predict import grid_factors, interpolate
+    from pipeline.mri.splits import read_splits
+    from pipeline.mri.volumes import list_volumes, read_volume, volume_stem
+
     layout = VolumeLayout(root)
     baselines = tuple(b for b in baselines if b != method)  # sr/tricubic is its own row already
     splits = read_splits(root).set_index("item")
@@ -72,6 +81,8 @@ def score_items(root: Path, sr_files: dict[str, Path], method: str, baselines: t
 
 def with_means(table: pd.DataFrame) -> pd.DataFrame:
     """``table`` followed by one row per method: item 'mean', the mean of each score."""
+    import pandas as pd
+
     means = table.groupby("method", sort=False)[["psnr", "ssim", "nrmse"]].mean().reset_index()
     means.insert(1, "item", "mean")
     return pd.concat([table, means], ignore_index=True)
@@ -83,7 +94,11 @@ def main(cfg: Config) -> None:
     sr_dir = Path(cfg.mri_evaluate.sr) if cfg.mri_evaluate.sr else layout.sr_dir(cfg.run)
     if not cfg.mri_evaluate.sr and not sr_dir.is_dir():
         raise UserError(f"{sr_dir}: not found; run `mri-infer run={cfg.run}` first, or name a folder with --sr")
+    from pipeline.mri.volumes import list_volumes, volume_stem
+
     sr_files = {volume_stem(p): p for p in list_volumes(sr_dir)}
+    from pipeline.mri.lrset import read_record  # pandas: once the SR folder is known good
+
     mri = read_record(root)
     scores = score_items(root, sr_files, sr_dir.name, cfg.mri_evaluate.baselines, mri)
     table = with_means(scores)

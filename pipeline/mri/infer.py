@@ -17,29 +17,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from pipeline.core.config import Config, MriConfig, save_config
 from pipeline.core.errors import UserError
 from pipeline.core.files import atomic_write, staged_dir
 from pipeline.core.layout import COMPLETE_MARK, RunLayout, VolumeLayout
-from pipeline.core.runtime import pick_device
-from pipeline.models.checkpoint import load_weights
-from pipeline.mri.lrset import lr_items, read_record
-from pipeline.mri.metrics import BASELINES
-from pipeline.mri.models import VolumeModelSpec, build_volume_model, volume_model_from_checkpoint
-from pipeline.mri.predict import (
-    VolumeSettings,
-    grid_factors,
-    interpolate,
-    spec_of,
-    super_resolve,
-    volume_scale,
-    write_sr,
-)
-from pipeline.mri.volumes import list_volumes, read_volume, volume_stem
+from pipeline.mri.names import BASELINES
+
+if TYPE_CHECKING:  # torch and the volume modules load in the functions that compute, after work's checks
+    from torch import nn
+
+    from pipeline.mri.models import VolumeModelSpec
 
 
 def checkpoint_path(cfg: Config) -> Path:
@@ -56,6 +45,10 @@ def checkpoint_path(cfg: Config) -> Path:
 
 def load_volume_model(cfg: Config) -> tuple[nn.Module, VolumeModelSpec, str]:
     """(model, its table entry, a description) of ``mri_infer`` (not a baseline)."""
+    from pipeline.models.checkpoint import load_weights
+    from pipeline.mri.models import build_volume_model, volume_model_from_checkpoint
+    from pipeline.mri.predict import spec_of
+
     c = cfg.mri_infer
     if c.model:
         spec = spec_of(c.model)
@@ -76,8 +69,13 @@ def work(cfg: Config) -> tuple[list[tuple[str, Path]], Path, MriConfig]:
     if c.input:
         if not c.output:
             raise UserError("--input needs --output (the folder the SR volumes go to)")
+        from pipeline.mri.volumes import list_volumes, volume_stem
+
         return [(volume_stem(p), p) for p in list_volumes(c.input)], Path(c.output), cfg.mri
     root = Path(cfg.mri.dir)
+    VolumeLayout(root).need_splits()  # before pandas and the volume modules load
+    from pipeline.mri.lrset import lr_items, read_record
+
     name = c.model if c.model in BASELINES else cfg.run
     out = Path(c.output) if c.output else VolumeLayout(root).sr_dir(name)
     return lr_items(root, c.split, cfg.mri.val_fold), out, read_record(root)
@@ -85,6 +83,10 @@ def work(cfg: Config) -> tuple[list[tuple[str, Path]], Path, MriConfig]:
 
 def run(cfg: Config, items: list[tuple[str, Path]], stage: Path, mri: MriConfig) -> dict[str, Any]:
     """Every volume of ``items`` into ``stage``; the timing summary."""
+    from pipeline.core.runtime import pick_device
+    from pipeline.mri.predict import VolumeSettings, grid_factors, interpolate, super_resolve, volume_scale, write_sr
+    from pipeline.mri.volumes import read_volume
+
     c = cfg.mri_infer
     settings = VolumeSettings.from_config(c)
     upsample = grid_factors(mri)
@@ -114,6 +116,8 @@ def run(cfg: Config, items: list[tuple[str, Path]], stage: Path, mri: MriConfig)
 def main(cfg: Config) -> None:
     c = cfg.mri_infer
     if c.model and c.model not in BASELINES:
+        from pipeline.mri.predict import spec_of
+
         spec_of(c.model)  # an unknown name is an error before any folder is touched
     items, out, mri = work(cfg)
     with staged_dir(out, COMPLETE_MARK) as stage:

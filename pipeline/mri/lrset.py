@@ -12,9 +12,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from pipeline.core.config import Config, MriConfig, load_config, save_config
 from pipeline.core.errors import UserError
@@ -23,6 +23,9 @@ from pipeline.core.layout import VolumeLayout
 from pipeline.mri.degrade import make_lr, thick_affine
 from pipeline.mri.splits import read_splits
 from pipeline.mri.volumes import VOLUME_SUFFIXES, Volume, read_volume, write_volume
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def suffix_of(path: str | Path) -> str:
@@ -56,8 +59,7 @@ def write_lr_folder(root: Path, table: pd.DataFrame, cfg: Config) -> Path:
 def read_record(root: str | Path) -> MriConfig:
     """The ``mri`` settings that made ``<root>/lr`` (its ``degradation.yaml``)."""
     layout = VolumeLayout(Path(root))
-    if not layout.lr_record.is_file():
-        raise UserError(f"{layout.lr_record}: not found; run `python -m pipeline mri-prepare --volumes {root}` first")
+    layout.need_record()
     return load_config(layout.lr_record).mri
 
 

@@ -28,11 +28,11 @@ from skimage.metrics import normalized_root_mse, structural_similarity
 from pipeline.core.config import MriConfig
 from pipeline.core.errors import UserError
 from pipeline.mri.degrade import INTERPOLATIONS, to_grid
+from pipeline.mri.names import BASELINES
 
 SSIM_SIGMA = 1.5
 SSIM_WINDOW = 11  # 2 * int(3.5 * 1.5 + 0.5) + 1: the extent of scikit-image's Gaussian (truncate 3.5)
 _MRI = MriConfig()  # the defaults live in the config schema, one place
-BASELINES = {"nearest": "nearest", "trilinear": "linear", "tricubic": "cubic"}  # baseline -> interpolation
 
 
 def foreground_mask(hr: np.ndarray, dilate: int = _MRI.mask_dilate) -> np.ndarray:

@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from pipeline.core.config import MriConfig
 from pipeline.core.errors import DataError
@@ -29,6 +28,9 @@ from pipeline.core.folds import assign_folds  # the project's one fold rule: a s
 from pipeline.core.layout import VOLUME_SPLIT_COLUMNS as SPLIT_COLUMNS
 from pipeline.core.layout import VolumeLayout, check_id, read_table, resolve_under
 from pipeline.mri.volumes import list_volumes, volume_shape, volume_stem
+
+if TYPE_CHECKING:  # pandas loads once the folder is found (mri-prepare's first check)
+    import pandas as pd
 
 SUBJECTS_CSV = VolumeLayout(Path(".")).subjects_csv.name
 _MRI = MriConfig()  # the defaults live in the config schema, one place
@@ -86,6 +88,8 @@ def list_items(root: str | Path, subject_pattern: str = _MRI.subject_pattern, vo
             rows += [(f"{stem}_t{k}", subject, path.name, k) for k in range(count)]
         else:
             rows.append((stem, subject, path.name, 0))
+    import pandas as pd
+
     table = pd.DataFrame(rows, columns=["item", "subject", "path", "volume"])
     dup = table["item"][table["item"].duplicated()]
     if len(dup):
@@ -116,8 +120,7 @@ def read_splits(root: str | Path) -> pd.DataFrame:
     """``mri_splits.csv`` of a folder, checked for its columns (ids stay strings), its items (safe file names)
     and its paths (inside the folder: absolute paths and ``..`` are refused, as in the image CSVs)."""
     path = splits_path(root)
-    if not path.is_file():
-        raise DataError(f"{path}: not found; split the folder first (pipeline.mri.splits.write_splits)")
+    VolumeLayout(Path(root)).need_splits()
     table = read_table(path, SPLIT_COLUMNS, "split the folder first (pipeline.mri.splits.write_splits)")
     for item in table["item"]:
         check_id(item, str(path), "item")

@@ -24,28 +24,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
-from torch.utils.data import DataLoader
+from typing import TYPE_CHECKING, Any
 
 from pipeline.core.config import Config, MriConfig
-from pipeline.core.distributed import Dist
 from pipeline.core.errors import UserError
-from pipeline.mri.data import PatchDataset, SeededSamples, ValItem, load_pairs, score_volumes, validation_items
-from pipeline.mri.lrset import read_record
-from pipeline.mri.metrics import score_volume
-from pipeline.mri.models import (
-    VolumeModelSpec,
-    build_volume_model,
-    volume_model_from_checkpoint,
-    volume_model_kwargs,
-)
-from pipeline.mri.predict import VolumeSettings, grid_factors, interpolate, spec_of
-from pipeline.training.loader import EpochBatches, run_loader
-from pipeline.training.run import run
-from pipeline.training.task import TrainTask
+from pipeline.core.layout import VolumeLayout
+
+if TYPE_CHECKING:  # torch and the volume modules load in the functions that build the task, after main's checks
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader
+
+    from pipeline.core.distributed import Dist
+    from pipeline.mri.data import ValItem
+    from pipeline.mri.models import VolumeModelSpec
+    from pipeline.mri.predict import VolumeSettings
+    from pipeline.training.loader import EpochBatches
+    from pipeline.training.task import TrainTask
 
 BASELINE = "tricubic"
 
@@ -68,10 +63,15 @@ class VolumeValidation:
     def __call__(self, model: nn.Module, dtype: torch.dtype | None) -> dict[str, float]:
         # Every rank scores every volume (a few volumes; the ranks then agree without a reduction).
         # fp32 whatever the training autocast: these are the numbers mri-evaluate reports.
+        from pipeline.mri.data import score_volumes
+
         table = score_volumes(model, self.spec, self.items, self.mri, self.settings, self.device)
         return {k: float(table[k].mean()) for k in ("psnr", "ssim", "nrmse")}
 
     def baseline(self) -> dict[str, float]:
+        from pipeline.mri.metrics import score_volume
+        from pipeline.mri.predict import grid_factors, interpolate
+
         rows = [score_volume(interpolate(v.lr, grid_factors(self.mri), self.baseline_name).data, v.hr, v.mask)
                 for v in self.items]
         return {k: sum(r[k] for r in rows) / len(rows) for k in ("psnr", "ssim", "nrmse")}
@@ -79,7 +79,13 @@ class VolumeValidation:
 
 def _generator(cfg: Config, device: torch.device) -> tuple[nn.Module, str, dict[str, Any], str]:
     """(generator, table name, full kwargs, a note) of ``mri_train.model`` or the checkpoint ``model.pretrained``."""
+    from pipeline.mri.models import build_volume_model, volume_model_from_checkpoint, volume_model_kwargs
+    from pipeline.mri.predict import spec_of
+
     name = cfg.mri_train.model
+    if cfg.model.arch:
+        raise UserError(f"model.arch={cfg.model.arch}: an architecture file is for 2-D image networks (train, "
+                        "infer, export); mri-train trains mri_train.model")
     spec = spec_of(name)
     if spec.role != "generator" or spec.dims != 3 or spec.scale != (1, 1, 1):
         raise UserError(f"mri_train.model={name} is a {spec.role} ({spec.dims}-D); mri-train trains same-grid 3-D "
@@ -104,6 +110,13 @@ def _check(cfg: Config) -> None:
 
 def volume_task(cfg: Config, d: Dist) -> TrainTask:
     """The volume task (module docstring) for ``pipeline.train.run``."""
+    from pipeline.mri.data import PatchDataset, SeededSamples, load_pairs, validation_items
+    from pipeline.mri.lrset import read_record
+    from pipeline.mri.models import build_volume_model, volume_model_kwargs
+    from pipeline.mri.predict import VolumeSettings, spec_of
+    from pipeline.training.loader import run_loader
+    from pipeline.training.task import TrainTask
+
     _check(cfg)
     c = cfg.mri_train
     root = Path(cfg.mri.dir)
@@ -138,4 +151,8 @@ def volume_task(cfg: Config, d: Dist) -> TrainTask:
 
 def main(cfg: Config) -> None:
     """Train ``mri_train.model`` on the volumes of ``mri.dir``; outputs in ``paths.models/run``."""
+    _check(cfg)  # the settings and the prepared folder before torch loads (volume_task checks each phase's again)
+    VolumeLayout(Path(cfg.mri.dir)).need_record()
+    from pipeline.training.run import run
+
     run(cfg, volume_task, data_root=cfg.mri.dir)  # mri-prepare rewrites lr/ and mri_splits.csv: not meanwhile

@@ -30,12 +30,13 @@ from pipeline.core.errors import Interrupted, UserError
 from pipeline.core.files import clean_stale
 from pipeline.core.layout import RunLayout
 from pipeline.core.locks import FolderLock, data_lock, run_lock
-from pipeline.core.runtime import enable_tf32, peak_memory, precision_name, seed_everything, train_autocast_dtype
+from pipeline.core.runtime import Precision, RunKind, enable_tf32, peak_memory, seed_everything, train_precision
+from pipeline.models.arch_file import check_resumable
 from pipeline.models.checkpoint import CheckpointError, load_checkpoint
 from pipeline.models.table import autocast_cap, count_parameters
 from pipeline.training import phases, run_folder
 from pipeline.training.loop import Trainer
-from pipeline.training.objectives import Objective, build_objective, check_objective
+from pipeline.training.objectives import Objective, build_objective, check_objective, objective_name
 from pipeline.training.task import TrainTask
 from pipeline.training.updates import SCHEDULE_FREE, GeneratorUpdates
 
@@ -96,18 +97,22 @@ def _moved_aside_advice(path: Path, problem: str) -> CheckpointError:
                            "run is moved aside, not deleted)")
 
 
-def _resume_from(cfg: Config, d: Dist, run: RunLayout, arch: str, objective: Objective) -> tuple[dict | None, float]:
+def _resume_from(cfg: Config, d: Dist, run: RunLayout, task: TrainTask, objective: Objective,
+                 ) -> tuple[dict | None, float]:
     """(state of last.pth when resuming, else None; score of the best.pth already on disk, else -inf).
 
-    ``arch`` is what this start builds (the table name, or ``spandrel:<ArchId>`` for a detected file).
+    ``task.arch`` is what this start builds (the table name, ``spandrel:<ArchId>`` for a detected file,
+    ``file:<path>:<Class>`` for an architecture file, which must also be unchanged: ``task.kwargs`` has its hash).
     Trained weights are never deleted: ``train.resume=never`` over a run that has any moves the old
     folder aside (rank 0, saying where) before starting. All checks happen before anything moves.
     """
+    arch = task.arch
     if cfg.train.resume == "force" and not run.last.is_file():
         raise UserError(f"train.resume=force but {run.last} does not exist")
     state = None
     if cfg.train.resume != "never" and run.last.is_file():
         state = load_checkpoint(run.last, map_location=d.device)
+        check_resumable(state, run.last, arch, task.kwargs)
         if state.get("arch") != arch:
             started = _pretrained_of(state)
             if started and started != cfg.model.pretrained:  # a fine-tune resumed without its model.pretrained
@@ -133,6 +138,7 @@ def _resume_from(cfg: Config, d: Dist, run: RunLayout, arch: str, objective: Obj
             print(f"train.resume=never: the earlier run {run.dir} was moved to {moved}", flush=True)
     elif run.best.is_file():
         best = load_checkpoint(run.best)
+        check_resumable(best, run.best, arch, task.kwargs)
         if best.get("arch") != arch:
             raise _moved_aside_advice(run.best, f"weights of a {best.get('arch')} run, but this start builds {arch}")
         if best.get("best_by", "psnr") != objective.best_by:
@@ -172,15 +178,17 @@ def run(cfg: Config, make_task: Callable[[Config, Dist], TrainTask], data_root: 
         first = phases.plan(cfg)[0]  # the run starts with the settings of its first phase (train.* without phases)
         task = make_task(first.cfg, d)
         start = first.cfg.train
-        dtype = train_autocast_dtype(d.device, t.precision, start.batch_size // d.world * task.sample_pixels,
-                                     t.deterministic)
-        dtype = autocast_cap([task.generator], dtype, d.device)  # fp16-unsafe architectures stay in bf16/fp32
+        chosen = train_precision(d.device, t.precision, run_kind(cfg, task),
+                                 start.batch_size // d.world * task.sample_pixels, t.deterministic)
+        dtype = autocast_cap([task.generator], chosen.dtype, d.device)  # fp16-unsafe architectures stay in bf16/fp32
+        if dtype != chosen.dtype:
+            chosen = Precision(dtype, f"{chosen.why}; {task.arch} is not safe in {chosen.name}")
         limits = [n for n in (t.max_steps, t.max_epochs * task.batches.steps_per_epoch) if n > 0]
         total_steps = min(limits) if limits else 0
         objective = build_objective(first.cfg, task, d, dtype, first.steps or total_steps)
         _check_run(cfg, task, objective)
         updates = GeneratorUpdates.build(start, task.generator, d.device, dtype, objective.schedule)
-        state, best_floor = _resume_from(cfg, d, run_dir, task.arch, objective)
+        state, best_floor = _resume_from(cfg, d, run_dir, task, objective)
         torch.manual_seed(cfg.seed + d.rank)  # ranks draw different drop-path masks
 
         trainer = Trainer(cfg=cfg, d=d, run=run_dir, task=task, objective=objective, updates=updates, dtype=dtype,
@@ -193,7 +201,7 @@ def run(cfg: Config, make_task: Callable[[Config, Dist], TrainTask], data_root: 
                 task.save_card(run_dir.model_card)
             for folder in (run_dir.dir, run_dir.history_dir):
                 clean_stale(folder)  # temporary checkpoint files of a killed earlier session
-        trainer.say(_start_line(cfg, trainer, dtype)
+        trainer.say(_start_line(cfg, trainer, chosen)
                     + (f"; resuming {run_dir.last} at step {trainer.step}" if state else "")
                     + (f"\n{task.note}" if task.note else ""))
         with peak_memory(d.device) as memory:
@@ -210,14 +218,21 @@ def run(cfg: Config, make_task: Callable[[Config, Dist], TrainTask], data_root: 
             lock.release()
 
 
-def _start_line(cfg: Config, trainer: Trainer, dtype: torch.dtype | None) -> str:
+def run_kind(cfg: Config, task: TrainTask) -> RunKind:
+    """What the run is for the precision rule: 3-D convolutions in the generator make it a volume run."""
+    volume = any(isinstance(m, torch.nn.Conv3d) for m in task.generator.modules())
+    objective = task.objective_label if task.objective is not None else objective_name(cfg)
+    return RunKind("volume" if volume else "image", objective, cfg.gan.loss if objective == "gan" else "")
+
+
+def _start_line(cfg: Config, trainer: Trainer, chosen: Precision) -> str:
     t, objective, task, d = trainer.train, trainer.objective, trainer.task, trainer.d
-    fp32 = "fp32 (TF32)" if d.device.type == "cuda" else "fp32"
+    tf32 = " (TF32)" if d.device.type == "cuda" and chosen.dtype is None else ""
     update = "fused" if trainer.optimizer.defaults.get("fused") else "foreach"
     group = f" (DDP, {dist.get_backend()})" if d.distributed else ""
     what = f"train {task.arch} ({count_parameters(task.generator) / 1e6:.3f}M parameters){objective.describe()}"
     compile_ = t.compile if objective.compiles else f"off ({objective.name.upper()} steps run eager)"
-    return (f"{what} on {d.device} x{d.world}{group}, {precision_name(dtype) if dtype else fp32}, {update} "
+    return (f"{what} on {d.device} x{d.world}{group}, {chosen.name}{tf32} ({chosen.why}), {update} "
             f"{t.optimizer}, compile {compile_}, "
             f"{task.description}, {task.batches.steps_per_epoch} steps/epoch, global batch {t.batch_size}"
             + (f"; {len(trainer.phases.all)} phases ({', '.join(p.name for p in trainer.phases.all)})"

@@ -54,3 +54,4 @@ class TrainTask:
     # A builder (cfg, task, dist, dtype, total_steps) -> Objective this task trains with (e.g. the cycle
     # objective of pipeline/mri/cycle.py); None = the config's, from pipeline.training.objectives.OBJECTIVES.
     objective: Callable[..., Any] | None = None
+    objective_label: str = ""  # that objective's name, for the precision rule (runtime.RunKind.objective)
