@@ -57,9 +57,11 @@ def parse_window_set(entry: str) -> tuple[str, ...]:
 
 def _windows_key(s: Settings) -> tuple:
     """What the windows of ``s`` compute: their (tile, stride) pairs and normalised weights."""
+    from pipeline.inference.windows import normalised
+
     cuts = tuple((0, 0) if w.whole else (w.tile, w.stride) for w in s.window_list())
     weights = s.weights()
-    return cuts, tuple(w / sum(weights) for w in weights) if len(cuts) > 1 else ()
+    return cuts, tuple(normalised(weights)) if len(cuts) > 1 else ()
 
 
 def settings_grid(cfg: Config, models: Sequence[nn.Module], device: torch.device) -> list[Settings]:

@@ -119,6 +119,6 @@ def main(cfg: Config) -> None:
         print(f"per-image scores -> {ev.csv}")
     if other is not None:
         gain = paired_gain(table["psnr"], other[table["name"]].to_numpy(), seed=cfg.seed)
-        print(f"gain of {ev.sr} over {ev.vs}: {gain_text(gain)}, paired bootstrap over {len(table)} image(s) "
-              f"(PSNR {table['psnr'].mean():.4f} vs {other.mean():.4f})")
+        print(f"gain of {ev.sr} over {ev.vs}: {gain_text(gain, len(table))}, paired bootstrap over {len(table)} "
+              f"image(s) (PSNR {table['psnr'].mean():.4f} vs {other.mean():.4f})")
     print(summary_line(table))

@@ -195,8 +195,9 @@ def main(cfg: Config) -> None:
                 row = with_reference(cfg, *result, items, hr_paths, d.device, settings)
                 board = OutputLayout(Path(cfg.paths.submit), output_name(cfg)).leaderboard
                 append_leaderboard(board, row)
+                gain = gain_text((row["gain_db"], row["gain_lo"], row["gain_hi"]), row["images"])
                 print(f"validation fold {cfg.data.val_fold}: PSNR {row['psnr']:.4f} SSIM {row['ssim']:.4f}, "
-                      f"gain over bicubic {gain_text((row['gain_db'], row['gain_lo'], row['gain_hi']))} -> {board}")
+                      f"gain over bicubic {gain} -> {board}")
         else:
             _run(cfg, d, items, hr_paths, out_dir, None, settings)
         barrier(d)  # every rank returns after rank 0 swapped the folder in

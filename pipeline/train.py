@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.core.config import Config
 from pipeline.core.errors import UserError
-from pipeline.core.layout import DataLayout
+from pipeline.core.layout import DataLayout, RunLayout
 
 if TYPE_CHECKING:  # torch and the training package load in the functions that build the task, after main's check
     import torch
@@ -34,13 +34,22 @@ if TYPE_CHECKING:  # torch and the training package load in the functions that b
 
 def build_trainable(cfg: Config) -> nn.Module:
     """The table's model, model.arch's network, or either with the weights of ``model.pretrained`` (a file that is
-    not model.name is detected)."""
+    not model.name is detected); a resumed run whose model.pretrained file is gone is rebuilt from its own
+    last.pth (which holds arch and weights)."""
     from pipeline.models import arch_file
     from pipeline.models.checkpoint import load_weights_file
-    from pipeline.models.table import build_model, count_parameters
+    from pipeline.models.table import ModelCard, build_model, card_of, count_parameters
 
     spec = arch_file.spec_of(cfg.model)
     if cfg.model.pretrained:
+        last = RunLayout(Path(cfg.paths.models), cfg.run).last
+        if not Path(cfg.model.pretrained).exists() and cfg.train.resume != "never" and last.is_file():
+            model = load_weights_file(last, ema=False, arch=spec)  # its weights are replaced by last.pth's state
+            card = card_of(model)
+            model.card = ModelCard(card.arch, card.kwargs, card.precisions,
+                                   f"model.pretrained={cfg.model.pretrained} is gone: {card.arch} rebuilt from "
+                                   f"{last}, which this start resumes", card.detected)
+            return model
         return load_weights_file(cfg.model.pretrained, cfg.model.name, arch=spec)
     model = arch_file.build(spec, *arch_file.read_source(spec.path)) if spec else build_model(cfg.model.name)
     if count_parameters(model) == 0:
@@ -49,18 +58,28 @@ def build_trainable(cfg: Config) -> nn.Module:
     return model
 
 
-def _loader(cfg: Config, d: Dist, stream: int = 0) -> tuple[DataLoader, EpochBatches, int]:
+def _loader(cfg: Config, d: Dist, model: nn.Module, stream: int = 0) -> tuple[DataLoader, EpochBatches, int]:
     """The training loader, its epoch order, and the LR side of a training sample (crop or patch);
     ``stream``: the phase of train.phases (whose crop and batch ``cfg`` holds)."""
+    from pipeline.models.archs import MIN_SIDE, smallest_side
+    from pipeline.models.table import card_of
     from pipeline.training.loader import run_loader
     from pipeline.training.patch_data import PairAugment, PatchDataset, read_pair
 
     t = cfg.train
     pairs = DataLayout(Path(cfg.data.dir)).patches.training_pairs(cfg.data.val_fold)
     side = min(read_pair(pairs[0], cfg.data.scale)[0].shape[:2])
-    if t.crop > side:  # caught here, before the run folder is touched
+    # Caught here, before the run folder is touched (and for every phase of train.phases, before the first step).
+    if t.crop > side:
         raise UserError(f"train.crop={t.crop} is larger than the LR patches ({side} px, {pairs[0].lr_path}); "
                         f"use a crop <= {side}, or 0 for whole patches")
+    least = smallest_side(model)
+    if (t.crop or side) < least:
+        what = f"train.crop={t.crop}" if t.crop else f"the LR patches ({side} px, {pairs[0].lr_path}, train.crop=0)"
+        raise UserError(f"{what}: too small to train {card_of(model).arch} on: its samples need >= {least} LR "
+                        "pixels per side (" + ("a 1-pixel sample is one colour, nothing to upscale" if least == MIN_SIDE
+                                               else "smaller ones would be mostly its padding") + "); use a crop "
+                        f"of {least}..{side}" + ("" if t.crop else ", or patchify larger patches"))
     dataset = PatchDataset(pairs, PairAugment(t.crop, cfg.data.scale, t.augment), cfg.data.scale)
     loader, batches = run_loader(dataset, cfg, d, stream)
     return loader, batches, t.crop or side
@@ -82,7 +101,7 @@ def image_task(cfg: Config, d: Dist) -> TrainTask:
     model = build_trainable(cfg).to(d.device)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    loader, batches, side = _loader(cfg, d)
+    loader, batches, side = _loader(cfg, d, model)
     lpips = None
     if cfg.evaluate.lpips_weights:
         from pipeline.models.perceptual import load_lpips
@@ -101,7 +120,7 @@ def image_task(cfg: Config, d: Dist) -> TrainTask:
 
     card = card_of(model)  # the table's entry, or what was detected in model.pretrained
     def loader_for(phase: Config, index: int) -> tuple[DataLoader, EpochBatches]:
-        return _loader(phase, d, index)[:2]
+        return _loader(phase, d, model, index)[:2]
 
     return TrainTask(generator=model, arch=card.arch, kwargs=card.kwargs, loader=loader, batches=batches,
                      loader_for=loader_for, pretrained=bool(cfg.model.pretrained),
@@ -115,4 +134,4 @@ def main(cfg: Config) -> None:
     DataLayout(Path(cfg.data.dir)).patches.need_manifest()  # a wrong --data is reported before torch loads
     from pipeline.training.run import run
 
-    run(cfg, image_task)
+    run(cfg, image_task, data_root=cfg.data.dir)

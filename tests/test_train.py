@@ -310,7 +310,7 @@ def test_compiled_step_trains_like_eager_and_saves_plain_keys(data: Path, tmp_pa
 
 def test_one_loader_iterator_serves_every_epoch_in_order(data: Path) -> None:
     cfg = load_config(None, [f"data.dir={data}", "train.batch_size=4", "train.workers=2", "train.prefetch=2"])
-    loader, batches, side = train._loader(cfg, Dist(0, 1, torch.device("cpu")))
+    loader, batches, side = train._loader(cfg, Dist(0, 1, torch.device("cpu")), build_model("edsr-nano"))
     assert side == 4 and batches.steps_per_epoch == 4
     batches.set_position(0, 3)  # a resume at step 3: the last step of epoch 0, then epochs 1 and 2
     iterator = iter(loader)

@@ -46,6 +46,9 @@ KwargsText = typing.NewType("KwargsText", str)  # a mapping of plain values held
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 CompileMode = Literal["auto", "off", "default", "reduce-overhead"]  # torch.compile modes, or auto / off
 MAX_PAD = 512  # infer.pad: LR pixels of reflection per side; more only costs memory
+# Every learning rate: Adam moves each weight by about the rate per step, so past 10 no network survives one
+# step, and near float32's limit Adam's own step size overflows (a traceback from inside torch).
+MAX_LEARNING_RATE = 10.0
 
 
 @dataclass(frozen=True)
@@ -119,8 +122,9 @@ class PhaseConfig:
     steps: int | None = opt(None, "length of the phase in optimizer steps", ge=1)
     minutes: float | None = opt(None, "length of the phase in minutes (the phase ends at the first log point after)",
                                 gt=0)
-    learning_rate: float | None = opt(None, "peak learning rate of the phase (its own warm-up and schedule)", ge=0)
-    min_learning_rate: float | None = opt(None, "floor of the phase's cosine", ge=0)
+    learning_rate: float | None = opt(None, "peak learning rate of the phase (its own warm-up and schedule)", ge=0,
+                                       le=MAX_LEARNING_RATE)
+    min_learning_rate: float | None = opt(None, "floor of the phase's cosine", ge=0, le=MAX_LEARNING_RATE)
     scheduler: Scheduler | None = opt(None, "the phase's schedule, over its own steps")
     warmup_steps: int | None = opt(None, "linear warm-up steps at the start of the phase", ge=0)
     loss_l1: float | None = opt(None, "weight of the L1 loss in this phase", ge=0)
@@ -146,7 +150,9 @@ class TrainConfig:
         "adam", "optimizer; adamw-schedulefree = schedule-free AdamW (the schedulefree package): no schedule to fit "
         "to a budget (train.scheduler is ignored, train.warmup_steps is its warm-up), its averaged weights are "
         "validated and saved; PSNR runs only")
-    learning_rate: float = opt(2e-4, "peak learning rate", ge=0)
+    learning_rate: float = opt(
+        2e-4, "peak learning rate (at most 10: Adam moves every weight by about the rate each step)", ge=0,
+        le=MAX_LEARNING_RATE)
     weight_decay: float = opt(0.0, "weight decay", ge=0)
     adam_beta2: float = opt(
         0.999, "Adam / AdamW's second-moment decay; 0.99 follows a change of gradient scale ~10x sooner (fewer "
@@ -156,7 +162,7 @@ class TrainConfig:
     step_epochs: int = opt(3, "StepLR period in epochs", ge=1)
     step_gamma: float = opt(0.5, "StepLR factor", gt=0, le=1)
     warmup_steps: int = opt(0, "linear warmup steps (cosine)", ge=0)
-    min_learning_rate: float = opt(1e-6, "floor of the cosine schedule", ge=0)
+    min_learning_rate: float = opt(1e-6, "floor of the cosine schedule", ge=0, le=MAX_LEARNING_RATE)
     loss_l1: float = opt(2.0, "weight of the L1 loss", ge=0)
     loss_mse: float = opt(1.0, "weight of the MSE loss", ge=0)
     grad_clip: float = opt(0.0, "clip the gradient norm to this; 0 = off", ge=0)
@@ -210,8 +216,12 @@ class TrainConfig:
         "eager process to fp32 rounding, on CPUs with or without native bf16 (the data order always depends on "
         "seed and epoch only)")
     workers: int = opt(2, "data loader workers per process (started once per run, kept across epochs)", ge=0)
-    prefetch: int = opt(4, "batches each loader worker prepares ahead", ge=1)
-    log_every: int = opt(20, "log scalars every this many steps", ge=1)
+    prefetch: int = opt(
+        4, "batches each loader worker prepares ahead; at most 64: each is a batch held in memory, and a few keep "
+        "the device fed", ge=1, le=64)
+    log_every: int = opt(
+        20, "log scalars every this many steps; at most 10000: NaN and blow-up checks run at log points, and every "
+        "step's losses wait on the device until the next one", ge=1, le=10000)
     phases: tuple[PhaseConfig, ...] = opt(
         (), "ordered phases of one run, each a mapping of train settings for a stretch of it: steps or minutes "
         "(its length), learning_rate, min_learning_rate, scheduler, warmup_steps, loss_l1, loss_mse, crop, "
@@ -220,7 +230,8 @@ class TrainConfig:
         "max_steps / max_minutes / patience); empty = one phase of train.* (PSNR runs)")
     profile_steps: int = opt(
         0, "torch.profiler over this many steps (after the warm-up): models/<run>/profile/ gets trace.json, "
-        "ops.txt, sections.txt; 0 = off", ge=0)
+        "ops.txt, sections.txt; 0 = off; at most 1000: the profiler keeps every event in memory, and a few dozen "
+        "steps show the pattern", ge=0, le=1000)
 
 
 @dataclass(frozen=True)
@@ -236,7 +247,8 @@ class InferConfig:
         "[0, 64/32, 128/64]; each runs the infer.tta-way ensemble and their SRs are merged by infer.merge, one "
         "window after another; empty = the one window of infer.tile / infer.stride")
     window_weights: tuple[float, ...] = opt(
-        (), "one weight >= 0 per entry of infer.windows (normalised; needs infer.merge=mean); empty = equal")
+        (), "one weight >= 0 per entry of infer.windows (normalised; needs infer.merge=mean); empty = equal",
+        ge=0)
     tile_blend: Literal["mean", "hann"] = opt(
         "hann", "tile weights: 'hann' (raised window with a floor; measured +0.05 dB over 'mean' on held-out "
         "demo images, BENCHMARKS.md) or 'mean' (equal, the reference team's)")
@@ -313,7 +325,10 @@ class BlendConfig:
         "lstsq", "the weights infer applies (both are fitted and reported): lstsq = least squares on pixels, "
         "non-negative weights summing to 1, solved exactly; greedy = forward selection with replacement on the "
         "mean per-image PSNR, weights = pick counts / greedy_rounds")
-    greedy_rounds: int = opt(100, "picks of the greedy selection (its weights are multiples of 1/rounds)", ge=1)
+    greedy_rounds: int = opt(
+        100, "picks of the greedy selection (its weights are multiples of 1/rounds); at most 10000: weights in steps "
+        "of 1e-4 are finer than any PSNR difference a validation fold resolves, and 10000 rounds already take ~1 s",
+        ge=1, le=10000)
 
 
 @dataclass(frozen=True)
@@ -330,7 +345,7 @@ class AddDataConfig:
 @dataclass(frozen=True)
 class DemoConfig:
     out: str = opt("data/demo", "where demo-data writes the dataset (--out)")
-    seed: int = opt(0, "seed of the crops chosen per photo")
+    seed: int = opt(0, "seed of the crops chosen per photo", ge=0, le=2**32 - 1)
     train_minutes: float = opt(5.0, "training budget of the demo model (a fresh run each time)", ge=0)
 
 
@@ -358,7 +373,8 @@ class MriConfig:
     thick_axis: int = opt(2, "axis of the thick slices (2 = the third voxel axis)", ge=0, le=2)
     interp: tuple[str, ...] = opt(
         ("nearest", "linear", "cubic"), "interpolations drawn per sample to bring thick slices back to the HR grid")
-    mask_dilate: int = opt(2, "voxels the Otsu foreground mask of HR is dilated by before scoring", ge=0)
+    mask_dilate: int = opt(2, "voxels the Otsu foreground mask of HR is dilated by before scoring (at most 64: "
+                              "each voxel is one pass over the volume)", ge=0, le=64)
 
 
 @dataclass(frozen=True)
@@ -367,7 +383,8 @@ class DemoMriConfig:
     pretrain_steps: int = opt(1800, "demo-mri: L1 pre-training steps of the demo model", ge=1)
     gan_steps: int = opt(100, "demo-mri: WGAN-GP fine-tuning steps from the L1 run's best.pth", ge=1)
     critic: str = opt("critic3d-tiny", "demo-mri: the WGAN-GP critic (volume model table)")
-    gan_learning_rate: float = opt(2e-4, "demo-mri: the generator's learning rate in the WGAN-GP fine-tune", ge=0)
+    gan_learning_rate: float = opt(2e-4, "demo-mri: the generator's learning rate in the WGAN-GP fine-tune", ge=0,
+                                     le=MAX_LEARNING_RATE)
 
 
 @dataclass(frozen=True)
@@ -375,7 +392,8 @@ class MriTrainConfig:
     """mri-train: a volume model on 3-D patches of <mri.dir> (pipeline/mri/train.py); train.*, gan.* as train."""
 
     model: str = opt("mdcsrn", "generator from the volume model table (pipeline/mri/models.py)")
-    patch: int = opt(64, "cubic HR training patch side in voxels (mDCSRN: 64); thinner volumes are mirrored", ge=4)
+    patch: int = opt(64, "cubic HR training patch side in voxels (mDCSRN: 64); thinner volumes are mirrored; at most "
+                         "512 (mri.max_voxels' default side)", ge=4, le=512)
     stride: int = opt(48, "voxels between patch corners (< patch: overlapping)", ge=1)
     min_foreground: float = opt(0.1, "share of a patch's voxels inside the anatomy for it to be a sample", ge=0,
                                 le=1)
@@ -432,10 +450,11 @@ class MriCycleTrainConfig:
     cycle: float = opt(10.0, "weight of the cycle terms (LR -> HR -> LR and HR -> LR -> HR)", ge=0)
     adversarial_loss: Literal["vanilla", "relativistic", "wgan-gp"] = opt(
         "vanilla", "adversarial kind for both discriminators (pipeline/training/losses.py)")
-    learning_rate: float = opt(1e-4, "Adam learning rate of all four networks", ge=0)
+    learning_rate: float = opt(1e-4, "Adam learning rate of all four networks", ge=0, le=MAX_LEARNING_RATE)
     halve_every: int = opt(10000, "optimizer steps between halvings of the learning rate", ge=1)
     model: str = opt("srrescycgan", "the SRResCycGAN entry of the volume model table that mri-cycle-train trains")
-    hr_size: int = opt(320, "HR slice side (fastMRI knee: 320); the LR slice is hr_size / 4 (80)", ge=4)
+    hr_size: int = opt(320, "HR slice side (fastMRI knee: 320); the LR slice is hr_size / 4 (80); at most 4096",
+                       ge=4, le=4096)
 
 
 @dataclass(frozen=True)
@@ -464,9 +483,11 @@ class GanConfig:
         "relativistic", "vanilla (SRGAN, BCE), relativistic (ESRGAN, relativistic average) or wgan-gp")
     weight: float = opt(5e-3, "weight of the adversarial term in the generator loss (ESRGAN 5e-3, SRGAN 1e-3)", ge=0)
     gp_weight: float = opt(10.0, "gradient penalty weight of wgan-gp (lambda)", ge=0)
-    critic_steps: int = opt(1, "discriminator updates per generator update (the WGAN-GP paper uses 5)", ge=1)
+    critic_steps: int = opt(
+        1, "discriminator updates per generator update (the WGAN-GP paper uses 5); at most 100: more leaves the "
+        "generator all but frozen and a step minutes long", ge=1, le=100)
     learning_rate: float = opt(1e-4, "discriminator learning rate (same optimizer and scheduler kind as train.*)",
-                               ge=0)
+                               ge=0, le=MAX_LEARNING_RATE)
     best: Literal["auto", "lpips", "last", "psnr"] = opt(
         "auto", "what best.pth keeps: lpips = lowest validation LPIPS (needs evaluate.lpips_weights), last = the "
         "latest validation, psnr = highest PSNR (falls as the GAN sharpens); auto = lpips when "
@@ -558,6 +579,7 @@ def _repr_for_messages() -> reprlib.Repr:
 
 _short = _repr_for_messages().repr
 FLOAT32_MAX = 3.4028234e38  # settings reach torch as float32
+INT64_MAX = 2**63 - 1  # and integers numpy / torch as int64
 
 
 def split_arch(text: str) -> tuple[str, str]:
@@ -728,16 +750,26 @@ _BOUND_OK = {"ge": lambda v, b: v >= b, "gt": lambda v, b: v > b, "le": lambda v
 
 
 def _check_bounds(value: Any, f: dataclasses.Field, key: str) -> Any:
-    """A value outside the field's declared bounds is a ConfigError naming the key and the bound."""
-    bounds = f.metadata.get("bounds", {})
+    """A value outside the field's declared bounds is a ConfigError naming the key and the bound; a list
+    setting's bounds hold for each of its values (``infer.window_weights[1]=inf``)."""
+    if isinstance(value, tuple):
+        for i, item in enumerate(value):
+            _check_number(item, f.metadata.get("bounds", {}), f"{key}[{i}]")
+        return value
+    return _check_number(value, f.metadata.get("bounds", {}), key)
+
+
+def _check_number(value: Any, bounds: dict[str, float], key: str) -> Any:
     if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
         raise ConfigError(f"{key}={value} is not a finite float32 number" if value == value else
                           f"{key}: nan is not a number")
-    if not bounds or not isinstance(value, (int, float)) or isinstance(value, bool):
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
         return value
     for kind, limit in bounds.items():
         if not _BOUND_OK[kind](value, limit):
-            raise ConfigError(f"{key}={value} must be {_BOUND_TEXT[kind]} {_bound(limit)}")
+            raise ConfigError(f"{key}={_short(value)} must be {_BOUND_TEXT[kind]} {_bound(limit)}")
+    if isinstance(value, int) and abs(value) > INT64_MAX:  # numpy / torch would overflow
+        raise ConfigError(f"{key}={_short(value)} does not fit a 64-bit integer")
     return value
 
 

@@ -178,7 +178,8 @@ def list_images(folder: str | Path) -> list[Path]:
     """Image files directly inside ``folder``, sorted by name."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ImageError(f"{folder}: folder not found")
+        raise ImageError(f"{folder}: is a file, not a folder of images" if folder.exists() else
+                         f"{folder}: folder not found")
     # Hidden files are skipped: our own temporary files, and macOS's ._ resource forks.
     return sorted(p for p in folder.iterdir()
                   if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())

@@ -113,9 +113,12 @@ def paired_gain(a: ArrayLike, b: ArrayLike, n: int = BOOTSTRAP_SAMPLES, seed: in
     return float(diff.mean()), float(lo), float(hi)
 
 
-def gain_text(gain: tuple[float, float, float]) -> str:
-    """``+0.1234 dB (95% CI +0.0800 .. +0.1600)``: one way to print a paired gain everywhere."""
+def gain_text(gain: tuple[float, float, float], images: int = 0) -> str:
+    """``+0.1234 dB (95% CI +0.0800 .. +0.1600)``: one way to print a paired gain everywhere. ``images``: how
+    many the gain is over, when known: one image has no spread to resample, so it gets no interval."""
     mean, lo, hi = gain
     if math.isnan(mean):
         return "undefined (an infinite PSNR: a prediction identical to its ground truth)"
+    if images == 1:
+        return f"{mean:+.4f} dB (one image gives no interval: it cannot tell a gain from chance; score several)"
     return f"{mean:+.4f} dB (95% CI {lo:+.4f} .. {hi:+.4f})"

@@ -388,10 +388,10 @@ def read_blend(path: Path, name: str) -> BlendSpec:
             or not isinstance(values.get("weights"), list):
         raise UserError(f"{path}: expected lists 'members' and 'weights' (written by the blend stage)")
     members = tuple(str(m) for m in values["members"])
-    try:
-        weights = tuple(float(w) for w in values["weights"])
-    except (TypeError, ValueError):
-        raise UserError(f"{path}: weights must be numbers") from None
+    # Numbers only: float() would also take true / false (YAML's booleans) as 1 / 0, and strings.
+    if not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in values["weights"]):
+        raise UserError(f"{path}: weights must be numbers (got {str(values['weights'])[:80]})")
+    weights = tuple(float(w) if abs(w) < 1e300 else math.inf for w in values["weights"])  # (a 400-digit int)
     if len(members) != len(weights) or not members:
         raise UserError(f"{path}: {len(members)} member(s) but {len(weights)} weight(s)")
     if any(not math.isfinite(w) or w < 0 for w in weights) or abs(sum(weights) - 1) > 1e-6:

@@ -217,20 +217,29 @@ class WindowPlan:
         return cuts
 
 
+def normalised(weights: Sequence[float]) -> list[float]:
+    """``weights`` divided by their sum in float64 (Python floats), before any reaches a float32 image:
+    [1e-45, 1e-45] is [0.5, 0.5] (in float32 1e-45 x a pixel underflows), [3e38, 3e38] too (their
+    float32 sum overflows)."""
+    total = math.fsum(float(w) for w in weights)
+    if not (total > 0 and math.isfinite(total)):
+        raise UserError(f"window weights {list(weights)[:6]} must be finite and >= 0 with a positive sum")
+    return [float(w) / total for w in weights]
+
+
 def merge_windows(outputs: Iterable[torch.Tensor], weights: Sequence[float], merge: str) -> torch.Tensor:
     """Merge the windows' SR images (fp32, same shape), consumed one at a time: the weighted mean
-    (sum of w x SR, then / sum of w; the first output as it is when there is one) or the median."""
+    (sum of w x SR with w normalised first; the first output as it is when there is one) or the median."""
     if merge == "median":
         kept = list(outputs)  # K x (3,sH,sW): a median needs every window's SR at once
         return kept[0] if len(kept) == 1 else median(kept)
+    shares = normalised(weights)
     total: torch.Tensor | None = None
-    count = 0
-    for sr, weight in zip(outputs, weights, strict=True):
-        count += 1
+    for sr, share in zip(outputs, shares, strict=True):
         if total is None:
-            total = sr if len(weights) == 1 else sr * weight
+            total = sr if len(shares) == 1 else sr * share
         else:
-            total += sr * weight  # (3,sH,sW): the running sum, the only image kept between windows
+            total += sr * share  # (3,sH,sW): the running sum, the only image kept between windows
     if total is None:
         raise ValueError("merge_windows needs at least one window")
-    return total if count == 1 else total / float(sum(weights))
+    return total

@@ -91,3 +91,16 @@ class Padded(nn.Module):
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:  # type: ignore[override]
         return self.net.load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+MIN_SIDE = 2  # LR pixels: a 1-pixel sample is one colour, nothing to upscale, and the dihedral transforms keep it
+
+
+def smallest_side(model: nn.Module) -> int:
+    """The smallest LR side worth training ``model`` on: 2 pixels, and no less than one window (or minimum
+    side, or size multiple) of any ``Padded`` part: a smaller sample would be mostly padding."""
+    side = MIN_SIDE
+    for m in model.modules():
+        if isinstance(m, Padded):
+            side = max(side, m.minimum, m.window, m.multiple_of)
+    return side

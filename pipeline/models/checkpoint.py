@@ -101,7 +101,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     if path.is_dir():
         raise CheckpointError(f"{path}: is a folder, not a weights file")
     if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
+        raise CheckpointError(f"{path}: not a regular file (a device, a pipe or a socket), so not a weights file"
+                              if path.exists() else f"{path}: checkpoint not found")
     if safetensors is None:
         safetensors = path.suffix.lower() == ".safetensors"
     try:

@@ -136,4 +136,4 @@ def main(cfg: Config) -> None:
     # The generators start at mri_cycle_train.learning_rate; the objective's schedule (cycle.cycle_schedule: halved
     # every mri_cycle_train.halve_every steps) drives both optimizers, so the saved config says train.scheduler=step.
     run(with_overrides(cfg, **{"train.learning_rate": cfg.mri_cycle_train.learning_rate, "train.scheduler": "step"}),
-        cycle_task)
+        cycle_task, data_root=cfg.mri.dir)

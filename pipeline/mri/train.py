@@ -155,4 +155,4 @@ def main(cfg: Config) -> None:
     VolumeLayout(Path(cfg.mri.dir)).need_record()
     from pipeline.training.run import run
 
-    run(cfg, volume_task)
+    run(cfg, volume_task, data_root=cfg.mri.dir)  # mri-prepare rewrites lr/ and mri_splits.csv: not meanwhile

@@ -195,11 +195,29 @@ class Trainer:
             self._diverged(f"weights or losses became NaN or infinite by step {self.step}")
 
     def _diverged(self, what: str) -> None:
-        t, rates = self.cfg.train, self.objective.rate_settings(self.cfg)
-        kept = (f"{self.run.last} holds the last good state (step {self._saved_step})" if self._saved_step >= 0
-                else "nothing was saved")
-        raise TrainingDiverged(f"{what} ({rates}, precision {t.precision}: lower the learning rate or set "
-                               f"train.grad_clip); {kept}")
+        phase = self.phases.current  # the phase's learning rate, not the run's
+        rates = self.objective.rate_settings(phase.cfg)
+        if self.phases.many:
+            if phase.cfg.train.phases[phase.index].learning_rate is not None:
+                rates = rates.replace("train.learning_rate=", f"train.phases[{phase.index}].learning_rate=")
+            rates = f"phase {phase.index + 1} ({phase.name}), {rates}"
+        raise TrainingDiverged(f"{what} ({rates}, precision {self.cfg.train.precision}: lower the learning rate or "
+                               f"set train.grad_clip); {self._kept()}")
+
+    def _kept(self) -> str:
+        """What the run folder keeps when a run stops as diverged."""
+        kept = [f"{self.run.last} holds the last good state (step {self._saved_step})"] if self._saved_step >= 0 else []
+        if self.run.best.is_file():
+            kept.append(f"{self.run.best} the best validated weights")
+        return "; ".join(kept) or "nothing was saved"
+
+    def _broken_start(self, what: str) -> None:
+        """NaN / Inf from the weights the run starts from, before any update: the weights, not the learning rate."""
+        source = (f"the weights in model.pretrained={self.cfg.model.pretrained} (finite values that overflow: a "
+                  "broken file)" if self.task.pretrained else "the freshly initialised model")
+        hint = "" if self.dtype is None else f"; in {self.dtype} arithmetic: try train.precision=fp32"
+        raise TrainingDiverged(f"{what}, before any update: NaN/Inf from {source}, not from the learning rate"
+                               f"{hint}; {self._kept()}")
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -210,7 +228,10 @@ class Trainer:
         self.baseline = validation.baseline()
         name = validation.baseline_name
         self.say(f"{name} validation PSNR {self.baseline['psnr']:.3f} dB on {validation.size} images")
-        self.log = run_folder.RunLog(self.run, self.step, self.main)
+        # Entries at this step that the saved state does not cover are written again below: drop the old ones.
+        redo = {"val", "phase"} if self.step == 0 else {kind for kind, again in (
+            ("val", self.val_step != self.step), ("phase", self.phases.start[0] != self.step)) if again}
+        self.log = run_folder.RunLog(self.run, self.step, self.main, frozenset(redo))
         self.log.phase = self.phases.current.name
         if self.phases.many and self.step == 0:
             self.log.write(0, "phase", {})  # where each phase begins (curves.png draws it)
@@ -282,6 +303,8 @@ class Trainer:
         running for best.pth, so a fine-tune never ends with a best.pth worse than its start."""
         self._validate()
         self.start_psnr = self.last_psnr
+        if math.isnan(self.start_psnr):
+            self._broken_start("the validation PSNR of the starting weights is nan")
         base = self.baseline["psnr"]
         self.say(f"start: validation PSNR {self.start_psnr:.3f} dB ({self.task.validation.baseline_name} "
                  f"{base:.3f}, {self.start_psnr - base:+.3f} dB) before the first step")
@@ -380,6 +403,7 @@ class Trainer:
         if self.world > 1:
             dist.all_reduce(sums)
         losses = dict(zip(self.objective.keys, (sums[:-1] / sums[-1]).tolist()))
+        first = self._window[0] if self.step == len(self._window) else None  # the losses of the run's first step
         self._window.clear()
         start, start_step = self._speed
         now = time.perf_counter()
@@ -394,6 +418,8 @@ class Trainer:
         # Every rank sees the same (all-reduced) losses, so all of them stop together.
         broken = [key for key, value in losses.items() if not math.isfinite(value)]
         if broken:
+            if first is not None and not bool(first.isfinite().all()):
+                self._broken_start(f"{broken[0]} is {losses[broken[0]]} from the first step on")
             self._diverged(f"{broken[0]} is {losses[broken[0]]} at step {self.step}")
         collapse = self.objective.diverged(losses, self.step)
         note = self.objective.take_note()

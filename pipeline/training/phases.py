@@ -64,6 +64,10 @@ def plan(cfg: Config) -> list[Phase]:
         if not (phase.steps or phase.minutes):
             raise UserError(f"train.phases[{phase.index}] ({phase.name}) needs steps or minutes: only the last "
                             "phase may run until the run's own limits")
+    for phase in phases:
+        if not phase.name.isprintable() or not phase.name.strip():
+            raise UserError(f"train.phases[{phase.index}].name={phase.name[:40]!r}: a phase name is one line of "
+                            "printable text (it labels log.jsonl, the start line and curves.png)")
     names = [p.name for p in phases]
     if len(set(names)) != len(names):
         raise UserError(f"train.phases: two phases are named {next(n for n in names if names.count(n) > 1)!r}")

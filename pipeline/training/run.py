@@ -29,7 +29,7 @@ from pipeline.core.distributed import Dist, barrier, init_distributed, shutdown
 from pipeline.core.errors import Interrupted, UserError
 from pipeline.core.files import clean_stale
 from pipeline.core.layout import RunLayout
-from pipeline.core.locks import run_lock
+from pipeline.core.locks import FolderLock, data_lock, run_lock
 from pipeline.core.runtime import Precision, RunKind, enable_tf32, peak_memory, seed_everything, train_precision
 from pipeline.models.arch_file import check_resumable
 from pipeline.models.checkpoint import CheckpointError, load_checkpoint
@@ -42,20 +42,54 @@ from pipeline.training.updates import SCHEDULE_FREE, GeneratorUpdates
 
 
 def _check(cfg: Config) -> None:
-    # (numeric bounds are checked when the config loads: pipeline.core.config.opt)
-    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+    """The settings as a whole, before any folder is locked or read (numeric bounds are checked when the
+    config loads: pipeline.core.config.opt)."""
+    t = cfg.train
+    if t.precision == "fp16" and not torch.cuda.is_available():
         raise UserError("train.precision=fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
+    if 0 < t.blowup <= 1:  # a factor over the lowest loss: at <= 1 any log point above the lowest stops the run
+        raise UserError(f"train.blowup={t.blowup:g} would stop a healthy run at its first loss above the lowest "
+                        "so far: use a factor > 1 (default 10), or 0 to turn the check off")
+    phases.plan(cfg)  # every phase's names and lengths
     check_objective(cfg)
 
 
 def _check_run(cfg: Config, task: TrainTask, objective: Objective) -> None:
-    """Settings the task or its objective cannot follow (known once both are built)."""
+    """Settings the task or its objective cannot follow (known once both are built), every phase's
+    against the data (its crop, its batch) before the first step."""
     if cfg.train.phases and not (objective.phased and task.loader_for is not None):
         raise UserError(f"train.phases: the {objective.name} objective of this task runs one phase; leave "
                         "train.phases empty")
     if cfg.train.optimizer == SCHEDULE_FREE and objective.name != "psnr":
         raise UserError(f"train.optimizer={SCHEDULE_FREE} is for PSNR runs (the {objective.name} objective has "
                         "optimizers of its own); use adam or adamw")
+    for phase in phases.plan(cfg)[1:]:  # (the first phase's loader is the task's own)
+        assert task.loader_for is not None
+        try:
+            task.loader_for(phase.cfg, phase.index)  # its checks only: the loader starts no worker until iterated
+        except UserError as exc:
+            raise UserError(f"train.phases[{phase.index}] ({phase.name}): {exc}") from None
+
+
+def _pretrained_of(state: dict) -> str:
+    """The model.pretrained a last.pth's run started from ('' = none, or not recorded)."""
+    config = state.get("config")
+    model = config.get("model") if isinstance(config, dict) else None
+    pretrained = model.get("pretrained") if isinstance(model, dict) else None
+    return pretrained if isinstance(pretrained, str) else ""
+
+
+def _optimizer_of(state: dict) -> str | None:
+    """The train.optimizer a last.pth was saved by: its config's (else told by schedule-free's own state)."""
+    config = state.get("config")
+    train = config.get("train") if isinstance(config, dict) else None
+    if isinstance(train, dict) and isinstance(train.get("optimizer"), str):
+        return train["optimizer"]
+    saved = state.get("optimizer")
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if isinstance(groups, list) and groups and isinstance(groups[0], dict):
+        return SCHEDULE_FREE if "train_mode" in groups[0] else None
+    return None
 
 
 def _moved_aside_advice(path: Path, problem: str) -> CheckpointError:
@@ -80,11 +114,23 @@ def _resume_from(cfg: Config, d: Dist, run: RunLayout, task: TrainTask, objectiv
         state = load_checkpoint(run.last, map_location=d.device)
         check_resumable(state, run.last, arch, task.kwargs)
         if state.get("arch") != arch:
+            started = _pretrained_of(state)
+            if started and started != cfg.model.pretrained:  # a fine-tune resumed without its model.pretrained
+                raise CheckpointError(f"{run.last}: a {state.get('arch')} run started from model.pretrained="
+                                      f"{started}, but this start builds {arch}: resume it with model.pretrained="
+                                      f"{started} (its last.pth stands in for that file when it is gone)")
             raise _moved_aside_advice(run.last, f"a {state.get('arch')} run, but this start builds {arch}")
         if state.get("objective", "psnr") != objective.name:
             raise _moved_aside_advice(run.last, f"the state of a {state.get('objective', 'psnr')} run, but this is a "
                                                 f"{objective.name} run (a GAN fine-tune of a PSNR run starts a new run "
                                                 f"with model.pretrained={run.best})")
+        saved = _optimizer_of(state)
+        if saved is not None and saved != cfg.train.optimizer:
+            raise CheckpointError(
+                f"{run.last}: saved by train.optimizer={saved}, but this start uses train.optimizer="
+                f"{cfg.train.optimizer}: one optimizer's state does not carry over to another. Resume with "
+                f"train.optimizer={saved}, or start afresh from its weights: another run name with "
+                f"model.pretrained={run.last} (or train.resume=never, which moves this run aside)")
     floor = -math.inf
     if cfg.train.resume == "never":
         if d.rank == 0 and run.dir.exists() and run.has_weights():
@@ -103,17 +149,22 @@ def _resume_from(cfg: Config, d: Dist, run: RunLayout, task: TrainTask, objectiv
     return state, floor
 
 
-def run(cfg: Config, make_task: Callable[[Config, Dist], TrainTask]) -> None:
-    """Train the task ``make_task(cfg, dist)`` builds with the objective of ``cfg``; outputs in ``paths.models/run``."""
+def run(cfg: Config, make_task: Callable[[Config, Dist], TrainTask], data_root: str | Path | None = None) -> None:
+    """Train the task ``make_task(cfg, dist)`` builds with the objective of ``cfg``; outputs in ``paths.models/run``.
+    ``data_root``: the data folder the task reads, held with a shared lock so that no stage rewrites it meanwhile."""
     t = cfg.train
     _check(cfg)
     d = init_distributed(t.deterministic)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
-    lock = None
+    locks: list[FolderLock] = []
     try:
         run_dir = RunLayout(Path(cfg.paths.models), cfg.run)
-        # One process owns the run folder for the whole session (rank 0 writes for all ranks).
-        lock = run_lock(run_dir.models_root, run_dir.run).acquire() if d.main else None
+        if d.main:
+            # One process owns the run folder for the whole session (rank 0 writes for all ranks), and reads
+            # the data folder under a shared lock: a patchify would rewrite the patches under the loader.
+            locks.append(run_lock(run_dir.models_root, run_dir.run).acquire())
+            if data_root is not None:
+                locks.append(data_lock(data_root, "train", shared=True).acquire())
         if d.device.type == "cuda":
             enable_tf32()  # fp32 steps (precision auto on small steps, or fp32) run on the tensor cores
         if t.deterministic:
@@ -163,7 +214,7 @@ def run(cfg: Config, make_task: Callable[[Config, Dist], TrainTask]) -> None:
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
         shutdown(d)
-        if lock is not None:
+        for lock in reversed(locks):
             lock.release()
 
 

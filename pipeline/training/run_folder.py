@@ -161,10 +161,12 @@ class RunLog:
     """log.jsonl + TensorBoard + curves.png; a no-op on ranks other than 0.
 
     On resume, entries written after the checkpoint's step (by a run killed before its next save)
-    are dropped from log.jsonl and TensorBoard, so the log tells one consistent history.
+    are dropped from log.jsonl and TensorBoard, so the log tells one consistent history; so are the
+    entries at that very step of the ``redo`` kinds, which were written after the save and which the
+    resumed session writes again (a validation and a phase start at a phase boundary).
     """
 
-    def __init__(self, run: RunLayout, start_step: int, enabled: bool) -> None:
+    def __init__(self, run: RunLayout, start_step: int, enabled: bool, redo: frozenset[str] = frozenset()) -> None:
         self.enabled = enabled
         self.phase = ""  # the phase of train.phases each entry is written in ('' = a run without phases)
         self._plotted = -math.inf
@@ -172,7 +174,8 @@ class RunLog:
         self.curves_path = run.curves
         if not enabled:
             return
-        self.entries = [e for e in self._read() if e["step"] <= start_step]
+        self.entries = [e for e in self._read()
+                        if e["step"] < start_step or (e["step"] == start_step and e["kind"] not in redo)]
         with atomic_write(self.path) as tmp:
             tmp.write_text("".join(json.dumps(e) + "\n" for e in self.entries))
         from torch.utils.tensorboard import SummaryWriter  # slow import: rank 0 only

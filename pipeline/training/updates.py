@@ -77,8 +77,10 @@ class Schedule:
         none for schedule-free AdamW, which needs none (its warm-up is its own)."""
         if t.optimizer == SCHEDULE_FREE:
             return cls("constant")
-        return cls(t.scheduler, t.warmup_steps, t.min_learning_rate, total_steps, t.step_epochs * steps_per_epoch,
-                   t.step_gamma)
+        # The floor never exceeds the peak: learning_rate 0 (a phase that only validates or steadies EMA) is 0,
+        # and a peak below train.min_learning_rate stays at that peak rather than climbing to the floor.
+        return cls(t.scheduler, t.warmup_steps, min(t.min_learning_rate, t.learning_rate), total_steps,
+                   t.step_epochs * steps_per_epoch, t.step_gamma)
 
     def build(self, optimizer: torch.optim.Optimizer) -> Scheduler | None:
         if self.kind == "step":
