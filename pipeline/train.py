@@ -108,7 +108,7 @@ def image_task(cfg: Config, d: Dist) -> TrainTask:
 
         lpips = load_lpips(cfg.evaluate.lpips_net, cfg.evaluate.lpips_weights).to(d.device)
     validation = ImageValidation(DataLayout(Path(cfg.data.dir)).validation_pairs(cfg.data.val_fold), cfg.data.scale,
-                                 d.device, t.channels_last, d.rank, d.world, lpips)
+                                 d.device, t.channels_last, d.rank, d.world, lpips, crop=t.val_crop)
 
     def to_device(x: torch.Tensor) -> torch.Tensor:
         x = x.to(d.device, non_blocking=True).float().div_(255)  # (b,3,h,w) uint8 -> float in [0,1]

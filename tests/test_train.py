@@ -411,3 +411,24 @@ def test_ddp_over_nccl_with_one_process(data: Path, tmp_path: Path) -> None:
     assert ddp["step"] == plain["step"] == 4
     for name, value in plain["params"].items():
         torch.testing.assert_close(ddp["params"][name], value, rtol=1e-4, atol=1e-6)
+
+
+def test_val_crop_scores_the_centre_of_each_held_out_image(data: Path, tmp_path: Path) -> None:
+    """train.val_crop=4: validation (and its bicubic baseline) on the centre 4x4 LR crop of each 8x8 image and
+    the 16x16 HR under it, as computed here by hand; whole images give another figure."""
+    from pipeline.core.layout import DataLayout
+    from pipeline.core.metrics import contest_psnr
+    from pipeline.models.table import Bicubic
+    from pipeline.training.patch_data import read_pair
+
+    assert cli(train_args(data, tmp_path, "crop", "train.max_steps=5", "train.val_crop=4")) == 0
+    val = [e for e in log_entries(tmp_path / "crop") if e["kind"] == "val"][-1]
+    by_hand = []
+    for pair in DataLayout(data).validation_pairs(0):
+        lr, hr = read_pair(pair, 4)
+        x = torch.from_numpy(lr[2:6, 2:6].copy()).permute(2, 0, 1)[None].float() / 255  # the centre 4x4 of 8x8
+        by_hand.append(contest_psnr(Bicubic()(x)[0], torch.from_numpy(hr[8:24, 8:24].copy()).permute(2, 0, 1)))
+    assert val["val/bicubic_psnr"] == pytest.approx(float(np.mean(by_hand)), abs=1e-9)
+    assert cli(train_args(data, tmp_path, "whole", "train.max_steps=5")) == 0
+    whole = [e for e in log_entries(tmp_path / "whole") if e["kind"] == "val"][-1]
+    assert whole["val/bicubic_psnr"] != pytest.approx(val["val/bicubic_psnr"], abs=1e-6)

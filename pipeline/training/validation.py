@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -56,6 +57,7 @@ class ImageValidation:
     world: int = 1
     lpips: nn.Module | None = None
     baseline_name: str = "bicubic"
+    crop: int = 0  # train.val_crop: the centre LR crop of each image (0 = whole images)
 
     @property
     def size(self) -> int:
@@ -63,23 +65,25 @@ class ImageValidation:
 
     def __call__(self, model: nn.Module, dtype: torch.dtype | None) -> dict[str, float]:
         return score_images(model, self.pairs, self.scale, self.device, dtype, self.channels_last, self.rank,
-                              self.world, self.lpips)
+                            self.world, self.lpips, self.crop)
 
     def baseline(self) -> dict[str, float]:
         return score_images(bicubic(self.device), self.pairs, self.scale, self.device, None, False, self.rank,
-                              self.world, self.lpips)
+                            self.world, self.lpips, self.crop)
 
 
 @torch.inference_mode()
 def score_images(model: nn.Module, pairs: list[Pair], scale: int, device: torch.device, dtype: torch.dtype | None,
-                   channels_last: bool, rank: int = 0, world: int = 1,
-                   lpips: nn.Module | None = None) -> dict[str, float]:
-    """Mean contest PSNR (and LPIPS of the uint8 prediction, given ``lpips``) over whole images;
-    ranks take every world-th image and pool their sums."""
+                 channels_last: bool, rank: int = 0, world: int = 1,
+                 lpips: nn.Module | None = None, crop: int = 0) -> dict[str, float]:
+    """Mean contest PSNR (and LPIPS of the uint8 prediction, given ``lpips``) over whole images, or over the
+    centre ``crop`` x ``crop`` LR crop of each (and its HR); ranks take every world-th image and pool their sums."""
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # (sum of PSNR, sum of LPIPS, images)
     # decoded by two threads up to 4 images early (OpenCV releases the GIL): the device does not wait
     mine = [(pair, pair) for pair in pairs[rank::world]]
     for _pair, (lr, hr) in read_ahead(mine, functools.partial(read_pair, scale=scale), depth=4, workers=2):
+        if crop:
+            lr, hr = centre_crop(lr, hr, crop, scale)
         x = torch.from_numpy(lr).to(device).permute(2, 0, 1)[None].float().div(255)  # (h,w,3) -> (1,3,h,w)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -95,6 +99,14 @@ def score_images(model: nn.Module, pairs: list[Pair], scale: int, device: torch.
         dist.all_reduce(totals)
     psnr, distance = (totals[:2] / totals[2]).tolist()
     return {"psnr": psnr, "lpips": distance} if lpips is not None else {"psnr": psnr}
+
+
+def centre_crop(lr: np.ndarray, hr: np.ndarray, side: int, scale: int) -> tuple[np.ndarray, np.ndarray]:
+    """The centre ``side`` x ``side`` crop of an LR image (its whole extent where smaller) and the HR under it."""
+    h, w = lr.shape[:2]
+    y, x = max(0, (h - side) // 2), max(0, (w - side) // 2)
+    lr = lr[y:y + side, x:x + side]
+    return lr, hr[y * scale:(y + lr.shape[0]) * scale, x * scale:(x + lr.shape[1]) * scale]
 
 
 def spaced_interval(val_seconds: float, step_seconds: float, val_every: int, share: float) -> int:
