@@ -1,5 +1,5 @@
 """The model table: every small model runs forward and backward on the CPU, every full preset is built
-and counted (against the README's table), the padding matches spandrel's, the table agrees with what
+and counted (against the table in docs/models.md), the padding matches spandrel's, the table agrees with what
 spandrel detects in its own weights, fp16-unsafe models stay in bf16/fp32, bicubic is MATLAB's."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pipeline.models.checkpoint import _table_entry
 from pipeline.models.table import MODELS, autocast_cap, build_model, card_of, count_parameters, model_kwargs
 
 LR_SIDE = 8
-README = Path(__file__).resolve().parents[1] / "README.md"
+MODEL_DOC = Path(__file__).resolve().parents[1] / "docs" / "models.md"
 
 def _is_full_preset(name: str) -> bool:
     """A large preset of a family that has -tiny/-nano presets (rrdb, hat-l, edsr-large ...)."""
@@ -31,7 +31,7 @@ def _is_full_preset(name: str) -> bool:
 
 
 # Forward/backward on the presets sized for tests and CPU runs (and models that have no others); the
-# full presets are built and counted only (test_readme_table_counts_every_model): seconds per forward.
+# full presets are built and counted only (test_model_table_counts_every_model): seconds per forward.
 SMALL = sorted(n for n in MODELS if not _is_full_preset(n))
 FAMILY_MODELS = sorted(n for n in MODELS if isinstance(MODELS[n].builder, zoo.Family) and n in SMALL)
 
@@ -94,9 +94,9 @@ def test_rebuild_from_kwargs(name: str) -> None:
     assert card_of(model).arch == name and card_of(model).kwargs == model_kwargs(name)
 
 
-def _readme_rows() -> dict[str, tuple[int, str]]:
+def _table_rows() -> dict[str, tuple[int, str]]:
     rows = {}
-    for line in README.read_text().splitlines():
+    for line in MODEL_DOC.read_text().splitlines():
         m = re.match(r"\| `([\w-]+)` \| ([\d,]+) \| ([\w ]+) \|", line)
         if m:
             rows[m.group(1)] = (int(m.group(2).replace(",", "")), m.group(3).strip())
@@ -104,10 +104,10 @@ def _readme_rows() -> dict[str, tuple[int, str]]:
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_readme_table_counts_every_model(name: str) -> None:
-    """Every entry, full presets included, builds; the README lists its parameter count and precisions."""
-    rows = _readme_rows()
-    assert name in rows, f"README model table misses {name} (regenerate with `python -m pipeline.models.table`)"
+def test_model_table_counts_every_model(name: str) -> None:
+    """Every entry, full presets included, builds; docs/models.md lists its parameter count and precisions."""
+    rows = _table_rows()
+    assert name in rows, f"docs/models.md misses {name} (regenerate its table with `python -m pipeline.models.table`)"
     assert rows[name] == (count_parameters(build_model(name)), " ".join(MODELS[name].precisions))
 
 

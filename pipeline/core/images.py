@@ -1,6 +1,6 @@
 """Image IO for the whole project: one reader, one atomic writer, errors that name the file.
 
-Reading rules (documented in the README):
+Reading rules (documented in docs/data.md, "Image files"):
 - PNG, JPEG, BMP and TIFF, 8- or 16-bit, gray, gray+alpha, RGB or RGBA.
 - Gray is replicated to three channels.
 - Alpha is dropped: the colour channels are used as stored, as OpenCV's and PIL's RGB

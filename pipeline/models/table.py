@@ -318,7 +318,7 @@ def autocast_cap(models: Sequence[nn.Module], dtype: torch.dtype | None, device:
 
 
 def markdown_table() -> str:
-    """The README's model table (``python -m pipeline.models.table``): every entry, its parameters and precisions."""
+    """docs/models.md's model table (``python -m pipeline.models.table``): every entry, its parameters, precisions."""
     rows = ["| model | parameters | precisions | what it is |", "|---|---:|---|---|"]
     for name, spec in MODELS.items():
         params = count_parameters(build_model(name))

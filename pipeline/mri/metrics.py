@@ -1,6 +1,6 @@
 """Scores of a volume against its HR: PSNR, 3-D SSIM and NRMSE inside a foreground mask, and baselines.
 
-Rules (README, "Medical volumes"):
+Rules (docs/volumes.md):
 - Foreground mask: voxels of HR above its Otsu threshold, holes filled (ventricles and dark
   tissue inside the head count), dilated by ``dilate`` voxels (6-connected steps) so the edge of
   the anatomy, where blur shows most, is scored. Empty air around the head is left out: it

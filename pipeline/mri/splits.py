@@ -1,6 +1,6 @@
 """A folder of volumes split into folds by subject: ``mri_splits.csv``, like the 2-D ``splits.csv``.
 
-Subject of a file (README, "Medical volumes"):
+Subject of a file (docs/volumes.md):
 - ``subjects.csv`` in the folder (columns ``file,subject``; ``file`` is the file name) when present:
   it must list every volume file in the folder and nothing else;
 - otherwise ``mri.subject_pattern`` searched in the file name without its suffix: the match's

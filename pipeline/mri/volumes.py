@@ -1,6 +1,6 @@
 """Volumes in, volumes out: NIfTI (``.nii``, ``.nii.gz``) and NumPy ``.npy``, one reader, one writer.
 
-Reading rules (README, "Medical volumes"):
+Reading rules (docs/volumes.md):
 - A volume is 3-D. Trailing axes of length 1 beyond the third are dropped ((128,128,10,1) is 3-D).
 - 4-D scans (time series, diffusion directions): the fourth axis indexes volumes; ``index`` picks
   one (0 by default; ``splits`` lists one item per volume when ``mri.volume4d=all``).
