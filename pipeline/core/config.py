@@ -242,9 +242,10 @@ class TrainConfig:
 class InferConfig:
     tta: Literal[1, 2, 4, 8] = opt(8, "self-ensemble ways (dihedral transforms)")
     tile: int | Literal["auto"] = opt(
-        128, "LR tile side; 0 = whole image; auto = the whole image when one forward of it x infer.tta ways fits the "
-        "memory budget (CUDA: 8 GiB or half the free memory, by a one-tile probe; CPU: 2^18 LR pixels x ways), else "
-        "the largest tile that fits, a multiple of the model's window (and of 8), stride tile/2", ge=0)
+        128, "LR tile side; 0 = whole image; auto = the whole image when its forward (the infer.tta ways in calls "
+        "of a few images) fits the memory budget, priced by a probe tile's measured peak (CUDA: 8 GiB or half the "
+        "free VRAM; CPU: half the available RAM), else the largest tile that fits, a multiple of the model's window "
+        "(and of 8), stride tile/2; infer says what it chose and why", ge=0)
     stride: int = opt(64, "LR stride between tiles (not used by tile=auto)", ge=1)
     windows: tuple[str, ...] = opt(
         (), "multi-window self-ensemble: several windows, each 'TILE/STRIDE', '0' (whole image) or 'auto', e.g. "
@@ -260,7 +261,9 @@ class InferConfig:
                    ge=0, le=MAX_PAD)
     margin: int = opt(0, "LR pixels at tile sides facing another tile given weight 0 (<= (tile-stride)/2)", ge=0)
     batch: int = opt(0, "tiles per forward pass; 0 = sized to the device", ge=0)
-    precision: Precision = opt("auto", "autocast dtype; auto = bf16 where it is fast")
+    precision: Precision = opt(
+        "auto", "autocast dtype; auto = bf16 where it is fast (CUDA; a CPU with native bf16: AMX / AVX-512 BF16, or "
+        "SR_BF16=force), else fp32; an image that overflows is run again in fp32")
     channels_last: bool = opt(True, "NHWC memory format")
     merge: Literal["mean", "median"] = opt(
         "mean", "how the ensemble's ways, then the models of infer.runs/last_k, are merged per pixel: 'mean' or "
