@@ -105,14 +105,17 @@ def reference(name: str, recipe: Recipe, data: Path, work: Path, tta: int) -> pd
 
 
 def run_row(name: str, recipe: Recipe, seed: int, precision: str, budget: str, data: Path, work: Path,
-            tta: int) -> dict[str, object]:
+            tta: int, extra: tuple[str, ...] = (), reuse: bool = False) -> dict[str, object]:
     root = patched(data, work, recipe)
     run = f"{name}-{precision}-s{seed}-{budget.replace('=', '').replace('train.', '')}"
     models = work / "models"
-    shutil.rmtree(models / run, ignore_errors=True)
-    code = cli(["train", "--config", str(ROOT / recipe.config), "--data", str(root), f"run={run}",
-                f"paths.models={models}", f"seed={seed}", f"train.precision={precision}", budget,
-                "train.resume=never", *recipe.train])
+    if reuse and (models / run / "last.pth").is_file():
+        code = 0  # scored again (another tta) without training again
+    else:
+        shutil.rmtree(models / run, ignore_errors=True)
+        code = cli(["train", "--config", str(ROOT / recipe.config), "--data", str(root), f"run={run}",
+                    f"paths.models={models}", f"seed={seed}", f"train.precision={precision}", budget,
+                    "train.resume=never", *recipe.train, *extra])
     row: dict[str, object] = {"recipe": name, "seed": seed, "precision": precision, "budget": budget,
                               "diverged": code != 0, **log_summary(models / run)}
     if code != 0:
@@ -139,6 +142,8 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=0, help="equal minutes per run (train.max_minutes)")
     parser.add_argument("--steps", type=int, default=0, help="equal steps per run (train.max_steps)")
     parser.add_argument("--tta", type=int, default=1, help="ensemble ways of the held-out scoring")
+    parser.add_argument("--set", nargs="*", default=[], help="more train settings for every run (key=value)")
+    parser.add_argument("--reuse", action="store_true", help="score a run whose last.pth exists without training")
     args = parser.parse_args()
     if bool(args.minutes) == bool(args.steps):
         raise SystemExit("give --minutes or --steps")
@@ -147,7 +152,8 @@ def main() -> None:
     for name in args.recipes:
         for seed in args.seeds:
             for precision in args.precisions:
-                row = run_row(name, RECIPES[name], seed, precision, budget, args.data, args.out, args.tta)
+                row = run_row(name, RECIPES[name], seed, precision, budget, args.data, args.out, args.tta,
+                              tuple(args.set), args.reuse)
                 print(row, flush=True)
                 _save(row)
     table = pd.read_csv(RESULTS)

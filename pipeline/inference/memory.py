@@ -14,6 +14,7 @@ ways per call of ``ensemble.self_ensemble``, ``infer.tile=auto`` in ``windows``)
 
 from __future__ import annotations
 
+import ctypes
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -104,7 +105,15 @@ def _resident() -> tuple[int, int] | None:
 
 
 def _reset_peak() -> bool:
-    """Reset the process's peak resident memory to its current value (Linux 4.0+); False if refused."""
+    """Reset the process's peak resident memory to its current value (Linux 4.0+); False if refused.
+
+    Freed heap is first handed back to the system (glibc's malloc_trim): memory the allocator kept from
+    earlier work would be reused by the probe without growing the resident set, and hide its need
+    (measured: CRAFT's probe read 99 MiB after a larger forward, 212 MiB after a trim)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
