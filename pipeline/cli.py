@@ -28,6 +28,7 @@ from pathlib import Path
 from pipeline.core.config import describe, load_config
 from pipeline.core.errors import Interrupted, UserError
 from pipeline.core.files import free_text
+from pipeline.core.heap import keep_freed_memory
 from pipeline.core.workers import check_worker_counts
 
 REPO = Path(__file__).resolve().parent.parent
@@ -208,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
 
         set_max_pixels(cfg.data.max_pixels)
         check_worker_counts(cfg)
+        keep_freed_memory()  # the next forward reuses the last one's memory (pipeline/core/heap.py)
         module = importlib.import_module(stage.module)
         module.main(cfg)
     except UserError as exc:  # (a failed write too: pipeline.core.files.WriteError names the file and free space)
