@@ -173,7 +173,7 @@ def our_trainer(name: str, init: dict, device: torch.device, cfg: Config, steps:
     task = TrainTask(generator=model, arch=name, kwargs=model_kwargs(name), loader=None, batches=None,
                      to_device=to_device, validation=None, discriminator=None, sample_pixels=lr_patch**2,
                      description="")
-    objective = PixelObjective(build_generator_loss(cfg).to(device), schedule)
+    objective = PixelObjective(build_generator_loss(cfg).to(device), schedule, t.blowup, t.blowup_points)
     trainer = Trainer(cfg=cfg, d=Dist(0, 1, device), run=run, task=task, objective=objective, updates=updates,
                       dtype=dtype, total_steps=steps)
     trainer.use_compile(compile_mode(t.compile, device, math.inf))  # `auto` as for a long run
