@@ -1,11 +1,11 @@
 """bf16 against fp32 on this CPU: are its bf16 kernels sound, and how much faster are they?
 
-Soundness (the default): each case runs one convolution's forward and backward ``--repeats`` times on the same tensors and counts
-the repeats whose weight gradient is not finite or differs from the first finite one (a sound kernel
-gives 0 and 0 on every repeat: the same inputs, the same arithmetic). The cases are the shapes the
-networks meet: a 3-D convolution over a 2-voxel side (the 3-D critic's last layers on 16^3 patches),
-larger 3-D sides, and the 2-D convolutions of the image networks. The precision policy
-(``pipeline.core.runtime.BF16_UNSTABLE``) keeps a kind of run in fp32 where a case fails.
+Soundness (the default): each case runs one convolution's forward and backward ``--repeats`` times on
+the same tensors and counts the repeats whose weight gradient is not finite or differs from the first
+finite one (a sound kernel gives 0 and 0 on every repeat: the same inputs, the same arithmetic). The
+cases are the shapes the networks meet: a 3-D convolution over a 2-voxel side (the 3-D critic's last
+layers on 16^3 patches), larger 3-D sides, and the 2-D convolutions of the image networks. The
+precision policy (``pipeline.core.runtime.BF16_UNSTABLE``) keeps a kind of run in fp32 where a case fails.
 
     python -m bench.precision                 # ~1 min on 2 cores; the machine line names the CPU's bf16 kind
 

@@ -144,6 +144,7 @@ def main() -> None:
     parser.add_argument("--tta", type=int, default=1, help="ensemble ways of the held-out scoring")
     parser.add_argument("--set", nargs="*", default=[], help="more train settings for every run (key=value)")
     parser.add_argument("--reuse", action="store_true", help="score a run whose last.pth exists without training")
+    parser.add_argument("--csv", type=Path, default=RESULTS, help="the table the rows go to")
     args = parser.parse_args()
     if bool(args.minutes) == bool(args.steps):
         raise SystemExit("give --minutes or --steps")
@@ -155,20 +156,20 @@ def main() -> None:
                 row = run_row(name, RECIPES[name], seed, precision, budget, args.data, args.out, args.tta,
                               tuple(args.set), args.reuse)
                 print(row, flush=True)
-                _save(row)
-    table = pd.read_csv(RESULTS)
+                _save(row, args.csv)
+    table = pd.read_csv(args.csv)
     print(table.to_string(index=False))
 
 
-def _save(row: dict[str, object]) -> None:
+def _save(row: dict[str, object], csv: Path) -> None:
     key = ["recipe", "seed", "precision", "budget", "tta"]
     new = pd.DataFrame([row])
-    if RESULTS.is_file():
-        old = pd.read_csv(RESULTS)
+    if csv.is_file():
+        old = pd.read_csv(csv)
         same = (old[key].astype(str) == new[key].astype(str).iloc[0]).all(axis=1) if set(key) <= set(old) else False
         new = pd.concat([old[~same], new], ignore_index=True)
-    RESULTS.parent.mkdir(exist_ok=True)
-    new.to_csv(RESULTS, index=False)
+    csv.parent.mkdir(exist_ok=True)
+    new.to_csv(csv, index=False)
 
 
 if __name__ == "__main__":
