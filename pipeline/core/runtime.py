@@ -94,8 +94,8 @@ class Precision:
 BF16_STABLE: dict[tuple[str, str], str] = {
     ("cuda", "image psnr"): "RRDB / EDSR / SwinIR steps measured on an H100 (shared/measurements/h100-2026-11-23)",
     ("cpu-amx", "image psnr"): "edsr-tiny and CRAFT runs on a Xeon with AMX (BENCHMARKS.md, section 12)",
-    ("cpu-avx512_bf16", "image psnr"): "edsr-tiny and CRAFT recipes over 5 seeds on an EPYC with AVX-512 BF16, "
-                                       "no divergence (BENCHMARKS.md, recipes)",
+    ("cpu-avx512_bf16", "image psnr"): "demo.yaml (edsr-tiny, 5 seeds) and finetune.yaml (CRAFT, 3 seeds) on an EPYC "
+                                       "with AVX-512 BF16: no divergence, 1.4-1.5x the fp32 step (BENCHMARKS.md, 13)",
 }
 # Kinds measured unstable in bf16: why `auto` keeps them in fp32 (the reason the first line gives).
 BF16_UNSTABLE: dict[tuple[str, str], str] = {
