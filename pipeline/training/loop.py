@@ -413,8 +413,9 @@ class Trainer:
         self._speed = (now, self.step)
         self.log.write(self.step, "train", values)  # also the values that stop the run below, for the record
         shown = {label: f"{values[key]:.4f}" for label, key in self.objective.bar.items() if key in values}
-        self.bar.set_postfix(**shown, psnr=f"{self.last_psnr:.2f}", samples_s=f"{values['samples_per_s']:.1f}",
-                             refresh=False)
+        if math.isfinite(self.last_psnr):  # none before the first validation
+            shown["psnr"] = f"{self.last_psnr:.2f}"
+        self.bar.set_postfix(**shown, samples_s=f"{values['samples_per_s']:.1f}", refresh=False)
         # Every rank sees the same (all-reduced) losses, so all of them stop together.
         broken = [key for key, value in losses.items() if not math.isfinite(value)]
         if broken:
