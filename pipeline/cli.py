@@ -27,7 +27,7 @@ from pathlib import Path
 
 from pipeline.core.config import describe, load_config
 from pipeline.core.errors import Interrupted, UserError
-from pipeline.core.files import free_text
+from pipeline.core.files import free_text, weights_file_problem
 from pipeline.core.heap import keep_freed_memory
 from pipeline.core.workers import check_worker_counts
 
@@ -209,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
 
         set_max_pixels(cfg.data.max_pixels)
         check_worker_counts(cfg)
+        if "--weights" in stage.flags and cfg.model.weights:  # a missing file in a second, not after torch loads
+            problem = weights_file_problem(cfg.model.weights)
+            if problem:
+                raise UserError(problem)
         keep_freed_memory()  # the next forward reuses the last one's memory (pipeline/core/heap.py)
         module = importlib.import_module(stage.module)
         module.main(cfg)

@@ -77,6 +77,7 @@ MISSING = {
     "mri-cycle-train": [["--volumes", "{M}"]],
     "mri-infer": [["--volumes", "{M}"], ["--input", "{M}", "--output", "{M}2"]],
     "mri-evaluate": [["--volumes", "{M}"], ["--volumes", "{D}", "--sr", "{M}"]],
+    "export": [["--weights", "{M}.pth"], ["--weights", "{D}"]],  # a missing weights file, a folder
 }
 
 # Runs in a fresh interpreter: each call of the CLI, then what it left in sys.modules.
@@ -119,8 +120,9 @@ def test_help_and_settings_errors_load_nothing_heavy(tmp_path: Path) -> None:
     missing = str(tmp_path / "missing")
     folders = [[name, *(a.replace("{M}", missing).replace("{D}", str(empty)) for a in argv)]
                for name, cases in MISSING.items() for argv in cases]
-    for name, stage in STAGES.items():  # every stage that reads a dataset or a volume folder is in MISSING
-        assert name in MISSING or not {"--data", "--volumes"} & set(stage.flags), name
+    for name, stage in STAGES.items():  # every stage that reads a dataset, a volume folder or a weights file
+        assert name in MISSING or not {"--data", "--volumes", "--weights"} & set(stage.flags), name
+    folders.append(["infer", "--weights", missing + ".pth", "--input", str(empty)])
     results = _probe(light + folders, tmp_path)
     for r in results[:len(light)]:
         assert r["code"] == (0 if r["argv"][-1] == "--help" else 2), r
@@ -140,6 +142,7 @@ def test_help_and_settings_errors_load_nothing_heavy(tmp_path: Path) -> None:
     (["train", "train.batch_size=many"], "train.batch_size"),
     (["evaluate", "data.scale=0"], "data.scale=0"),
     (["prepare", "--data", "nowhere"], "nowhere: data folder not found (--data)"),
+    (["infer", "--weights", "nowhere.pth", "--input", "."], "nowhere.pth: checkpoint not found"),
 ])
 def test_a_settings_error_is_one_line_and_a_nonzero_exit(argv: list[str], says: str, tmp_path: Path) -> None:
     done = _pipeline(*argv, cwd=tmp_path)

@@ -39,6 +39,17 @@ class WriteError(UserError):
     """A file could not be written (disk full, or the writing library failed); nothing was replaced."""
 
 
+def weights_file_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` cannot be read as a weights file (one line naming it), or None; no torch needed, so the
+    CLI says it before a stage loads anything."""
+    path = Path(path)
+    if path.is_dir():
+        return f"{path}: is a folder, not a weights file"
+    if not path.is_file():
+        return (f"{path}: not a regular file (a device, a pipe or a socket), so not a weights file"
+                if path.exists() else f"{path}: checkpoint not found")
+    return None
+
 def _read_umask() -> int:
     mask = os.umask(0)  # the only way to read it is to set it: put it back at once
     os.umask(mask)

@@ -42,7 +42,7 @@ from spandrel import MAIN_REGISTRY, canonicalize_state_dict
 from torch import nn
 
 from pipeline.core.errors import CheckpointError
-from pipeline.core.files import atomic_write
+from pipeline.core.files import atomic_write, weights_file_problem
 from pipeline.models import arch_file, zoo
 from pipeline.models.table import MODELS, ModelCard, build_model, card_of, count_parameters, model_kwargs
 from pipeline.models.zoo import SPANDREL_PREFIX, plain
@@ -98,11 +98,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     format, when the suffix does not say it (a temporary file); by default the suffix decides.
     """
     path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"{path}: is a folder, not a weights file")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: not a regular file (a device, a pipe or a socket), so not a weights file"
-                              if path.exists() else f"{path}: checkpoint not found")
+    problem = weights_file_problem(path)
+    if problem:
+        raise CheckpointError(problem)
     if safetensors is None:
         safetensors = path.suffix.lower() == ".safetensors"
     try:
