@@ -83,13 +83,13 @@ def _seconds(fn: Callable[[], None], repeats: int) -> float:
     return statistics.median(times)
 
 
-def _train_step(model: nn.Module, batch: int, side: int, dtype: torch.dtype | None) -> Callable[[], None]:
+def _train_step(model: nn.Module, batch: int, side: int, bf16: bool) -> Callable[[], None]:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-6)
     lr = torch.rand(batch, 3, side, side).contiguous(memory_format=torch.channels_last)
     hr = torch.rand(batch, 3, 4 * side, 4 * side)
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             sr = model(lr)
         loss = 2 * F.l1_loss(sr.float(), hr) + F.mse_loss(sr.float(), hr)
         optimizer.zero_grad(set_to_none=True)
@@ -98,11 +98,11 @@ def _train_step(model: nn.Module, batch: int, side: int, dtype: torch.dtype | No
     return step
 
 
-def _forward(model: nn.Module, side: int, dtype: torch.dtype | None) -> Callable[[], None]:
+def _forward(model: nn.Module, side: int, bf16: bool) -> Callable[[], None]:
     lr = torch.rand(1, 3, side, side).contiguous(memory_format=torch.channels_last)
 
     def forward() -> None:
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             model(lr)
     return forward
 
@@ -124,8 +124,9 @@ def speed(weights: Path | None, repeats: int) -> list[dict[str, object]]:
         model = model.to(memory_format=torch.channels_last).train(kind == "train")
         seconds: dict[str, list[float]] = {"fp32": [], "bf16": []}
         for _ in range(2):  # interleaved: fp32, bf16, fp32, bf16
-            for label, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-                fn = _train_step(model, batch, side, dtype) if kind == "train" else _forward(model, side, dtype)
+            for label in ("fp32", "bf16"):
+                bf16 = label == "bf16"
+                fn = _train_step(model, batch, side, bf16) if kind == "train" else _forward(model, side, bf16)
                 seconds[label].append(_seconds(fn, repeats if kind == "train" else 1))
         fp32, bf16 = statistics.median(seconds["fp32"]), statistics.median(seconds["bf16"])
         rows.append({"network": name, "what": kind, "batch": batch, "side": side, "fp32_s": fp32, "bf16_s": bf16,

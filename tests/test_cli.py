@@ -67,7 +67,7 @@ MISSING = {
     "patchify": [["--data", "{M}"]],
     "train": [["--data", "{M}"]],
     "infer": [["--data", "{M}"], ["--data", "{D}", "infer.split=val"], ["--input", "{M}", "--output", "{M}2"],
-              ["--input", "{D}"]],
+              ["--input", "{D}"], ["--weights", "{M}.pth", "--input", "{D}"]],
     "submit": [["--data", "{M}"], ["--check", "{M}.zip"]],
     "evaluate": [["--sr", "{M}", "--hr", "{D}"], ["--sr", "{D}", "--hr", "{M}"], ["--hr", "{D}"]],
     "ablate": [["--data", "{M}"]],
@@ -122,7 +122,6 @@ def test_help_and_settings_errors_load_nothing_heavy(tmp_path: Path) -> None:
                for name, cases in MISSING.items() for argv in cases]
     for name, stage in STAGES.items():  # every stage that reads a dataset, a volume folder or a weights file
         assert name in MISSING or not {"--data", "--volumes", "--weights"} & set(stage.flags), name
-    folders.append(["infer", "--weights", missing + ".pth", "--input", str(empty)])
     results = _probe(light + folders, tmp_path)
     for r in results[:len(light)]:
         assert r["code"] == (0 if r["argv"][-1] == "--help" else 2), r

@@ -50,6 +50,7 @@ def weights_file_problem(path: str | os.PathLike[str]) -> str | None:
                 if path.exists() else f"{path}: checkpoint not found")
     return None
 
+
 def _read_umask() -> int:
     mask = os.umask(0)  # the only way to read it is to set it: put it back at once
     os.umask(mask)
